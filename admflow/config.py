@@ -1,0 +1,445 @@
+"""The one typed config of admflow.
+
+Every stage takes an :class:`AdmConfig`. Presets live in ``configs/*.yaml``; a preset may
+name another as ``base:`` and override parts of it. ``--set a.b=value`` overrides are
+parsed as YAML scalars. Unknown keys, wrong types and impossible combinations fail here,
+at load time, with the field's dotted path in the message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A preset or override that cannot become a valid config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def default_channel_mult(image_size: int) -> tuple[float, ...]:
+    """The paper's per-resolution channel multipliers (guided-diffusion defaults)."""
+    table = {
+        512: (0.5, 1, 1, 2, 2, 4, 4),
+        256: (1, 1, 2, 2, 4, 4),
+        128: (1, 1, 2, 3, 4),
+        64: (1, 2, 3, 4),
+        32: (1, 2, 2, 2),
+        16: (1, 2, 2),
+        8: (1, 2),
+    }
+    if image_size not in table:
+        raise ValueError(
+            f"no default channel_mult for image_size {image_size}; "
+            f"set channel_mult explicitly or use one of {sorted(table)}"
+        )
+    return table[image_size]
+
+
+def _reachable_resolutions(image_size: int, levels: int) -> list[int]:
+    return [image_size // 2**i for i in range(levels)]
+
+
+class DataConfig(Section):
+    """Where images come from and how they are sharded."""
+
+    source: str = Field("demo", description="'demo', an image folder, or an ADM .npz batch")
+    image_size: int = Field(32, gt=0)
+    class_cond: bool = True
+    num_classes: int | None = Field(10, gt=0)
+    shard_rows: int = Field(512, gt=0, description="images per Parquet shard")
+    demo_images_per_class: int = Field(200, gt=0)
+    image_format: Literal["png", "jpeg"] = "png"
+
+
+class UNetConfig(Section):
+    """ADM UNet hyperparameters, named as in the released checkpoints' flags."""
+
+    image_size: int = Field(32, gt=0)
+    in_channels: int = Field(3, gt=0)
+    model_channels: int = Field(64, gt=0)
+    num_res_blocks: int = Field(2, gt=0)
+    attention_resolutions: list[int] = [16, 8]
+    channel_mult: list[float] | None = None
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    num_classes: int | None = None
+    learn_sigma: bool = True
+    use_checkpoint: bool = False
+    use_fp16: bool = False
+    num_heads: int = Field(4, gt=0)
+    num_head_channels: int = Field(-1, description="-1: use num_heads")
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    use_new_attention_order: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> UNetConfig:
+        mult = self.resolved_channel_mult()
+        reachable = _reachable_resolutions(self.image_size, len(mult))
+        for r in self.attention_resolutions:
+            if r not in reachable:
+                raise ValueError(
+                    f"attention_resolutions: {r} is never reached by image_size "
+                    f"{self.image_size} with {len(mult)} levels; allowed values: {reachable}"
+                )
+        if self.num_head_channels != -1 and self.num_head_channels <= 0:
+            raise ValueError("num_head_channels: must be -1 (use num_heads) or > 0")
+        if self.num_head_channels > 0:
+            for level, m in enumerate(mult):
+                ch = int(m * self.model_channels)
+                if _reachable_resolutions(self.image_size, len(mult))[level] in (
+                    self.attention_resolutions
+                ) and ch % self.num_head_channels:
+                    raise ValueError(
+                        f"num_head_channels: {self.num_head_channels} does not divide the "
+                        f"{ch} channels at resolution {reachable[level]}"
+                    )
+        return self
+
+    def resolved_channel_mult(self) -> tuple[float, ...]:
+        if self.channel_mult:
+            return tuple(self.channel_mult)
+        try:
+            return default_channel_mult(self.image_size)
+        except ValueError as e:
+            raise ValueError(f"channel_mult: {e}") from None
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``models.unet.UNetModel``."""
+        out_channels = self.in_channels * (2 if self.learn_sigma else 1)
+        return dict(
+            image_size=self.image_size,
+            in_channels=self.in_channels,
+            model_channels=self.model_channels,
+            out_channels=out_channels,
+            num_res_blocks=self.num_res_blocks,
+            attention_resolutions=tuple(self.image_size // r for r in self.attention_resolutions),
+            dropout=self.dropout,
+            channel_mult=self.resolved_channel_mult(),
+            num_classes=self.num_classes,
+            use_checkpoint=self.use_checkpoint,
+            use_fp16=self.use_fp16,
+            num_heads=self.num_heads,
+            num_head_channels=self.num_head_channels,
+            num_heads_upsample=self.num_heads_upsample,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            resblock_updown=self.resblock_updown,
+            use_new_attention_order=self.use_new_attention_order,
+        )
+
+
+class DiffusionConfig(Section):
+    """The Gaussian diffusion: schedule, parameterisation, loss, respacing."""
+
+    steps: int = Field(1000, gt=0, description="T, the number of diffusion steps")
+    noise_schedule: Literal["linear", "cosine"] = "linear"
+    learn_sigma: bool = True
+    sigma_small: bool = False
+    predict_xstart: bool = False
+    use_kl: bool = False
+    rescale_learned_sigmas: bool = False
+    rescale_timesteps: bool = False
+    vlb_weight: float = Field(0.001, ge=0.0, description="λ of L_hybrid = L_simple + λ·L_vlb")
+    schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
+
+
+class ClassifierConfig(Section):
+    """The noisy classifier p_φ(y | x_t, t) used for guidance."""
+
+    enabled: bool = True
+    image_size: int = Field(32, gt=0)
+    in_channels: int = 3
+    width: int = Field(128, gt=0)
+    depth: int = Field(2, gt=0)
+    attention_resolutions: list[int] = [32, 16, 8]
+    channel_mult: list[float] | None = None
+    num_head_channels: int = 64
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    pool: Literal["attention", "adaptive", "spatial", "spatial_v2"] = "attention"
+    use_fp16: bool = False
+    num_classes: int = Field(1000, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifierConfig:
+        mult = self.resolved_channel_mult()
+        reachable = _reachable_resolutions(self.image_size, len(mult))
+        for r in self.attention_resolutions:
+            if r not in reachable and r <= self.image_size:
+                raise ValueError(
+                    f"attention_resolutions: {r} is never reached by image_size "
+                    f"{self.image_size}; allowed values: {reachable}"
+                )
+        return self
+
+    def resolved_channel_mult(self) -> tuple[float, ...]:
+        if self.channel_mult:
+            return tuple(self.channel_mult)
+        try:
+            return default_channel_mult(self.image_size)
+        except ValueError as e:
+            raise ValueError(f"channel_mult: {e}") from None
+
+    def classifier_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``models.unet.EncoderUNetModel``."""
+        return dict(
+            image_size=self.image_size,
+            in_channels=self.in_channels,
+            model_channels=self.width,
+            out_channels=self.num_classes,
+            num_res_blocks=self.depth,
+            attention_resolutions=tuple(
+                self.image_size // r for r in self.attention_resolutions if r <= self.image_size
+            ),
+            channel_mult=self.resolved_channel_mult(),
+            use_fp16=self.use_fp16,
+            num_head_channels=self.num_head_channels,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            resblock_updown=self.resblock_updown,
+            pool=self.pool,
+        )
+
+
+class UpsamplerConfig(Section):
+    """The super-resolution model of the two-stage pipeline (ADM-U)."""
+
+    enabled: bool = False
+    small_size: int = Field(16, gt=0)
+    unet: UNetConfig = UNetConfig(image_size=32)
+    diffusion: DiffusionConfig = DiffusionConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> UpsamplerConfig:
+        if self.small_size >= self.unet.image_size:
+            raise ValueError(
+                f"small_size: {self.small_size} must be smaller than unet.image_size "
+                f"{self.unet.image_size}"
+            )
+        return self
+
+
+class TrainingConfig(Section):
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(32, gt=0, description="global batch, split across workers")
+    microbatch: int = Field(-1, description="-1: no gradient accumulation")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ema_rate: list[float] = [0.9999]
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(10, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_clip: float | None = None
+    seed: int = 0
+    classifier_steps: int = Field(300, gt=0)
+    classifier_lr: float = Field(3e-4, gt=0)
+    classifier_weight_decay: float = Field(0.05, ge=0)
+    classifier_noised: bool = True
+    upsampler_steps: int = Field(200, gt=0)
+
+    @field_validator("ema_rate")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        for r in v:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"each rate must lie in (0, 1), got {r}")
+        return v
+
+
+class SamplingConfig(Section):
+    num_samples: int = Field(200, gt=0)
+    batch_size: int = Field(32, gt=0)
+    shard_size: int = Field(32, gt=0, description="images per output shard")
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    timestep_respacing: str = Field("ddim25", description="'250', 'ddim25' or '10,15,20'")
+    eta: float = Field(0.0, ge=0.0)
+    classifier_scales: list[float] = [0.0, 1.0]
+    use_ema: bool = True
+    clip_denoised: bool = True
+    seed: int = 0
+    workers: int = Field(2, gt=0)
+
+    @field_validator("timestep_respacing")
+    @classmethod
+    def _respacing(cls, v: str) -> str:
+        s = v.strip()
+        if s.startswith("ddim"):
+            s = s[len("ddim") :]
+        parts = [p for p in s.split(",") if p.strip()] if s else []
+        if v and not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(
+                f"{v!r} is not a respacing: use '' (all steps), '250', 'ddim25' or '10,15,20'"
+            )
+        return v
+
+
+class EvaluationConfig(Section):
+    reference: str | None = Field(None, description="reference .npz or shard manifest")
+    reference_images: int = Field(10_000, gt=0, description="images kept for precision/recall")
+    inception_weights: str | None = Field(None, description="TorchScript/pt file; default bundled")
+    batch_size: int = Field(50, gt=0)
+    workers: int = Field(2, gt=0)
+
+
+class StorageConfig(Section):
+    root: str = Field("./admflow-store", description="local dir, file:// or s3://bucket/prefix")
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(None, description="default: sqlite under storage-local dir")
+    experiment: str = "admflow"
+    register_models: bool = True
+
+
+class ComputeConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ray_address: str | None = Field(None, description="None: start local Ray")
+    num_workers: int = Field(2, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    torch_threads: int = Field(1, gt=0)
+
+
+class AdmConfig(Section):
+    name: str = "custom"
+    description: str = ""
+    data: DataConfig = DataConfig()
+    model: UNetConfig = UNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    upsampler: UpsamplerConfig = UpsamplerConfig()
+    training: TrainingConfig = TrainingConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    compute: ComputeConfig = ComputeConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdmConfig:
+        if self.model.learn_sigma != self.diffusion.learn_sigma:
+            raise ValueError(
+                f"model.learn_sigma ({self.model.learn_sigma}) must equal "
+                f"diffusion.learn_sigma ({self.diffusion.learn_sigma})"
+            )
+        if self.data.class_cond and self.model.num_classes is None:
+            raise ValueError("model.num_classes: required when data.class_cond is true")
+        if self.upsampler.enabled and self.upsampler.unet.learn_sigma != (
+            self.upsampler.diffusion.learn_sigma
+        ):
+            raise ValueError("upsampler.unet.learn_sigma must equal upsampler.diffusion.learn_sigma")
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections, for cache keys."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"preset {name_or_path!r} not found; known presets: {', '.join(list_presets())}"
+        )
+    if str(path) in seen:
+        raise ConfigError(f"preset {path} includes itself through 'base:'")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {path} must be a mapping at top level")
+    base = raw.pop("base", None)
+    if base:
+        raw = _deep_merge(_read_preset(base, seen + (str(path),)), raw)
+    return raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _section_fields(e["loc"][:-1])
+            msg = f"unknown key; allowed keys here: {', '.join(parent)}"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    model: Any = AdmConfig
+    for part in loc:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def config_from_dict(raw: dict, source: str = "dict") -> AdmConfig:
+    try:
+        return AdmConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(preset: str = "tiny", overrides: list[str] | None = None) -> AdmConfig:
+    """Load a preset (name in ``configs/`` or a YAML path) and apply ``a.b=value`` overrides."""
+    raw = _read_preset(preset)
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=f"preset {preset!r}")
+
+
+def dump_config(cfg: AdmConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
