@@ -1,0 +1,99 @@
+"""MLflow wiring shared by every stage.
+
+Default (embedded) tracking: a sqlite store and an artifact directory beside the local
+object store, so `admflow demo` needs no server. ``tracking.tracking_uri`` (or the
+``MLFLOW_TRACKING_URI`` environment variable) points at a real ``mlflow server``.
+Secrets never reach MLflow: params come from the config, which holds no credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from admflow.config import AdmConfig
+from admflow.storage import is_remote, local_path
+
+_SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
+
+
+def resolve_tracking_uri(cfg: AdmConfig) -> str:
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    base = Path(".admflow") if is_remote(cfg.storage.root) else Path(local_path(cfg.storage.root))
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+
+
+def _artifact_location(cfg: AdmConfig, tracking_uri: str) -> str | None:
+    if tracking_uri.startswith(("http://", "https://")):
+        return None  # the server decides (e.g. --artifacts-destination s3://...)
+    if is_remote(cfg.storage.root):
+        return f"{cfg.storage.root.rstrip('/')}/mlflow-artifacts"
+    return Path(local_path(cfg.storage.root), "mlflow-artifacts").resolve().as_uri()
+
+
+def setup_mlflow(cfg: AdmConfig) -> str:
+    """Point mlflow at the configured store and experiment; returns the experiment id."""
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        try:
+            return mlflow.create_experiment(
+                cfg.tracking.experiment, artifact_location=_artifact_location(cfg, uri)
+            )
+        except Exception:  # created concurrently by another process
+            exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+            if exp is None:
+                raise
+    mlflow.set_experiment(experiment_id=exp.experiment_id)
+    return exp.experiment_id
+
+
+def flat_params(cfg: AdmConfig, sections: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The resolved config as flat ``section.field`` params, without anything secret-looking."""
+    data = cfg.model_dump(mode="json")
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif not any(w in prefix.lower() for w in _SECRET_WORDS):
+            out[prefix] = str(node)[:500]
+
+    for key, value in data.items():
+        if sections is None or key in sections:
+            walk(key, value)
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(
+    cfg: AdmConfig,
+    name: str,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    sections: tuple[str, ...] | None = None,
+) -> Iterator[Any]:
+    """An MLflow run for one stage; a child of ``parent_run_id`` when given."""
+    import mlflow
+
+    experiment_id = setup_mlflow(cfg)
+    all_tags = {"admflow.stage": name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    with mlflow.start_run(run_id=run.info.run_id) as active:
+        mlflow.log_params(flat_params(cfg, sections))
+        yield active
