@@ -1,0 +1,124 @@
+"""Prefect tasks: thin, cached, retried wrappers around the stages in ``tasks/``.
+
+Every task takes an explicit ``cache_key`` computed by the flow from the config sections
+the stage depends on plus the keys of its upstream stages (a hash chain), so a rerun with
+the same settings is all cache hits and a changed setting reruns only what depends on it.
+Each stage is also idempotent on its own (finished shards, checkpoints and sample shards
+are skipped), so a lost cache record costs time, not correctness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from prefect import task
+
+from admflow.config import AdmConfig
+from admflow.storage import join
+
+# Transient storage/network errors get retried with backoff.
+RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5)
+
+
+def chain_key(stage: str, cfg: AdmConfig, sections: tuple[str, ...], *upstream: str, **extra: Any):
+    payload = {
+        "stage": stage,
+        "sections": {s: _section(cfg, s) for s in sections},
+        "root": cfg.storage.root,
+        "upstream": list(upstream),
+        "extra": extra,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _section(cfg: AdmConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+
+
+def _by_key(ctx: Any, params: dict[str, Any]) -> str:
+    return f"admflow-{params['cache_key']}"
+
+
+def _stage_task(name: str):
+    return task(name=name, cache_key_fn=_by_key, persist_result=True, **RETRY)  # type: ignore[arg-type]
+
+
+@_stage_task("shard")
+def shard(cfg: AdmConfig, cache_key: str) -> dict:
+    from tasks.shard import shard_dataset
+
+    dest = join(cfg.storage.root, "data", cache_key)
+    manifest = shard_dataset(cfg, cfg.data.source, dest)
+    return {"uri": dest, "manifest_uri": join(dest, "manifest.json"), "num_images": manifest["num_images"]}
+
+
+@_stage_task("train")
+def train(cfg: AdmConfig, kind: str, data: dict, cache_key: str, parent_run_id: str | None) -> dict:
+    from tasks import train as training
+
+    fn = {
+        "diffusion": training.train_diffusion,
+        "classifier": training.train_classifier,
+        "upsampler": training.train_upsampler,
+    }[kind]
+    out = fn(cfg, data["uri"], run_name=f"{kind}-{cache_key}", parent_run_id=parent_run_id)
+    return {**out, "kind": kind, "cache_key": cache_key}
+
+
+@_stage_task("reference")
+def reference(cfg: AdmConfig, data: dict, cache_key: str) -> dict:
+    from tasks.evaluate import build_reference
+
+    uri = build_reference(cfg, data["uri"])
+    return {"uri": uri}
+
+
+@_stage_task("sample")
+def sample(
+    cfg: AdmConfig,
+    diffusion_run: dict,
+    classifier_run: dict | None,
+    classifier_scale: float,
+    cache_key: str,
+    parent_run_id: str | None,
+) -> dict:
+    from tasks.sample import sample_set
+
+    out = join(cfg.storage.root, "samples", cache_key)
+    result = sample_set(
+        cfg,
+        diffusion_run["checkpoint"],
+        out,
+        classifier=classifier_run["checkpoint"] if classifier_run and classifier_scale else None,
+        classifier_scale=classifier_scale,
+        parent_run_id=parent_run_id,
+    )
+    return {**result, "uri": out, "classifier_scale": classifier_scale}
+
+
+@_stage_task("upsample")
+def upsample(
+    cfg: AdmConfig, base: dict, upsampler_run: dict, cache_key: str, parent_run_id: str | None
+) -> dict:
+    from tasks.sample import upsample_set
+
+    out = join(cfg.storage.root, "samples", cache_key)
+    result = upsample_set(
+        cfg, base["uri"], upsampler_run["checkpoint"], out, parent_run_id=parent_run_id
+    )
+    return {**result, "uri": out, "classifier_scale": base["classifier_scale"], "upsampled": True}
+
+
+@_stage_task("evaluate")
+def evaluate(
+    cfg: AdmConfig, ref: dict, samples: dict, cache_key: str, parent_run_id: str | None, tags: dict
+) -> dict:
+    from tasks.evaluate import evaluate_sets
+
+    metrics = evaluate_sets(cfg, ref["uri"], samples["uri"], parent_run_id=parent_run_id, tags=tags)
+    return {**metrics, "samples": samples["uri"], "classifier_scale": samples["classifier_scale"]}

@@ -1,0 +1,102 @@
+"""Lineage in MLflow: one parent run per flow run, upstream links as tags on child runs,
+and registration of the final EMA models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from admflow.config import AdmConfig
+from admflow.tracking import flat_params, setup_mlflow
+
+UPSTREAM = "admflow.upstream."
+
+
+def start_parent_run(
+    cfg: AdmConfig, flow_name: str, flow_run_id: str | None, preset: str, overrides: list | None
+) -> str:
+    import mlflow
+
+    experiment_id = setup_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        experiment_id,
+        run_name=f"{flow_name}-{preset}",
+        tags={
+            "admflow.flow": flow_name,
+            "admflow.preset": preset,
+            "admflow.overrides": " ".join(overrides or []) or "-",
+            "prefect.flow_run_id": str(flow_run_id),
+        },
+    )
+    params = flat_params(cfg)
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        for k, v in items[i : i + 100]:
+            client.log_param(run.info.run_id, k, v)
+    return run.info.run_id
+
+
+def link(run_id: str | None, **upstream: Any) -> None:
+    """Tag ``run_id`` with the URIs / run ids it was made from."""
+    if not run_id:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in upstream.items():
+        if value is not None:
+            client.set_tag(run_id, UPSTREAM + key, str(value))
+
+
+def sample_tags(sset: dict, runs: dict[str, dict], data: dict) -> dict[str, str]:
+    """Tags for an evaluation run: the sample set it scored and everything behind it."""
+    diffusion = runs["diffusion"]
+    tags = {
+        UPSTREAM + "samples": sset["uri"],
+        UPSTREAM + "sample_run_id": sset.get("mlflow_run_id") or "",
+        UPSTREAM + "checkpoint": diffusion.get("checkpoint", ""),
+        UPSTREAM + "train_run_id": diffusion.get("mlflow_run_id") or "",
+        UPSTREAM + "data_manifest": data["manifest_uri"],
+    }
+    # The sample run itself points at its checkpoint and training run.
+    link(
+        sset.get("mlflow_run_id"),
+        checkpoint=diffusion.get("checkpoint"),
+        train_run_id=diffusion.get("mlflow_run_id"),
+        data_manifest=data["manifest_uri"],
+    )
+    for kind, run in runs.items():
+        link(run.get("mlflow_run_id"), data_manifest=data["manifest_uri"])
+    return {k: v for k, v in tags.items() if v}
+
+
+def register_models(cfg: AdmConfig, runs: dict[str, dict]) -> dict[str, str]:
+    """Register each final EMA model in the MLflow model registry; returns name -> version."""
+    if not cfg.tracking.register_models:
+        return {}
+    import mlflow
+
+    setup_mlflow(cfg)
+    out = {}
+    for kind, run in runs.items():
+        uri = run.get("model_uri")
+        if not uri:
+            continue
+        name = f"admflow-{cfg.name}-{kind}"
+        version = mlflow.register_model(uri, name)
+        out[name] = str(version.version)
+    return out
+
+
+def finish_parent_run(run_id: str, summary: dict) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for path in summary.get("local_files", []):
+        client.log_artifact(run_id, path)
+    for row in summary.get("rows", []):
+        label = row.get("label", "set")
+        for metric in ("fid", "sfid", "inception_score", "precision", "recall"):
+            if row.get(metric) is not None:
+                client.log_metric(run_id, f"{label}/{metric}", float(row[metric]))
+    client.set_terminated(run_id)
