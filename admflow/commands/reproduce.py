@@ -1,0 +1,49 @@
+"""``admflow reproduce``: trigger the end-to-end Prefect flow for a preset."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from admflow.commands.common import add_config_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        help="run the whole pipeline (shard, train, sample, evaluate) as one Prefect flow",
+        description=(
+            "Shard the data, train the diffusion model, noisy classifier and upsampler on Ray "
+            "Train, sample at every sampling.classifier_scales value, upsample, evaluate "
+            "(FID, sFID, IS, precision, recall) and write the results table and plots. "
+            "Finished stages are cache hits on a rerun. Uses Prefect's ephemeral API unless "
+            "PREFECT_API_URL is set, MLflow at tracking.tracking_uri / MLFLOW_TRACKING_URI "
+            "(default: sqlite under the storage root) and local Ray unless compute.ray_address."
+        ),
+    )
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_reproduce(args.config, args.overrides)
+    print_summary(result)
+    return 0
+
+
+def run_reproduce(preset: str, overrides: list[str]) -> dict:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.reproduce import reproduce
+
+    return reproduce(preset=preset, overrides=overrides)
+
+
+def print_summary(result: dict) -> None:
+    print("\n" + result["table"])
+    for uri in result.get("grids", []):
+        print(f"sample grid:  {uri}")
+    for uri in result.get("report_uris", []):
+        print(f"report:       {uri}")
+    print(f"MLflow run:   {result['mlflow_parent_run_id']}")
+    if result.get("mlflow_ui"):
+        print(f"open the UI:  {result['mlflow_ui']}")

@@ -1,0 +1,50 @@
+"""Periodic evaluation: score every checkpoint of a training run exactly once and log FID
+against the training step on that run, so the MLflow UI shows FID over training."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+
+from admflow.config import load_config
+from flows import stages
+from flows.stages import chain_key
+
+
+@task(name="find-new-checkpoints", **stages.RETRY)  # type: ignore[arg-type]
+def find_new_checkpoints(cfg, run_uri: str) -> list[dict]:
+    from tasks.periodic import unevaluated_checkpoints
+
+    return unevaluated_checkpoints(cfg, run_uri)
+
+
+@task(name="evaluate-checkpoint", **stages.RETRY)  # type: ignore[arg-type]
+def evaluate_checkpoint(cfg, ckpt: dict, reference_uri: str, num_samples: int) -> dict:
+    from tasks.periodic import evaluate_checkpoint as run
+
+    return run(cfg, ckpt, reference_uri, num_samples)
+
+
+@flow(name="evaluate-periodic", log_prints=True)
+def evaluate_periodic(
+    preset: str = "tiny",
+    overrides: list[str] | None = None,
+    run_name: str | None = None,
+    num_samples: int = 100,
+) -> list[dict]:
+    """Evaluate the checkpoints of ``run_name`` (default: every diffusion run under the
+    storage root) that have not been evaluated yet."""
+    from admflow import storage
+    from tasks.periodic import training_runs
+
+    cfg = load_config(preset, overrides or [])
+    log = get_run_logger()
+    data_key = chain_key("shard", cfg, ("data",))
+    data = stages.shard(cfg, cache_key=data_key)
+    ref = stages.reference(cfg, data, cache_key=chain_key("reference", cfg, ("evaluation",), data_key))
+    runs = [storage.join(cfg.storage.root, "runs", run_name)] if run_name else training_runs(cfg)
+    results = []
+    for run_uri in runs:
+        for ckpt in find_new_checkpoints(cfg, run_uri):
+            results.append(evaluate_checkpoint(cfg, ckpt, ref["uri"], num_samples))
+    log.info("evaluated %d new checkpoint(s)", len(results))
+    return results

@@ -1,0 +1,48 @@
+"""Sample from released OpenAI checkpoints (or ours) and score against a reference batch:
+the path to the paper's tables without training."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from admflow.config import load_config
+from flows import stages
+from flows.stages import chain_key
+
+
+@flow(name="sample", log_prints=True)
+def sample_released(
+    preset: str,
+    checkpoint: str,
+    reference: str,
+    classifier: str | None = None,
+    classifier_scale: float | None = None,
+    upsampler: str | None = None,
+    overrides: list[str] | None = None,
+) -> list[dict]:
+    """E.g. preset=imagenet64, checkpoint=64x64_diffusion.pt, classifier=64x64_classifier.pt,
+    reference=VIRTUAL_imagenet64_labeled.npz (the paper's reference batch)."""
+    from tasks import lineage, report
+
+    cfg = load_config(preset, overrides or [])
+    scale = cfg.sampling.classifier_scales[0] if classifier_scale is None else classifier_scale
+    log = get_run_logger()
+    parent = lineage.start_parent_run(cfg, "sample", None, preset, overrides)
+    diffusion = {"checkpoint": checkpoint, "cache_key": checkpoint}
+    clf = {"checkpoint": classifier} if classifier else None
+    s_key = chain_key("sample", cfg, ("sampling",), checkpoint, classifier or "", scale=scale)
+    base = stages.sample(cfg, diffusion, clf, scale if clf else 0.0, s_key, parent)
+    sets = [(s_key, base)]
+    if upsampler:
+        u_key = chain_key("upsample", cfg, ("sampling",), s_key, upsampler)
+        sets.append((u_key, stages.upsample(cfg, base, {"checkpoint": upsampler}, u_key, parent)))
+    ref = {"uri": reference}
+    rows = []
+    for key, sset in sets:
+        e_key = chain_key("evaluate", cfg, ("evaluation",), reference, key)
+        tags = {"admflow.upstream.samples": sset["uri"], "admflow.upstream.checkpoint": checkpoint}
+        rows.append(stages.evaluate(cfg, ref, sset, e_key, parent, tags))
+    summary = report.write_report(cfg, rows, parent_run_id=parent)
+    lineage.finish_parent_run(parent, summary)
+    log.info("metrics:\n%s", summary["table"])
+    return rows
