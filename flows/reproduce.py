@@ -70,4 +70,14 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     lineage.register_models(cfg, runs)
     lineage.finish_parent_run(parent, summary)
     log.info("metrics:\n%s", summary["table"])
-    return {"rows": rows, **summary, "mlflow_parent_run_id": parent}
+    return {"rows": rows, **summary, "mlflow_parent_run_id": parent, "mlflow_ui": ui_hint(cfg)}
+
+
+def ui_hint(cfg: AdmConfig) -> str:
+    """How to open the MLflow UI on these results."""
+    from admflow.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg)
+    if uri.startswith("http"):
+        return uri
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
