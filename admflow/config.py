@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -291,8 +292,15 @@ class EvaluationConfig(Section):
     workers: int = Field(2, gt=0)
 
 
+def _default_root() -> str:
+    return os.environ.get("ADMFLOW_STORAGE_ROOT", "./admflow-store")
+
+
 class StorageConfig(Section):
-    root: str = Field("./admflow-store", description="local dir, file:// or s3://bucket/prefix")
+    root: str = Field(
+        default_factory=_default_root,
+        description="local dir, file:// or s3://bucket/prefix (default $ADMFLOW_STORAGE_ROOT)",
+    )
 
 
 class TrackingConfig(Section):
@@ -303,7 +311,10 @@ class TrackingConfig(Section):
 
 class ComputeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    ray_address: str | None = Field(None, description="None: start local Ray")
+    ray_address: str | None = Field(
+        default_factory=lambda: os.environ.get("RAY_ADDRESS"),
+        description="Ray cluster address; default $RAY_ADDRESS, else start local Ray",
+    )
     num_workers: int = Field(2, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False

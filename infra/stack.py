@@ -1,0 +1,280 @@
+"""A real local stack on 127.0.0.1: S3 (moto_server), MLflow server (sqlite + S3 artifacts),
+Prefect server + process worker, and a 2-node Ray cluster.
+
+Each service runs in its own session (process group) whose leader's PID is recorded in
+``<state>/pids.json``; ``down`` signals exactly those process groups, never processes by
+name. ``up`` writes ``<state>/stack.env`` (mode 600: it holds the local S3 test
+credentials) for users to ``source``; nothing prints the credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+BUCKET = "admflow"
+POOL = "admflow-process"
+_LOCAL_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "admflow-local", "AWS_SECRET_ACCESS_KEY": "admflow-local"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass
+class Stack:
+    state_dir: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "pids.json"
+
+    @property
+    def env_file(self) -> Path:
+        return self.state_dir / "stack.env"
+
+    @classmethod
+    def load(cls, state_dir: str | Path) -> Stack:
+        state = Path(state_dir).resolve()
+        stack = cls(state)
+        if stack.pid_file.exists():
+            data = json.loads(stack.pid_file.read_text())
+            stack.ports, stack.pids = data["ports"], data["pids"]
+        return stack
+
+    def save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.pid_file.write_text(json.dumps({"ports": self.ports, "pids": self.pids}, indent=2))
+
+    # ------------------------------------------------------------------ environment
+    def env(self) -> dict[str, str]:
+        """Variables that point admflow (and its children) at this stack."""
+        p = self.ports
+        return {
+            "AWS_ENDPOINT_URL": f"http://{HOST}:{p['s3']}",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            **_LOCAL_S3_CREDENTIALS,
+            "MLFLOW_TRACKING_URI": f"http://{HOST}:{p['mlflow']}",
+            "PREFECT_API_URL": f"http://{HOST}:{p['prefect']}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "RAY_ADDRESS": f"{HOST}:{p['ray']}",
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "ADMFLOW_STORAGE_ROOT": f"s3://{BUCKET}/store",
+        }
+
+    def urls(self) -> dict[str, str]:
+        e = self.env()
+        return {
+            "s3": e["AWS_ENDPOINT_URL"],
+            "mlflow": e["MLFLOW_TRACKING_URI"],
+            "prefect": e["PREFECT_API_URL"].removesuffix("/api"),
+            "prefect-worker": f"pool {POOL}",
+            "ray-head": e["RAY_ADDRESS"],
+            "ray-node": f"joins {e['RAY_ADDRESS']}",
+        }
+
+    def write_env_file(self) -> None:
+        lines = [f"export {k}={v}" for k, v in self.env().items()]
+        self.env_file.write_text("\n".join(lines) + "\n")
+        os.chmod(self.env_file, 0o600)
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        log = open(self.state_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env},
+            cwd=self.state_dir,
+            start_new_session=True,  # its own process group, so `down` reaches its children
+        )
+        self.pids[name] = proc.pid
+        self.save()
+
+    def alive(self, name: str) -> bool:
+        pid = self.pids.get(name)
+        if not pid:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        try:  # a zombie child of this process counts as gone
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            return done == 0
+        except ChildProcessError:
+            return True
+
+
+def _wait(check, what: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    last: Exception | None = None
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not healthy after {timeout:.0f}s (last error: {last})")
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=3) as r:
+        return 200 <= r.status < 300
+
+
+def _ray_nodes(address: str, env: dict[str, str]) -> int:
+    code = (
+        "import ray;ray.init(address=%r,logging_level='ERROR');"
+        "print(sum(1 for n in ray.nodes() if n['Alive']))" % address
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+
+
+def up(state_dir: str | Path, timeout: float = 120.0) -> Stack:
+    """Start every service, wait for each to be healthy, write the env file."""
+    stack = Stack.load(state_dir)
+    if any(stack.alive(n) for n in stack.pids):
+        raise RuntimeError(f"a stack is already running from {stack.state_dir}; run `admflow stack down`")
+    stack.state_dir.mkdir(parents=True, exist_ok=True)
+    stack.ports = {k: _free_port() for k in ("s3", "mlflow", "prefect", "ray")}
+    stack.pids = {}
+    env = stack.env()
+    stack.write_env_file()
+    _start_s3(stack, env, timeout)
+    _start_mlflow(stack, env, timeout)
+    _start_prefect(stack, env, timeout)
+    _start_ray(stack, env, timeout)
+    return stack
+
+
+def _start_s3(stack: Stack, env: dict[str, str], timeout: float) -> None:
+    stack._spawn("s3", [_bin("moto_server"), "-H", HOST, "-p", str(stack.ports["s3"])], env)
+    _wait(lambda: _http_ok(env["AWS_ENDPOINT_URL"] + "/moto-api/"), "S3 (moto_server)", timeout)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        key=env["AWS_ACCESS_KEY_ID"],
+        secret=env["AWS_SECRET_ACCESS_KEY"],
+    )
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+
+
+def _start_mlflow(stack: Stack, env: dict[str, str], timeout: float) -> None:
+    db = stack.state_dir / "mlflow.db"
+    argv = [
+        _bin("mlflow"), "server", "--host", HOST, "--port", str(stack.ports["mlflow"]),
+        "--backend-store-uri", f"sqlite:///{db}",
+        "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts",
+        "--workers", "1",
+    ]  # fmt: skip
+    server_env = {**env, "MLFLOW_S3_ENDPOINT_URL": env["AWS_ENDPOINT_URL"]}
+    stack._spawn("mlflow", argv, server_env)
+    _wait(lambda: _http_ok(env["MLFLOW_TRACKING_URI"] + "/health"), "MLflow server", timeout)
+
+
+def _start_prefect(stack: Stack, env: dict[str, str], timeout: float) -> None:
+    home = stack.state_dir / "prefect-home"
+    penv = {
+        **env,
+        "PREFECT_HOME": str(home),
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": HOST,
+    }
+    argv = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(stack.ports["prefect"])]
+    stack._spawn("prefect", argv, penv)
+    _wait(lambda: _http_ok(env["PREFECT_API_URL"] + "/health"), "Prefect server", timeout)
+    worker = [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process"]
+    stack._spawn("prefect-worker", worker, {**penv, "ADMFLOW_REPO": str(Path.cwd())})
+
+
+def _start_ray(stack: Stack, env: dict[str, str], timeout: float) -> None:
+    port = str(stack.ports["ray"])
+    common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
+    head = [_bin("ray"), "start", "--head", "--node-ip-address", HOST, "--port", port,
+            "--include-dashboard", "false", *common]  # fmt: skip
+    stack._spawn("ray-head", head, env)
+    _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 1, "Ray head", timeout)
+    node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST, *common]
+    stack._spawn("ray-node", node, env)
+    _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 2, "second Ray node", timeout)
+
+
+# Stop order: worker before server (stack notes), Ray node before head.
+_STOP_ORDER = ("prefect-worker", "ray-node", "ray-head", "prefect", "mlflow", "s3")
+
+
+def down(state_dir: str | Path, timeout: float = 30.0) -> list[str]:
+    """Stop every recorded service by its process group; returns the names stopped."""
+    stack = Stack.load(state_dir)
+    stopped = []
+    for name in _STOP_ORDER:
+        pid = stack.pids.get(name)
+        if not pid:
+            continue
+        sig = signal.SIGINT if name == "prefect-worker" else signal.SIGTERM
+        _kill_group(pid, sig, timeout)
+        stopped.append(name)
+    stack.pids = {}
+    stack.save()
+    return stopped
+
+
+def _kill_group(pid: int, sig: int, timeout: float) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.3)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def status(state_dir: str | Path) -> dict[str, dict]:
+    stack = Stack.load(state_dir)
+    if not stack.ports:
+        return {}
+    urls = stack.urls()
+    return {
+        name: {"pid": stack.pids.get(name), "alive": stack.alive(name), "url": urls.get(name, "")}
+        for name in ("s3", "mlflow", "prefect", "prefect-worker", "ray-head", "ray-node")
+    }
