@@ -1,0 +1,72 @@
+"""Periodic evaluation of training checkpoints: each checkpoint is scored once, and its FID
+is logged against the training step on the training run itself.
+
+A small ledger object per evaluated checkpoint (``<run>/evaluations/step-NNNNNN.json``) is
+the record of "done"; it is written only after the metrics are logged, so a crash in the
+middle re-evaluates that checkpoint next time instead of skipping it.
+"""
+
+from __future__ import annotations
+
+from admflow import storage
+from admflow.config import AdmConfig
+from tasks.train_checkpoint import list_checkpoints, read_meta
+
+
+def training_runs(cfg: AdmConfig, kind: str = "diffusion") -> list[str]:
+    """Run directories under ``<root>/runs`` whose checkpoints are of ``kind``."""
+    out = []
+    for run in storage.ls(storage.join(cfg.storage.root, "runs")):
+        ckpts = list_checkpoints(run)
+        if ckpts and ckpts[-1].get("kind") == kind:
+            out.append(run)
+    return out
+
+
+def _ledger(ckpt_uri: str) -> str:
+    run, _, step_dir = ckpt_uri.rstrip("/").rpartition("/checkpoints/")
+    return storage.join(run, "evaluations", f"{step_dir}.json")
+
+
+def unevaluated_checkpoints(cfg: AdmConfig, run_uri: str) -> list[dict]:
+    return [c for c in list_checkpoints(run_uri) if not storage.exists(_ledger(c["uri"]))]
+
+
+def evaluate_checkpoint(cfg: AdmConfig, ckpt: dict, reference_uri: str, num_samples: int) -> dict:
+    """Sample ``num_samples`` images from one checkpoint, score them, log FID at its step."""
+    from tasks.evaluate import evaluate_sets
+    from tasks.sample import sample_set
+
+    ledger = _ledger(ckpt["uri"])
+    if storage.exists(ledger):  # evaluated by an earlier or concurrent run
+        return storage.read_json(ledger)
+    meta = read_meta(ckpt["uri"])
+    out = storage.join(ledger.removesuffix(".json") + "-samples")
+    sample_set(cfg, ckpt["uri"], out, num_samples=num_samples, classifier_scale=0.0)
+    train_run = meta.get("mlflow_run_id")
+    tags = {"admflow.upstream.checkpoint": ckpt["uri"], "admflow.upstream.samples": out}
+    if train_run:
+        tags["admflow.upstream.train_run_id"] = train_run
+    metrics = evaluate_sets(cfg, reference_uri, out, parent_run_id=train_run, tags=tags)
+    if train_run:
+        _log_against_step(cfg, train_run, metrics, ckpt["step"])
+    record = {"step": ckpt["step"], "checkpoint": ckpt["uri"], "samples": out, **_numbers(metrics)}
+    storage.write_json(ledger, record)
+    return record
+
+
+def _numbers(metrics: dict) -> dict:
+    keys = ("fid", "sfid", "inception_score", "precision", "recall")
+    return {k: metrics.get(k) for k in keys}
+
+
+def _log_against_step(cfg: AdmConfig, run_id: str, metrics: dict, step: int) -> None:
+    import mlflow
+
+    from admflow.tracking import setup_mlflow
+
+    setup_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    for key, value in _numbers(metrics).items():
+        if value is not None:
+            client.log_metric(run_id, f"eval/{key}", float(value), step=int(step))
