@@ -1,0 +1,686 @@
+"""Gaussian diffusion: forward process q, reverse process p_θ, losses and samplers.
+
+Notation follows Ho et al. 2020 (DDPM) and Nichol & Dhariwal 2021 (Improved DDPM); timesteps
+are 0-based indices, so the paper's t = 1..T is ``t = 0..T-1`` here and ``t == 0`` is the decoder
+step p_θ(x_0 | x_1).
+
+* q_sample:            x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε                          (DDPM eq. 4)
+* q_posterior:         q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t I)                 (DDPM eq. 6–7)
+* p_mean_variance:     μ_θ from ε, x_0 or x_{t−1} prediction; Σ_θ fixed (β_t or β̃_t) or learned,
+                       LEARNED_RANGE: Σ = exp(v log β_t + (1−v) log β̃_t)    (IDDPM eq. 15)
+* training_losses:     L_simple (DDPM eq. 14), L_vlb (eq. 5), L_hybrid = L_simple + λ L_vlb
+                       with a stop-gradient on μ in the L_vlb term          (IDDPM §3.1)
+* p_sample(_loop):     ancestral sampling (DDPM Alg. 2); classifier guidance by condition_mean
+* ddim_sample(_loop):  DDIM (Song et al. 2020) with η; classifier guidance by condition_score
+* calc_bpd_loop:       the full variational bound in bits/dim.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.losses import discretized_gaussian_log_likelihood, normal_kl
+
+Model = Callable[..., torch.Tensor]
+CondFn = Callable[..., torch.Tensor]
+DenoisedFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ModelMeanType(enum.Enum):
+    """What the network's (first C) output channels predict."""
+
+    PREVIOUS_X = enum.auto()  # μ_θ(x_t, t) directly
+    START_X = enum.auto()  # x_0
+    EPSILON = enum.auto()  # ε
+
+
+class ModelVarType(enum.Enum):
+    """How Σ_θ(x_t, t) is obtained."""
+
+    FIXED_SMALL = enum.auto()  # σ_t² = β̃_t (the posterior variance; lower bound)
+    FIXED_LARGE = enum.auto()  # σ_t² = β_t (upper bound)
+    LEARNED = enum.auto()  # the network outputs log Σ directly
+    LEARNED_RANGE = enum.auto()  # the network outputs v ∈ [−1, 1], interpolating log β̃_t..log β_t
+
+
+class LossType(enum.Enum):
+    MSE = enum.auto()  # L_simple (+ vb term when Σ is learned: L_hybrid)
+    RESCALED_MSE = enum.auto()  # like MSE, vb term weighted λ·T (the paper's λ L_vlb)
+    KL = enum.auto()  # one sampled term of L_vlb
+    RESCALED_KL = enum.auto()  # that term times T, an unbiased estimate of L_vlb itself
+
+    def is_vb(self) -> bool:
+        return self in (LossType.KL, LossType.RESCALED_KL)
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """table[t] shaped (B, 1, ..., 1) to broadcast against ``like``.
+
+    Tables are float64; values are gathered on the CPU (some devices lack float64) and cast to
+    float64 when ``like`` is float64 (closed-form tests), else float32.
+    """
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    values = torch.from_numpy(table[t.detach().cpu().long().numpy()]).to(dtype)
+    return values.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def randn(
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal noise drawn from ``generator`` (on its own device) and moved to ``device``.
+
+    Drawing on the generator's device means a CPU generator gives the same samples on any device.
+    """
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+class TimestepMappedModel:
+    """Calls ``fn(x, map_t(t), **kwargs)``: what the network sees as its timestep input."""
+
+    def __init__(self, fn: Model, map_t: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+        self.map_t = map_t
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.fn(x, self.map_t(t), **kwargs)
+
+
+class GaussianDiffusion:
+    """Training and sampling utilities for a diffusion with variances ``betas`` (β_1..β_T).
+
+    ``vlb_weight`` is λ of L_hybrid = L_simple + λ L_vlb (see :meth:`vb_loss_weight`).
+    ``rescale_timesteps`` feeds the network float timesteps scaled to [0, 1000) whatever T is.
+    """
+
+    def __init__(
+        self,
+        *,
+        betas: np.ndarray | list[float],
+        model_mean_type: ModelMeanType,
+        model_var_type: ModelVarType,
+        loss_type: LossType,
+        rescale_timesteps: bool = False,
+        vlb_weight: float = 0.001,
+    ):
+        self.model_mean_type = model_mean_type
+        self.model_var_type = model_var_type
+        self.loss_type = loss_type
+        self.rescale_timesteps = rescale_timesteps
+        self.vlb_weight = float(vlb_weight)
+
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
+            raise ValueError("betas must be a 1-D array with values in (0, 1]")
+        self.betas = betas
+        self.num_timesteps = int(betas.shape[0])
+        self._set_tables()
+
+    def _set_tables(self) -> None:
+        betas = self.betas
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)  # ᾱ_t
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])  # ᾱ_{t−1}, ᾱ_0 := 1
+        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+
+        # β̃_t (DDPM eq. 7). It is 0 at the first step, so its log is clipped to log β̃ of the
+        # second step; that is also the variance the decoder p(x_0|x_1) uses.
+        self.posterior_variance = (
+            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+            if self.num_timesteps > 1
+            else self.betas
+        )
+        self.posterior_mean_coef1 = (
+            betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
+        # σ_t² = β_t ("fixed large"); the first entry uses β̃ of step 2 as the decoder variance
+        # because β_1 is so small that the discretised decoder would be needlessly sharp.
+        large = (
+            np.append(self.posterior_variance[1], betas[1:]) if self.num_timesteps > 1 else betas
+        )
+        self.fixed_large_variance = large
+        self.fixed_large_log_variance = np.log(large)
+
+    # ------------------------------------------------------------------ timesteps seen by the net
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep input the network gets for internal index ``t``."""
+        if self.rescale_timesteps:
+            return t.float() * (1000.0 / self.num_timesteps)
+        return t
+
+    def wrap_model(self, model: Model) -> Model:
+        """``model`` (or a cond_fn) callable with internal indices; it sees :meth:`model_timesteps`.
+
+        Every public method wraps the raw model itself, so pass the raw model to them.
+        """
+        return TimestepMappedModel(model, self.model_timesteps)
+
+    # ------------------------------------------------------------------ forward process q
+
+    def q_mean_variance(
+        self, x_start: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, variance and log variance of q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)."""
+        mean = _extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+        variance = _extract(1.0 - self.alphas_cumprod, t, x_start)
+        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, x_start)
+        return mean, variance, log_variance
+
+    def q_sample(
+        self,
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0) by reparameterisation: √ᾱ_t x_0 + √(1−ᾱ_t) ε."""
+        if noise is None:
+            noise = randn(
+                x_start.shape, device=x_start.device, generator=generator, dtype=x_start.dtype
+            )
+        return (
+            _extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        )
+
+    def q_posterior_mean_variance(
+        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """μ̃_t(x_t, x_0), β̃_t and clipped log β̃_t of q(x_{t−1} | x_t, x_0)."""
+        mean = (
+            _extract(self.posterior_mean_coef1, t, x_t) * x_start
+            + _extract(self.posterior_mean_coef2, t, x_t) * x_t
+        )
+        variance = _extract(self.posterior_variance, t, x_t)
+        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
+        return mean, variance, log_variance
+
+    # ------------------------------------------------------------------ parameterisations
+
+    def _predict_xstart_from_eps(
+        self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+    ) -> torch.Tensor:
+        return (
+            _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
+
+    def _predict_eps_from_xstart(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
+    ) -> torch.Tensor:
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / _extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        )
+
+    def _predict_xstart_from_xprev(
+        self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor
+    ) -> torch.Tensor:
+        # invert μ̃ = c1 x_0 + c2 x_t
+        coef1 = _extract(self.posterior_mean_coef1, t, x_t)
+        coef2 = _extract(self.posterior_mean_coef2, t, x_t)
+        return (xprev - coef2 * x_t) / coef1
+
+    # ------------------------------------------------------------------ reverse process p_θ
+
+    def _split_output(
+        self, model_output: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split (B, 2C, ...) into the mean prediction and the variance values when Σ is learned."""
+        channels = x.shape[1]
+        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+            if model_output.shape[1] != 2 * channels:
+                raise ValueError(
+                    f"{self.model_var_type.name} needs {2 * channels} output channels "
+                    f"(mean and variance), got {tuple(model_output.shape)}"
+                )
+            mean_out, var_values = torch.split(model_output, channels, dim=1)
+            return mean_out, var_values
+        if model_output.shape[1] != channels:
+            raise ValueError(
+                f"expected {channels} output channels, got {tuple(model_output.shape)}"
+            )
+        return model_output, None
+
+    def _variance(
+        self, var_values: torch.Tensor | None, x: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_θ, log Σ_θ) for the configured ModelVarType."""
+        if self.model_var_type == ModelVarType.LEARNED:
+            return torch.exp(var_values), var_values
+        if self.model_var_type == ModelVarType.LEARNED_RANGE:
+            # IDDPM eq. 15: interpolate in the log domain between the bounds β̃_t and β_t.
+            min_log = _extract(self.posterior_log_variance_clipped, t, x)
+            max_log = _extract(np.log(self.betas), t, x)
+            frac = (var_values + 1.0) / 2.0
+            log_variance = frac * max_log + (1.0 - frac) * min_log
+            return torch.exp(log_variance), log_variance
+        if self.model_var_type == ModelVarType.FIXED_LARGE:
+            tables = self.fixed_large_variance, self.fixed_large_log_variance
+        else:
+            tables = self.posterior_variance, self.posterior_log_variance_clipped
+        ones = torch.ones_like(x)
+        return _extract(tables[0], t, x) * ones, _extract(tables[1], t, x) * ones
+
+    def p_mean_variance_from_output(
+        self,
+        model_output: torch.Tensor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: DenoisedFn | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """p_θ(x_{t−1} | x_t) from a network output already computed (see :meth:`p_mean_variance`)."""
+        mean_out, var_values = self._split_output(model_output, x)
+        variance, log_variance = self._variance(var_values, x, t)
+
+        def process_xstart(x0: torch.Tensor) -> torch.Tensor:
+            if denoised_fn is not None:
+                x0 = denoised_fn(x0)
+            return x0.clamp(-1, 1) if clip_denoised else x0
+
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x, t, mean_out))
+            mean = mean_out
+        else:
+            if self.model_mean_type == ModelMeanType.START_X:
+                pred_xstart = process_xstart(mean_out)
+            else:
+                pred_xstart = process_xstart(self._predict_xstart_from_eps(x, t, mean_out))
+            # μ_θ = μ̃_t(x_t, x̂_0): the posterior mean at the predicted x_0.
+            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {
+            "mean": mean,
+            "variance": variance,
+            "log_variance": log_variance,
+            "pred_xstart": pred_xstart,
+        }
+
+    def p_mean_variance(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: DenoisedFn | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Mean, variance, log variance of p_θ(x_{t−1} | x_t) and the implied x̂_0.
+
+        ``clip_denoised`` clamps x̂_0 to [-1, 1] before forming the mean (used when sampling).
+        """
+        model_output = self.wrap_model(model)(x, t, **(model_kwargs or {}))
+        return self.p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
+
+    # ------------------------------------------------------------------ classifier guidance
+
+    def condition_mean(
+        self,
+        cond_fn: CondFn,
+        p_mean_var: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Guided mean for ancestral sampling (ADM Alg. 1): μ + Σ · s∇_x log p_φ(y | x_t).
+
+        ``cond_fn`` returns the already scaled gradient s∇ log p_φ.
+        """
+        gradient = self.wrap_model(cond_fn)(x, t, **(model_kwargs or {}))
+        mean = p_mean_var["mean"]
+        return mean + p_mean_var["variance"] * gradient.to(mean.dtype)
+
+    def condition_score(
+        self,
+        cond_fn: CondFn,
+        p_mean_var: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Guided prediction for DDIM (ADM Alg. 2): ε̂ = ε_θ − √(1−ᾱ_t) · s∇_x log p_φ(y | x_t).
+
+        Returns ``p_mean_var`` with ``eps``, ``pred_xstart`` and ``mean`` replaced. x̂_0 is updated
+        as x̂_0 + (1−ᾱ_t)/√ᾱ_t · grad, which equals (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t but adds exactly zero
+        when the gradient is zero, so s = 0 reproduces unguided sampling bit for bit.
+        """
+        pred_xstart = p_mean_var["pred_xstart"]
+        gradient = self.wrap_model(cond_fn)(x, t, **(model_kwargs or {})).to(pred_xstart.dtype)
+        alpha_bar = _extract(self.alphas_cumprod, t, x)
+        eps = (
+            self._predict_eps_from_xstart(x, t, pred_xstart)
+            - torch.sqrt(1.0 - alpha_bar) * gradient
+        )
+        pred_xstart = pred_xstart + (1.0 - alpha_bar) / torch.sqrt(alpha_bar) * gradient
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {**p_mean_var, "eps": eps, "pred_xstart": pred_xstart, "mean": mean}
+
+    # ------------------------------------------------------------------ ancestral sampling (DDPM)
+
+    def p_sample(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: DenoisedFn | None = None,
+        cond_fn: CondFn | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One step x_t → x_{t−1} ~ p_θ(x_{t−1} | x_t) (no noise is added at t = 0)."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
+        if noise is None:
+            noise = randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+        nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
+        """Sample x_0 with T ancestral steps; see :meth:`p_sample_loop_progressive` for arguments."""
+        (final,) = deque(self.p_sample_loop_progressive(model, shape, **kwargs), maxlen=1)
+        return final["sample"]
+
+    def p_sample_loop_progressive(
+        self,
+        model: Model,
+        shape: tuple[int, ...],
+        noise: torch.Tensor | None = None,
+        clip_denoised: bool = True,
+        denoised_fn: DenoisedFn | None = None,
+        cond_fn: CondFn | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield each step's {"sample", "pred_xstart", "t"} from x_T ~ N(0, I) down to x_0.
+
+        ``noise`` fixes x_T; otherwise x_T and all step noise come from ``generator``.
+        """
+        img = self._initial_noise(model, shape, noise, device, generator)
+        for i in self._timestep_iter(progress):
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
+            with torch.no_grad():
+                out = self.p_sample(
+                    model, img, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, generator
+                )
+            yield {**out, "t": t}
+            img = out["sample"]
+
+    # ------------------------------------------------------------------ DDIM
+
+    def ddim_sample(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: DenoisedFn | None = None,
+        cond_fn: CondFn | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One DDIM step x_t → x_{t−1} (Song et al. 2020 eq. 12); η = 0 is deterministic."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
+            eps = out["eps"]
+        else:
+            eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar = _extract(self.alphas_cumprod, t, x)
+        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x)
+        sigma = (
+            eta
+            * torch.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+            * torch.sqrt(1.0 - alpha_bar / alpha_bar_prev)
+        )
+        sample = (
+            out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
+            + torch.sqrt(1.0 - alpha_bar_prev - sigma**2) * eps
+        )
+        if eta > 0:
+            if noise is None:
+                noise = randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+            nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            sample = sample + nonzero * sigma * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_reverse_sample(
+        self,
+        model: Model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        denoised_fn: DenoisedFn | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One step of the deterministic DDIM ODE forwards, x_t → x_{t+1} (for encoding)."""
+        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar_next = _extract(self.alphas_cumprod_next, t, x)
+        sample = (
+            out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1.0 - alpha_bar_next) * eps
+        )
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
+        """Sample x_0 with DDIM; see :meth:`ddim_sample_loop_progressive` for arguments."""
+        (final,) = deque(self.ddim_sample_loop_progressive(model, shape, **kwargs), maxlen=1)
+        return final["sample"]
+
+    def ddim_sample_loop_progressive(
+        self,
+        model: Model,
+        shape: tuple[int, ...],
+        noise: torch.Tensor | None = None,
+        clip_denoised: bool = True,
+        denoised_fn: DenoisedFn | None = None,
+        cond_fn: CondFn | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield each DDIM step's {"sample", "pred_xstart", "t"} from x_T down to x_0."""
+        img = self._initial_noise(model, shape, noise, device, generator)
+        for i in self._timestep_iter(progress):
+            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
+            with torch.no_grad():
+                out = self.ddim_sample(
+                    model, img, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta, generator
+                )
+            yield {**out, "t": t}
+            img = out["sample"]
+
+    def _initial_noise(
+        self,
+        model: Model,
+        shape: tuple[int, ...],
+        noise: torch.Tensor | None,
+        device: torch.device | str | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        if noise is not None:
+            return noise if device is None else noise.to(device)
+        if device is None:
+            params = getattr(model, "parameters", None)
+            first = next(iter(params()), None) if callable(params) else None
+            device = first.device if first is not None else "cpu"
+        return randn(shape, device=device, generator=generator)
+
+    def _timestep_iter(self, progress: bool) -> Iterator[int]:
+        steps: Any = range(self.num_timesteps - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps)
+        yield from steps
+
+    # ------------------------------------------------------------------ training losses
+
+    def vb_loss_weight(self) -> float:
+        """Weight of the sampled vb term in L_hybrid for the MSE loss types.
+
+        One sampled term vb_t (bits/dim) has E_t[vb_t] = L_vlb / T, so the paper's λ L_vlb is
+        λ·T·vb_t: that is RESCALED_MSE (the released code's ``vb *= T / 1000`` with λ = 0.001).
+        The released code's plain MSE weights vb_t by 1 whatever T is, i.e. λ·T only at T = 1000;
+        we express it as λ·1000 so that the default λ = 0.001 reproduces the released weights in
+        both modes and a different λ still scales the term.
+        """
+        if self.loss_type == LossType.RESCALED_MSE:
+            return self.vlb_weight * self.num_timesteps
+        return self.vlb_weight * 1000.0
+
+    def _vb_terms_bpd(
+        self,
+        p_out: dict[str, torch.Tensor],
+        x_start: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+    ) -> torch.Tensor:
+        """One term of L_vlb in bits/dim: L_{t−1} = KL(q(x_{t−1}|x_t,x_0) ‖ p_θ) for t > 0 and
+        the decoder NLL L_0 = −log p_θ(x_0 | x_1) at t = 0 (DDPM eq. 5, 13)."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        kl = normal_kl(true_mean, true_log_variance, p_out["mean"], p_out["log_variance"])
+        kl = mean_flat(kl) / math.log(2.0)
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=p_out["mean"], log_scales=0.5 * p_out["log_variance"]
+        )
+        decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl)
+
+    def training_losses(
+        self,
+        model: Model,
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict[str, Any] | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-example losses at timesteps ``t``: {"loss", "mse", "vb"}, each of shape (B,).
+
+        * "mse": mean-squared error of the mean prediction (ε, x_0 or μ̃) — L_simple.
+        * "vb": the sampled L_vlb term in bits/dim, unweighted. For the MSE loss types with a
+          learned Σ it is computed with the mean prediction detached, so it trains Σ only
+          (IDDPM §3.1: "we apply a stop-gradient to the μ_θ(x_t, t) output for the L_vlb term").
+        * "loss": what to minimise: mse (+ vb_loss_weight()·vb if Σ is learned) for MSE types;
+          vb (×T for RESCALED_KL) for KL types.
+        """
+        if noise is None:
+            noise = randn(
+                x_start.shape, device=x_start.device, generator=generator, dtype=x_start.dtype
+            )
+        x_t = self.q_sample(x_start, t, noise=noise)
+        model_output = self.wrap_model(model)(x_t, t, **(model_kwargs or {}))
+        mean_out, var_values = self._split_output(model_output, x_t)
+
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            target = self.q_posterior_mean_variance(x_start, x_t, t)[0]
+        elif self.model_mean_type == ModelMeanType.START_X:
+            target = x_start
+        else:
+            target = noise
+        mse = mean_flat((target - mean_out) ** 2)
+
+        if self.loss_type.is_vb():
+            p_out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
+            vb = self._vb_terms_bpd(p_out, x_start, x_t, t)
+            scale = self.num_timesteps if self.loss_type == LossType.RESCALED_KL else 1.0
+            return {"loss": vb * scale, "mse": mse.detach(), "vb": vb}
+
+        if var_values is not None:
+            frozen = torch.cat([mean_out.detach(), var_values], dim=1)  # stop-gradient on μ
+            p_out = self.p_mean_variance_from_output(frozen, x_t, t, clip_denoised=False)
+            vb = self._vb_terms_bpd(p_out, x_start, x_t, t)
+            return {"loss": mse + self.vb_loss_weight() * vb, "mse": mse, "vb": vb}
+
+        with torch.no_grad():  # fixed Σ: the vb term is only reported
+            p_out = self.p_mean_variance_from_output(
+                model_output.detach(), x_t, t, clip_denoised=False
+            )
+            vb = self._vb_terms_bpd(p_out, x_start, x_t, t)
+        return {"loss": mse, "mse": mse, "vb": vb}
+
+    # ------------------------------------------------------------------ likelihood
+
+    def _prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim (no parameters; ≈ 0 for a good schedule)."""
+        t = torch.full(
+            (x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long
+        )
+        mean, _, log_variance = self.q_mean_variance(x_start, t)
+        return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
+
+    def calc_bpd_loop(
+        self,
+        model: Model,
+        x_start: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The full variational bound −log p(x_0) ≤ L_T + Σ_t L_{t−1}, in bits/dim, per example.
+
+        Returns "total_bpd" (B,), "prior_bpd" (B,), and per-step (B, T) tables "vb", "xstart_mse",
+        "mse" whose column j is timestep j.
+        """
+        batch = x_start.shape[0]
+        vb, xstart_mse, mse = [], [], []
+        for i in self._timestep_iter(progress):
+            t = torch.full((batch,), i, device=x_start.device, dtype=torch.long)
+            noise = randn(
+                x_start.shape, device=x_start.device, generator=generator, dtype=x_start.dtype
+            )
+            x_t = self.q_sample(x_start, t, noise=noise)
+            with torch.no_grad():
+                out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs=model_kwargs)
+                vb.append(self._vb_terms_bpd(out, x_start, x_t, t))
+                xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
+                eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
+                mse.append(mean_flat((eps - noise) ** 2))
+        # collected from t = T-1 down to 0; flip so column j is timestep j
+        vb_t = torch.stack(vb[::-1], dim=1)
+        prior_bpd = self._prior_bpd(x_start)
+        return {
+            "total_bpd": vb_t.sum(dim=1) + prior_bpd,
+            "prior_bpd": prior_bpd,
+            "vb": vb_t,
+            "xstart_mse": torch.stack(xstart_mse[::-1], dim=1),
+            "mse": torch.stack(mse[::-1], dim=1),
+        }
