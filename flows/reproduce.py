@@ -32,7 +32,7 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     parent = lineage.start_parent_run(cfg, "reproduce", flow_run.get_id(), preset, overrides)
 
     data_key = chain_key("shard", cfg, ("data",))
-    data = stages.shard(cfg, cache_key=data_key)
+    data = stages.shard(cfg, cache_key=data_key, parent_run_id=parent)
 
     train_keys = {
         "diffusion": chain_key("train", cfg, DIFFUSION_SECTIONS, data_key),

@@ -49,12 +49,19 @@ def _stage_task(name: str):
 
 
 @_stage_task("shard")
-def shard(cfg: AdmConfig, cache_key: str) -> dict:
+def shard(cfg: AdmConfig, cache_key: str, parent_run_id: str | None = None) -> dict:
+    from tasks.lineage import log_shard_run
     from tasks.shard import shard_dataset
 
     dest = join(cfg.storage.root, "data", cache_key)
     manifest = shard_dataset(cfg, cfg.data.source, dest)
-    return {"uri": dest, "manifest_uri": join(dest, "manifest.json"), "num_images": manifest["num_images"]}
+    run_id = log_shard_run(cfg, manifest, dest, parent_run_id)
+    return {
+        "uri": dest,
+        "manifest_uri": join(dest, "manifest.json"),
+        "num_images": manifest["num_images"],
+        "mlflow_run_id": run_id,
+    }
 
 
 @_stage_task("train")

@@ -100,3 +100,32 @@ def finish_parent_run(run_id: str, summary: dict) -> None:
             if row.get(metric) is not None:
                 client.log_metric(run_id, f"{label}/{metric}", float(row[metric]))
     client.set_terminated(run_id)
+
+
+def log_shard_run(cfg: AdmConfig, manifest: dict, data_uri: str, parent_run_id: str | None) -> str:
+    """A child run for the sharding stage: the data set as the run's input."""
+    import mlflow
+
+    from admflow.tracking import stage_run
+
+    with stage_run(cfg, "shard", parent_run_id, sections=("data",)) as run:
+        mlflow.log_input(_manifest_dataset(manifest, data_uri), context="sharding")
+        mlflow.set_tag(UPSTREAM + "data_manifest", f"{data_uri.rstrip('/')}/manifest.json")
+        mlflow.log_metrics(
+            {"num_images": manifest["num_images"], "skipped": len(manifest.get("skipped", []))}
+        )
+        mlflow.log_dict(manifest, "manifest.json")
+        return run.info.run_id
+
+
+def _manifest_dataset(manifest: dict, data_uri: str):
+    import mlflow.data
+    import pandas as pd
+
+    rows = pd.DataFrame(
+        [{"shard": s["name"], "rows": s["rows"], "sha256": s["sha256"]} for s in manifest["shards"]]
+    )
+    fingerprint = (manifest.get("source") or {}).get("fingerprint", "")
+    return mlflow.data.from_pandas(
+        rows, source=data_uri, name=f"shards-{manifest['image_size']}px-{fingerprint[:8]}"
+    )

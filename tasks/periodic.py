@@ -50,7 +50,13 @@ def evaluate_checkpoint(cfg: AdmConfig, ckpt: dict, reference_uri: str, num_samp
     metrics = evaluate_sets(cfg, reference_uri, out, parent_run_id=train_run, tags=tags)
     if train_run:
         _log_against_step(cfg, train_run, metrics, ckpt["step"])
-    record = {"step": ckpt["step"], "checkpoint": ckpt["uri"], "samples": out, **_numbers(metrics)}
+    record = {
+        "step": ckpt["step"],
+        "checkpoint": ckpt["uri"],
+        "samples": out,
+        "train_run_id": train_run,
+        **_numbers(metrics),
+    }
     storage.write_json(ledger, record)
     return record
 

@@ -1,0 +1,139 @@
+"""The reproduce and evaluate-periodic flows on the tiny preset, embedded defaults."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
+
+FAST = [
+    "data.demo_images_per_class=20",
+    "training.steps=30",
+    "training.checkpoint_every=10",
+    "training.classifier_steps=30",
+    "training.upsampler_steps=20",
+    "training.batch_size=16",
+    "sampling.num_samples=40",
+    "sampling.shard_size=20",
+    "sampling.batch_size=20",
+    "sampling.timestep_respacing=ddim5",
+    "evaluation.reference_images=200",
+]
+
+
+def _task_states(flow_run_id) -> dict[str, list[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    out: dict[str, list[str]] = {}
+    for tr in runs:
+        out.setdefault(tr.name.split("-")[0], []).append(tr.state.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, ray_session):
+    from flows.reproduce import reproduce
+
+    root = tmp_path_factory.mktemp("store")
+    overrides = [*FAST, f"storage.root={root}", "sampling.classifier_scales=[0.0, 2.0]"]
+    t0 = time.time()
+    state = reproduce(preset="tiny", overrides=overrides, return_state=True)
+    first = time.time() - t0
+    return {"root": root, "overrides": overrides, "state": state, "first_s": first}
+
+
+def test_reproduce_completes_with_metrics(pipeline):
+    result = pipeline["state"].result()
+    rows = result["rows"]
+    assert len(rows) == 4  # 2 scales x (base, upsampled)
+    for r in rows:
+        assert math.isfinite(r["fid"]) and r["fid"] > 0
+        assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+    assert "FID" in result["table"].splitlines()[0]
+
+
+def test_second_run_is_all_cache_hits(pipeline):
+    from flows.reproduce import reproduce
+
+    t0 = time.time()
+    state = reproduce(preset="tiny", overrides=pipeline["overrides"], return_state=True)
+    second = time.time() - t0
+    states = _task_states(state.state_details.flow_run_id)
+    stage_states = {k: v for k, v in states.items() if k in {"shard", "train", "reference", "sample", "upsample", "evaluate"}}
+    assert stage_states and all(s == "Cached" for v in stage_states.values() for s in v), states
+    assert second < 0.35 * pipeline["first_s"], (second, pipeline["first_s"])
+
+
+def test_changing_guidance_scale_reruns_only_sampling_and_evaluation(pipeline):
+    from flows.reproduce import reproduce
+
+    overrides = [o for o in pipeline["overrides"] if not o.startswith("sampling.classifier_scales")]
+    overrides.append("sampling.classifier_scales=[0.0, 4.0]")
+    state = reproduce(preset="tiny", overrides=overrides, return_state=True)
+    states = _task_states(state.state_details.flow_run_id)
+    for stage in ("shard", "train", "reference"):
+        assert set(states[stage]) == {"Cached"}, (stage, states)
+    assert "Completed" in states["sample"] and "Cached" in states["sample"]
+    assert "Completed" in states["evaluate"]
+
+
+def test_mlflow_lineage_from_fid_to_shard_manifest(pipeline):
+    import mlflow
+
+    from admflow import storage
+    from admflow.config import load_config
+    from admflow.tracking import setup_mlflow
+
+    cfg = load_config("tiny", pipeline["overrides"])
+    exp_id = setup_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    result = pipeline["state"].result()
+    parent = client.get_run(result["mlflow_parent_run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] == str(pipeline["state"].state_details.flow_run_id)
+    children = client.search_runs(
+        [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    stages = {c.data.tags.get("admflow.stage") for c in children}
+    assert {"shard", "sample", "evaluate"} <= stages, stages
+    assert len(children) >= 1 + 3 + 4 + 2 + 4, [c.info.run_name for c in children]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "guidance_sweep.png" in artifacts
+    # dataset input on a training run
+    assert any(c.inputs and c.inputs.dataset_inputs for c in children)
+    # registered model
+    assert client.search_registered_models(), "no registered model"
+    # walk: FID run -> sample run -> training run -> shard manifest
+    fid_run = next(c for c in children if "fid" in c.data.metrics)
+    sample_run_id = fid_run.data.tags["admflow.upstream.sample_run_id"]
+    sample_run = client.get_run(sample_run_id)
+    train_run = client.get_run(sample_run.data.tags["admflow.upstream.train_run_id"])
+    manifest = train_run.data.tags["admflow.upstream.data_manifest"]
+    assert storage.exists(manifest)
+    assert storage.read_json(manifest)["format"] == "admflow-shards/1"
+
+
+def test_periodic_evaluation_scores_each_checkpoint_once(pipeline):
+    import mlflow
+
+    from admflow.config import load_config
+    from admflow.tracking import setup_mlflow
+    from flows.evaluate import evaluate_periodic
+
+    overrides = pipeline["overrides"]
+    first = evaluate_periodic(preset="tiny", overrides=overrides, num_samples=20)
+    second = evaluate_periodic(preset="tiny", overrides=overrides, num_samples=20)
+    assert len(first) == 3 and second == []
+    assert sorted(r["step"] for r in first) == [10, 20, 30]
+    cfg = load_config("tiny", overrides)
+    setup_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(first[0]["train_run_id"], "eval/fid")
+    assert sorted(m.step for m in history) == [10, 20, 30]
