@@ -1,0 +1,183 @@
+"""The per-process half of sampling: seeds, model loading and one shard's reverse process.
+
+Everything random in shard ``i`` (its class labels, x_T and every step's noise) comes from
+seeds derived from ``(run seed, i)`` alone, drawn on CPU generators. A shard is sampled in
+fixed micro-batches of ``batch_size``, each with its own generator, so an image depends on
+the config, never on which actor ran it, when, or what else it ran.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from admflow.config import (
+    ClassifierConfig,
+    DiffusionConfig,
+    UNetConfig,
+    UpsamplerConfig,
+)
+
+
+def draw_labels(seed: int, index: int, rows: int, classes: list[int] | None) -> np.ndarray:
+    """Shard ``index``'s class labels, uniform over ``classes`` (-1 everywhere when None)."""
+    if not classes:
+        return np.full(rows, -1, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, 0]))
+    return rng.choice(np.asarray(classes, dtype=np.int64), size=rows)
+
+
+def batch_seed(seed: int, index: int, batch: int, stream: int = 1) -> int:
+    """The torch seed of micro-batch ``batch`` of shard ``index`` (``stream`` 1: base
+    sampling, 2: upsampling, so the two stages never share noise)."""
+    state = np.random.SeedSequence([seed, index, stream, batch]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class SamplerSpec:
+    """What an actor needs to build its networks and sample (plain data, cheap to ship)."""
+
+    kind: str  # "base" or "upsample"
+    network: dict  # UNetConfig (base) or UpsamplerConfig (upsample) as JSON
+    diffusion: dict  # DiffusionConfig as JSON
+    sampler: str = "ddim"
+    respacing: str = ""
+    eta: float = 0.0
+    clip_denoised: bool = True
+    seed: int = 0
+    batch_size: int = 32
+    torch_threads: int = 1
+    device: str = "auto"
+    classifier: dict | None = None  # ClassifierConfig as JSON, when guiding
+    classifier_scale: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _load_state(data: bytes) -> dict[str, torch.Tensor]:
+    from models.checkpoints import read_state_dict
+
+    return read_state_dict(io.BytesIO(data))
+
+
+def _prepare(model: torch.nn.Module, use_fp16: bool, device: torch.device) -> torch.nn.Module:
+    model.to(device)
+    if use_fp16 and device.type == "cuda":
+        model.convert_to_fp16()  # type: ignore[operator]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class ShardSampler:
+    """Holds the networks of one sampling process and turns shard requests into uint8 images."""
+
+    def __init__(self, spec: SamplerSpec, model_bytes: bytes, classifier_bytes: bytes | None):
+        from models.build import build_classifier, build_unet, build_upsampler
+        from models.checkpoints import load_state_dict_strict
+        from models.diffusion_factory import create_diffusion
+
+        torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.device = pick_device(spec.device)
+        model: torch.nn.Module
+        if spec.kind == "upsample":
+            up = UpsamplerConfig.model_validate(spec.network)
+            self.net_cfg = up.unet
+            model = build_upsampler(up, device="meta")
+        else:
+            self.net_cfg = UNetConfig.model_validate(spec.network)
+            model = build_unet(self.net_cfg, device="meta")
+        load_state_dict_strict(model, _load_state(model_bytes), source="diffusion checkpoint")
+        self.model = _prepare(model, self.net_cfg.use_fp16, self.device)
+        self.diffusion = create_diffusion(
+            DiffusionConfig.model_validate(spec.diffusion), timestep_respacing=spec.respacing
+        )
+        self.cond_fn = None
+        if spec.classifier is not None and spec.classifier_scale != 0.0:
+            from models.guidance import cond_fn_from_classifier
+
+            ccfg = ClassifierConfig.model_validate(spec.classifier)
+            clf = build_classifier(ccfg, device="meta")
+            load_state_dict_strict(
+                clf, _load_state(classifier_bytes), source="classifier checkpoint"
+            )
+            self.classifier = _prepare(clf, ccfg.use_fp16, self.device)
+            self.cond_fn = cond_fn_from_classifier(self.classifier, spec.classifier_scale)
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
+
+    def _model_fn(self):
+        if self.net_cfg.num_classes is None:
+            from models.guidance import drop_class_labels
+
+            return drop_class_labels(self.model)
+        return self.model
+
+    def _low_res(self, images: np.ndarray) -> torch.Tensor:
+        """Base samples (uint8 NHWC) as the upsampler's [-1, 1] NCHW conditioning input."""
+        x = (
+            torch.from_numpy(np.array(images)).to(self.device).permute(0, 3, 1, 2).float() / 127.5
+            - 1.0
+        )
+        small = UpsamplerConfig.model_validate(self.spec.network).small_size
+        if x.shape[-1] != small:  # a base set at another size: resample to what was trained
+            mode = "area" if x.shape[-1] > small else "bicubic"
+            x = F.interpolate(x, size=(small, small), mode=mode).clamp(-1.0, 1.0)
+        return x
+
+    def _sample_batch(self, n: int, kwargs: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        size = self.net_cfg.image_size
+        shape = (n, self.net_cfg.in_channels, size, size)
+        common: dict[str, Any] = dict(
+            clip_denoised=self.spec.clip_denoised,
+            cond_fn=self.cond_fn,
+            model_kwargs=kwargs,
+            device=self.device,
+            generator=gen,
+        )
+        with torch.no_grad():
+            if self.spec.sampler == "ddim":
+                out = self.diffusion.ddim_sample_loop(
+                    self._model_fn(), shape, eta=self.spec.eta, **common
+                )
+            else:
+                out = self.diffusion.p_sample_loop(self._model_fn(), shape, **common)
+        return ((out + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    def sample(
+        self, index: int, labels: np.ndarray, low_res: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Shard ``index``: images (uint8 NHWC) for ``labels`` (and base images when upsampling)."""
+        y_all = torch.from_numpy(np.array(labels, dtype=np.int64)).to(self.device)
+        use_y = self.net_cfg.num_classes is not None or self.cond_fn is not None
+        lr_all = self._low_res(low_res) if low_res is not None else None
+        chunks = []
+        bs = self.spec.batch_size
+        stream = 2 if self.spec.kind == "upsample" else 1
+        for b, start in enumerate(range(0, len(labels), bs)):
+            kwargs: dict[str, torch.Tensor] = {}
+            if use_y:
+                kwargs["y"] = y_all[start : start + bs]
+            if lr_all is not None:
+                kwargs["low_res"] = lr_all[start : start + bs]
+            n = len(y_all[start : start + bs])
+            chunks.append(
+                self._sample_batch(n, kwargs, batch_seed(self.spec.seed, index, b, stream))
+            )
+        return torch.cat(chunks).numpy(), np.asarray(labels, dtype=np.int64)
