@@ -1,0 +1,193 @@
+"""FID, sFID, Inception Score and improved precision/recall, defined as in ADM's evaluator.
+
+Definitions follow guided-diffusion ``evaluations/evaluator.py``:
+
+- statistics: ``mu = mean(acts, axis=0)`` in the features' dtype (float32), ``sigma =
+  np.cov(acts, rowvar=False)`` (float64);
+- Frechet distance: ``|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2))``, retrying with
+  1e-6 on both diagonals only if sqrtm is not finite, failing if the diagonal of sqrtm has an
+  imaginary part above 1e-3;
+- IS: ``exp(mean KL(p(y|x) || p(y)))`` per split of 5000 (a last partial split counts as one),
+  averaged over splits;
+- precision/recall (Kynkäänniemi et al. 2019): squared Euclidean distances computed from
+  fp16-rounded features (recomputed in fp32 when any is not finite), radius of each point =
+  distance to its 3rd nearest neighbour (itself excluded), a point is covered when its distance
+  to some point of the other set is <= that point's radius. Precision = covered samples, recall
+  = covered reference points.
+
+The fp16 step is emulated on CPU: inputs, norms, the Gram product and the distances are rounded
+to fp16 and computed in fp32 in between (the evaluator runs TF fp16 ops; only intermediate
+rounding inside ``nu - 2 uv + nv`` differs, well below fp16 resolution of the result).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+
+
+class MetricError(ValueError):
+    """Features that a metric cannot be computed from; the message says why."""
+
+
+# ------------------------------------------------------------------------ FID and sFID
+
+
+def _check_features(acts: np.ndarray, minimum: int, what: str) -> np.ndarray:
+    acts = np.asarray(acts)
+    if acts.ndim != 2:
+        raise MetricError(f"{what}: features must be a 2-D [N, D] array, got shape {acts.shape}")
+    if len(acts) < minimum:
+        raise MetricError(f"{what}: need at least {minimum} feature vectors, got {len(acts)}")
+    if not np.isfinite(acts).all():
+        raise MetricError(f"{what}: features contain NaN or inf")
+    return acts
+
+
+def feature_statistics(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of ``acts`` [N, D], exactly as the evaluator computes them."""
+    acts = _check_features(acts, 2, "FID statistics")
+    return np.mean(acts, axis=0), np.cov(acts, rowvar=False)
+
+
+class RunningStatistics:
+    """Mean and covariance accumulated batch by batch in float64 (for data sets too large to
+    hold as features); equals ``np.cov`` up to float64 rounding."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.sum = np.zeros(dim, np.float64)
+        self.outer = np.zeros((dim, dim), np.float64)
+
+    def update(self, acts: np.ndarray) -> None:
+        a = np.asarray(acts, np.float64)
+        self.n += len(a)
+        self.sum += a.sum(0)
+        self.outer += a.T @ a
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise MetricError(f"FID statistics: need at least 2 images, got {self.n}")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return mu, sigma
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (FID when fed pool
+    statistics, sFID with spatial ones)."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise MetricError(
+            f"statistics of different dimension: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+    diff = mu1 - mu2
+    covmean, _ = scipy.linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"singular covariance product; adding {eps} to the diagonals", stacklevel=2)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise MetricError(f"sqrtm has an imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ---------------------------------------------------------------------- Inception Score
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float32)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
+    """IS from class probabilities [N, C] (rows summing to 1), in float32 as the evaluator."""
+    preds = _check_features(probs, 1, "Inception Score")
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i : i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+# ------------------------------------------------------------- improved precision/recall
+
+
+def _round16(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to the nearest fp16 value, in place (inf on overflow)."""
+    return x.copy_(x.half())
+
+
+def _sq_distances(u: torch.Tensor, v: torch.Tensor, fp16: bool) -> torch.Tensor | None:
+    nu, nv = (u * u).sum(1), (v * v).sum(1)
+    d = u @ v.T
+    if fp16:
+        for t in (nu, nv, d):
+            _round16(t)
+    d.mul_(-2.0).add_(nu[:, None]).add_(nv[None, :]).clamp_(min=0.0)
+    if fp16:
+        _round16(d)
+        if not bool(torch.isfinite(d).all()):
+            return None
+    return d
+
+
+def pairwise_sq_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Squared distances [len(u), len(v)] in float32: fp16 first, fp32 if fp16 overflows."""
+    d = _sq_distances(u.half().float(), v.half().float(), fp16=True)
+    return d if d is not None else _sq_distances(u.float(), v.float(), fp16=False)  # type: ignore[return-value]
+
+
+def _blocks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def manifold_radii(features: np.ndarray, k: int = 3, block: int = 5000) -> np.ndarray:
+    """Distance (squared) from each point to its k-th nearest neighbour, itself excluded.
+
+    Only blocks on and above the diagonal are computed; the rest are their transposes.
+    """
+    x = torch.from_numpy(_check_features(features, k + 1, "precision/recall")).float()
+    blocks = _blocks(len(x), block)
+    cands: list[list[torch.Tensor]] = [[] for _ in blocks]
+    for i, bi in enumerate(blocks):
+        for j in range(i, len(blocks)):
+            d = pairwise_sq_distances(x[bi], x[blocks[j]])
+            cands[i].append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
+            if j != i:
+                cands[j].append(d.topk(min(k + 1, d.shape[0]), dim=0, largest=False).values.T)
+    radii = [torch.cat(c, 1).topk(k + 1, dim=1, largest=False).values[:, k] for c in cands]
+    return torch.cat(radii).numpy()
+
+
+def precision_recall(
+    ref: np.ndarray, sample: np.ndarray, k: int = 3, block: int = 5000
+) -> tuple[float, float]:
+    """(precision, recall) of ``sample`` features against ``ref`` features."""
+    ref = _check_features(ref, k + 1, "precision/recall reference")
+    sample = _check_features(sample, k + 1, "precision/recall samples")
+    if ref.shape[1] != sample.shape[1]:
+        raise MetricError(f"feature sizes differ: {ref.shape[1]} vs {sample.shape[1]}")
+    r_ref = torch.from_numpy(manifold_radii(ref, k, block))
+    r_smp = torch.from_numpy(manifold_radii(sample, k, block))
+    x, y = torch.from_numpy(ref).float(), torch.from_numpy(sample).float()
+    ref_in = torch.zeros(len(x), dtype=torch.bool)
+    smp_in = torch.zeros(len(y), dtype=torch.bool)
+    for bi in _blocks(len(x), block):
+        for bj in _blocks(len(y), block):
+            d = pairwise_sq_distances(x[bi], y[bj])
+            ref_in[bi] |= (d <= r_smp[None, bj]).any(1)
+            smp_in[bj] |= (d <= r_ref[bi, None]).any(0)
+    return float(smp_in.double().mean()), float(ref_in.double().mean())
