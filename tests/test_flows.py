@@ -103,7 +103,7 @@ def test_mlflow_lineage_from_fid_to_shard_manifest(pipeline):
     )
     stages = {c.data.tags.get("admflow.stage") for c in children}
     assert {"shard", "sample", "evaluate"} <= stages, stages
-    assert len(children) >= 1 + 3 + 4 + 2 + 4, [c.info.run_name for c in children]
+    assert len(children) >= 1 + 3 + 2 + 2 + 4, [c.info.run_name for c in children]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "guidance_sweep.png" in artifacts
     # dataset input on a training run
