@@ -1,0 +1,51 @@
+"""``admflow upsample``: the second stage, the upsampler conditioned on a base sample set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from admflow.commands.common import add_config_args, config_from_args
+from admflow.commands.sample import add_sampling_args, common_kwargs
+
+EPILOG = """\
+example:
+  admflow upsample --config upsampler64-256 --base s3://b/samples/in64 \\
+      --checkpoint 64_256_upsampler.pt --steps 250 --out s3://b/samples/in64-up256
+
+Each base image (and its label) conditions the upsampler (cfg.upsampler); base images at
+another size than upsampler.small_size are resized first. Sharded and resumable like
+`admflow sample`; the output is a sample set of the same N at upsampler.unet.image_size.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upsample",
+        help="upsample a base sample set with a super-resolution diffusion model (ADM-U)",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument("--base", required=True, metavar="URI", help="a complete base sample set")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="URI",
+        help="upsampler checkpoint dir (ours) or a released OpenAI upsampler .pt",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="URI", help="output dir (local, file:// or s3://)"
+    )
+    add_sampling_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tasks.sample import upsample_set
+
+    cfg = config_from_args(args)
+    result = upsample_set(cfg, args.base, args.checkpoint, args.out, **common_kwargs(args))
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result["complete"] or args.max_shards else 1
