@@ -1,0 +1,194 @@
+"""Real services end to end: `admflow stack`, the reproduce deployment run by a Prefect
+worker on the 2-node Ray cluster, artifacts in S3, runs in the MLflow server, the MLflow UI
+in headless Chromium. Everything binds 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from tests.test_flows import FAST
+
+pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.ray, pytest.mark.timeout(2400)]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from infra import stack as stk
+
+    state = tmp_path_factory.mktemp("stack")
+    s = stk.up(state)
+    env = {**os.environ, **s.env(), "ADMFLOW_REPO": str(REPO)}
+    env.pop("PREFECT_HOME", None)
+    env["PREFECT_HOME"] = str(state / "client-home")
+    try:
+        yield {"stack": s, "env": env, "state": state}
+    finally:
+        pids = dict(s.pids)
+        stk.down(state)
+        for name, pid in pids.items():  # nothing left behind: every process group is gone
+            with pytest.raises(ProcessLookupError):
+                os.killpg(pid, 0)
+
+
+def _prefect(env, *args, timeout=300) -> str:
+    out = subprocess.run(
+        [_bin("prefect"), "--no-prompt", *args], env=env, cwd=REPO, capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def _run_deployment(env, name: str, params: dict, timeout: int = 1500) -> dict:
+    code = (
+        "import json,sys;from prefect.deployments import run_deployment;"
+        f"fr=run_deployment({name!r},parameters=json.loads(sys.argv[1]),timeout={timeout});"
+        "print(json.dumps({'id':str(fr.id),'state':fr.state.name}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(params)], env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=timeout + 60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def deployed(stack):
+    out = _prefect(stack["env"], "deploy", "--all")
+    assert "reproduce" in out
+    return stack
+
+
+def test_periodic_deployment_has_its_cron_schedule(deployed):
+    code = (
+        "import asyncio;from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "  async with get_client() as c:\n"
+        "    d=await c.read_deployment_by_name('evaluate-periodic/evaluate-periodic')\n"
+        "    print([s.schedule.cron for s in d.schedules])\n"
+        "asyncio.run(main())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=deployed["env"], capture_output=True, text=True)
+    assert "0 */6 * * *" in out.stdout, out.stderr
+
+
+@pytest.fixture(scope="module")
+def reproduced(deployed):
+    params = {"preset": "tiny", "overrides": [*FAST, "sampling.classifier_scales=[0.0, 2.0]"]}
+    t0 = time.time()
+    first = _run_deployment(deployed["env"], "reproduce/reproduce", params)
+    first_s = time.time() - t0
+    t0 = time.time()
+    second = _run_deployment(deployed["env"], "reproduce/reproduce", params)
+    return {**deployed, "first": first, "second": second, "first_s": first_s, "second_s": time.time() - t0}
+
+
+def test_reproduce_runs_on_worker_and_second_trigger_is_cached(reproduced):
+    assert reproduced["first"]["state"] == "Completed"
+    assert reproduced["second"]["state"] == "Completed"
+    code = (
+        "import sys,json;from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId\n"
+        "with get_client(sync_client=True) as c:\n"
+        "  trs=c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sys.argv[1]])))\n"
+        "  print(json.dumps([[t.name,t.state.name] for t in trs]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, reproduced["second"]["id"]], env=reproduced["env"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    states = json.loads(out.stdout.strip().splitlines()[-1])
+    stage_states = [s for n, s in states if n.split("-")[0] in {"shard", "train", "sample", "evaluate"}]
+    assert stage_states and set(stage_states) == {"Cached"}, states
+    assert reproduced["second_s"] < 0.5 * reproduced["first_s"]
+
+
+def test_work_ran_on_both_ray_nodes(reproduced):
+    code = (
+        "import ray,json;from ray.util.state import list_tasks, list_actors\n"
+        "ray.init(logging_level='ERROR')\n"
+        "nodes={n['NodeID'] for n in ray.nodes() if n['Alive']}\n"
+        "used={a.node_id for a in list_actors(limit=10000) if a.node_id}\n"
+        "used|={t.node_id for t in list_tasks(limit=10000) if t.node_id}\n"
+        "print(json.dumps({'nodes':sorted(nodes),'used':sorted(used)}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=reproduced["env"], capture_output=True, text=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(info["nodes"]) == 2 and set(info["nodes"]) <= set(info["used"]), info
+
+
+def test_artifacts_in_s3_and_runs_in_mlflow_server(reproduced):
+    import mlflow
+    import s3fs
+
+    env = reproduced["env"]
+    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
+    assert fs.glob("admflow/store/data/*/manifest.json")
+    assert fs.glob("admflow/store/samples/*/grid.png")
+    assert fs.glob("admflow/store/runs/*/checkpoints/step-*/meta.json")
+    assert fs.glob("admflow/mlflow-artifacts/**")
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("admflow")
+    runs = client.search_runs([exp.experiment_id])
+    assert any("fid" in r.data.metrics for r in runs)
+    reproduced["mlflow"] = {"client": client, "exp": exp, "runs": runs}
+
+
+def _dump_dom(url: str, out_png: Path | None = None) -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not exe:
+        pytest.skip("Debian chromium is not installed (scripts/test.sh installs it)")
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+        f"--user-data-dir={tempfile.mkdtemp()}", "--window-size=1600,1400", "--virtual-time-budget=25000",
+    ]  # fmt: skip
+    if out_png:
+        subprocess.run([exe, *flags, f"--screenshot={out_png}", url], capture_output=True, timeout=120)
+    dom = subprocess.run([exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    return dom.stdout
+
+
+@pytest.mark.browser
+def test_mlflow_ui_shows_children_dataset_fid_and_grid(reproduced, output_dir):
+    import mlflow
+
+    env = reproduced["env"]
+    base = env["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=base)
+    exp = client.get_experiment_by_name("admflow")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`admflow.flow` = 'reproduce'", order_by=["attributes.start_time ASC"])
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    fid_run = next(c for c in children if "fid" in c.data.metrics)
+    train_run = next(c for c in children if c.inputs and c.inputs.dataset_inputs)
+    sample_run = next(c for c in children if c.data.tags.get("admflow.stage") == "sample")
+    eid = exp.experiment_id
+    shot = output_dir / "mlflow-ui-parent-run.png"
+    dom = _dump_dom(f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}", shot)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    assert any(c.info.run_name in dom for c in children), "child runs not shown on the parent page"
+    dom = _dump_dom(f"{base}/#/experiments/{eid}/runs/{fid_run.info.run_id}")
+    assert "fid" in dom
+    dom = _dump_dom(f"{base}/#/experiments/{eid}/runs/{train_run.info.run_id}")
+    ds_name = train_run.inputs.dataset_inputs[0].dataset.name
+    assert ds_name in dom
+    path = urllib.parse.quote("grid.png")
+    dom = _dump_dom(f"{base}/#/experiments/{eid}/runs/{sample_run.info.run_id}/artifacts/{path}")
+    assert "grid.png" in dom
