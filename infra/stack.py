@@ -88,7 +88,7 @@ class Stack:
             "mlflow": e["MLFLOW_TRACKING_URI"],
             "prefect": e["PREFECT_API_URL"].removesuffix("/api"),
             "prefect-worker": f"pool {POOL}",
-            "ray-head": e["RAY_ADDRESS"],
+            "ray-head": f"{e['RAY_ADDRESS']} (dashboard http://{HOST}:{self.ports['ray-dashboard']})",
             "ray-node": f"joins {e['RAY_ADDRESS']}",
         }
 
@@ -162,7 +162,7 @@ def up(state_dir: str | Path, timeout: float = 120.0) -> Stack:
     if any(stack.alive(n) for n in stack.pids):
         raise RuntimeError(f"a stack is already running from {stack.state_dir}; run `admflow stack down`")
     stack.state_dir.mkdir(parents=True, exist_ok=True)
-    stack.ports = {k: _free_port() for k in ("s3", "mlflow", "prefect", "ray")}
+    stack.ports = {k: _free_port() for k in ("s3", "mlflow", "prefect", "ray", "ray-dashboard")}
     stack.pids = {}
     env = stack.env()
     stack.write_env_file()
@@ -218,8 +218,10 @@ def _start_prefect(stack: Stack, env: dict[str, str], timeout: float) -> None:
 def _start_ray(stack: Stack, env: dict[str, str], timeout: float) -> None:
     port = str(stack.ports["ray"])
     common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
+    # The dashboard (on loopback) serves Ray's state API: which node ran which task.
     head = [_bin("ray"), "start", "--head", "--node-ip-address", HOST, "--port", port,
-            "--include-dashboard", "false", *common]  # fmt: skip
+            "--include-dashboard", "true", "--dashboard-host", HOST,
+            "--dashboard-port", str(stack.ports["ray-dashboard"]), *common]  # fmt: skip
     stack._spawn("ray-head", head, env)
     _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 1, "Ray head", timeout)
     node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST, *common]
