@@ -99,9 +99,11 @@ class UNetConfig(Section):
         if self.num_head_channels > 0:
             for level, m in enumerate(mult):
                 ch = int(m * self.model_channels)
-                if _reachable_resolutions(self.image_size, len(mult))[level] in (
-                    self.attention_resolutions
-                ) and ch % self.num_head_channels:
+                if (
+                    _reachable_resolutions(self.image_size, len(mult))[level]
+                    in (self.attention_resolutions)
+                    and ch % self.num_head_channels
+                ):
                     raise ValueError(
                         f"num_head_channels: {self.num_head_channels} does not divide the "
                         f"{ch} channels at resolution {reachable[level]}"
@@ -348,7 +350,9 @@ class AdmConfig(Section):
         if self.upsampler.enabled and self.upsampler.unet.learn_sigma != (
             self.upsampler.diffusion.learn_sigma
         ):
-            raise ValueError("upsampler.unet.learn_sigma must equal upsampler.diffusion.learn_sigma")
+            raise ValueError(
+                "upsampler.unet.learn_sigma must equal upsampler.diffusion.learn_sigma"
+            )
         return self
 
     def section_hash(self, *sections: str) -> str:

@@ -40,7 +40,9 @@ def evaluate_periodic(
     log = get_run_logger()
     data_key = chain_key("shard", cfg, ("data",))
     data = stages.shard(cfg, cache_key=data_key)
-    ref = stages.reference(cfg, data, cache_key=chain_key("reference", cfg, ("evaluation",), data_key))
+    ref = stages.reference(
+        cfg, data, cache_key=chain_key("reference", cfg, ("evaluation",), data_key)
+    )
     runs = [storage.join(cfg.storage.root, "runs", run_name)] if run_name else training_runs(cfg)
     results = []
     for run_uri in runs:

@@ -54,7 +54,13 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     for scale in cfg.sampling.classifier_scales:
         clf_key = train_keys["classifier"] if scale and "classifier" in runs else ""
         s_key = chain_key(
-            "sample", cfg, (), train_keys["diffusion"], clf_key, sampling=_sampling_key(cfg), scale=scale
+            "sample",
+            cfg,
+            (),
+            train_keys["diffusion"],
+            clf_key,
+            sampling=_sampling_key(cfg),
+            scale=scale,
         )
         base = stages.sample(cfg, runs["diffusion"], runs.get("classifier"), scale, s_key, parent)
         sets = [(s_key, base)]

@@ -23,7 +23,10 @@ from pathlib import Path
 HOST = "127.0.0.1"
 BUCKET = "admflow"
 POOL = "admflow-process"
-_LOCAL_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "admflow-local", "AWS_SECRET_ACCESS_KEY": "admflow-local"}
+_LOCAL_S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "admflow-local",
+    "AWS_SECRET_ACCESS_KEY": "admflow-local",
+}
 
 
 def _free_port() -> int:
@@ -147,11 +150,15 @@ def _http_ok(url: str) -> bool:
 
 def _ray_nodes(address: str, env: dict[str, str]) -> int:
     code = (
-        "import ray;ray.init(address=%r,logging_level='ERROR');"
-        "print(sum(1 for n in ray.nodes() if n['Alive']))" % address
+        f"import ray;ray.init(address={address!r},logging_level='ERROR');"
+        "print(sum(1 for n in ray.nodes() if n['Alive']))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
@@ -160,7 +167,9 @@ def up(state_dir: str | Path, timeout: float = 120.0) -> Stack:
     """Start every service, wait for each to be healthy, write the env file."""
     stack = Stack.load(state_dir)
     if any(stack.alive(n) for n in stack.pids):
-        raise RuntimeError(f"a stack is already running from {stack.state_dir}; run `admflow stack down`")
+        raise RuntimeError(
+            f"a stack is already running from {stack.state_dir}; run `admflow stack down`"
+        )
     stack.state_dir.mkdir(parents=True, exist_ok=True)
     stack.ports = {k: _free_port() for k in ("s3", "mlflow", "prefect", "ray", "ray-dashboard")}
     stack.pids = {}
@@ -208,7 +217,15 @@ def _start_prefect(stack: Stack, env: dict[str, str], timeout: float) -> None:
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": HOST,
     }
-    argv = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(stack.ports["prefect"])]
+    argv = [
+        _bin("prefect"),
+        "server",
+        "start",
+        "--host",
+        HOST,
+        "--port",
+        str(stack.ports["prefect"]),
+    ]
     stack._spawn("prefect", argv, penv)
     _wait(lambda: _http_ok(env["PREFECT_API_URL"] + "/health"), "Prefect server", timeout)
     worker = [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process"]
@@ -224,7 +241,15 @@ def _start_ray(stack: Stack, env: dict[str, str], timeout: float) -> None:
             "--dashboard-port", str(stack.ports["ray-dashboard"]), *common]  # fmt: skip
     stack._spawn("ray-head", head, env)
     _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 1, "Ray head", timeout)
-    node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST, *common]
+    node = [
+        _bin("ray"),
+        "start",
+        "--address",
+        env["RAY_ADDRESS"],
+        "--node-ip-address",
+        HOST,
+        *common,
+    ]
     stack._spawn("ray-node", node, env)
     _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 2, "second Ray node", timeout)
 

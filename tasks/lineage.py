@@ -65,7 +65,7 @@ def sample_tags(sset: dict, runs: dict[str, dict], data: dict) -> dict[str, str]
         train_run_id=diffusion.get("mlflow_run_id"),
         data_manifest=data["manifest_uri"],
     )
-    for kind, run in runs.items():
+    for _kind, run in runs.items():
         link(run.get("mlflow_run_id"), data_manifest=data["manifest_uri"])
     return {k: v for k, v in tags.items() if v}
 

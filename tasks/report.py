@@ -10,7 +10,18 @@ from typing import Any
 from admflow import storage
 from admflow.config import AdmConfig
 
-COLUMNS = ("model", "resolution", "sampler", "steps", "scale", "FID", "sFID", "IS", "precision", "recall")
+COLUMNS = (
+    "model",
+    "resolution",
+    "sampler",
+    "steps",
+    "scale",
+    "FID",
+    "sFID",
+    "IS",
+    "precision",
+    "recall",
+)
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -21,7 +32,9 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
-def rows_to_markdown(cfg: AdmConfig, rows: list[dict], run_links: dict[str, str] | None = None) -> str:
+def rows_to_markdown(
+    cfg: AdmConfig, rows: list[dict], run_links: dict[str, str] | None = None
+) -> str:
     head = "| " + " | ".join(COLUMNS) + " | run |\n|" + "---|" * (len(COLUMNS) + 1) + "\n"
     lines = []
     for r in rows:
@@ -76,13 +89,18 @@ def plot_guidance_sweep(rows: list[dict], path: str) -> str:
 def write_report(cfg: AdmConfig, rows: list[dict], parent_run_id: str | None = None) -> dict:
     """Write table + plots under ``<root>/reports/<run>``; return paths and the table."""
     for i, r in enumerate(rows):
-        r.setdefault("label", f"scale{r['classifier_scale']:g}{'-up' if r.get('upsampled') else ''}")
+        r.setdefault(
+            "label", f"scale{r['classifier_scale']:g}{'-up' if r.get('upsampled') else ''}"
+        )
         rows[i] = r
     links = _run_links(cfg, rows)
     table = rows_to_markdown(cfg, rows, links)
     out_dir = storage.join(cfg.storage.root, "reports", parent_run_id or "latest")
     tmp = tempfile.mkdtemp(prefix="admflow-report-")
-    local = [os.path.join(tmp, "results.md"), plot_guidance_sweep(rows, os.path.join(tmp, "guidance_sweep.png"))]
+    local = [
+        os.path.join(tmp, "results.md"),
+        plot_guidance_sweep(rows, os.path.join(tmp, "guidance_sweep.png")),
+    ]
     with open(local[0], "w") as f:
         f.write(table)
     uris = []
@@ -109,7 +127,9 @@ def _run_links(cfg: AdmConfig, rows: list[dict]) -> dict[str, str]:
     for r in rows:
         rid = r.get("mlflow_run_id")
         if rid and exp:
-            out[rid] = f"[{rid[:8]}]({uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{rid})"
+            out[rid] = (
+                f"[{rid[:8]}]({uri.rstrip('/')}/#/experiments/{exp.experiment_id}/runs/{rid})"
+            )
     return out
 
 

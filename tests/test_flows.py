@@ -67,7 +67,11 @@ def test_second_run_is_all_cache_hits(pipeline):
     state = reproduce(preset="tiny", overrides=pipeline["overrides"], return_state=True)
     second = time.time() - t0
     states = _task_states(state.state_details.flow_run_id)
-    stage_states = {k: v for k, v in states.items() if k in {"shard", "train", "reference", "sample", "upsample", "evaluate"}}
+    stage_states = {
+        k: v
+        for k, v in states.items()
+        if k in {"shard", "train", "reference", "sample", "upsample", "evaluate"}
+    }
     assert stage_states and all(s == "Cached" for v in stage_states.values() for s in v), states
     assert second < 0.35 * pipeline["first_s"], (second, pipeline["first_s"])
 
@@ -97,7 +101,9 @@ def test_mlflow_lineage_from_fid_to_shard_manifest(pipeline):
     client = mlflow.MlflowClient()
     result = pipeline["state"].result()
     parent = client.get_run(result["mlflow_parent_run_id"])
-    assert parent.data.tags["prefect.flow_run_id"] == str(pipeline["state"].state_details.flow_run_id)
+    assert parent.data.tags["prefect.flow_run_id"] == str(
+        pipeline["state"].state_details.flow_run_id
+    )
     children = client.search_runs(
         [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )

@@ -42,9 +42,10 @@ def test_compose_runs_mlflow_on_postgres_with_s3_and_prefect():
     assert {"postgres", "mlflow", "prefect"} <= set(services)
     mlflow_cmd = services["mlflow"]["command"]
     assert "postgresql://" in mlflow_cmd and "--artifacts-destination" in mlflow_cmd
-    assert "postgresql+asyncpg://" in services["prefect"]["environment"][
-        "PREFECT_API_DATABASE_CONNECTION_URL"
-    ]
+    assert (
+        "postgresql+asyncpg://"
+        in services["prefect"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    )
     for name in ("mlflow", "prefect"):  # services bind loopback on the host by default
         assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"])
     assert (REPO / "infra/compose/init-db.sh").exists()

@@ -40,7 +40,7 @@ def stack(tmp_path_factory):
     finally:
         pids = dict(s.pids)
         stk.down(state)
-        for name, pid in pids.items():  # nothing left behind: every process group is gone
+        for _name, pid in pids.items():  # nothing left behind: every process group is gone
             with pytest.raises(ProcessLookupError):
                 os.killpg(pid, 0)
 
@@ -84,7 +84,9 @@ def test_periodic_deployment_has_its_cron_schedule(deployed):
         "    print([s.schedule.cron for s in d.schedules])\n"
         "asyncio.run(main())"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=deployed["env"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=deployed["env"], capture_output=True, text=True
+    )
     assert "0 */6 * * *" in out.stdout, out.stderr
 
 
@@ -96,7 +98,13 @@ def reproduced(deployed):
     first_s = time.time() - t0
     t0 = time.time()
     second = _run_deployment(deployed["env"], "reproduce/reproduce", params)
-    return {**deployed, "first": first, "second": second, "first_s": first_s, "second_s": time.time() - t0}
+    return {
+        **deployed,
+        "first": first,
+        "second": second,
+        "first_s": first_s,
+        "second_s": time.time() - t0,
+    }
 
 
 def test_reproduce_runs_on_worker_and_second_trigger_is_cached(reproduced):
@@ -114,7 +122,9 @@ def test_reproduce_runs_on_worker_and_second_trigger_is_cached(reproduced):
         capture_output=True, text=True,
     )  # fmt: skip
     states = json.loads(out.stdout.strip().splitlines()[-1])
-    stage_states = [s for n, s in states if n.split("-")[0] in {"shard", "train", "sample", "evaluate"}]
+    stage_states = [
+        s for n, s in states if n.split("-")[0] in {"shard", "train", "sample", "evaluate"}
+    ]
     assert stage_states and set(stage_states) == {"Cached"}, states
     assert reproduced["second_s"] < 0.5 * reproduced["first_s"]
 
@@ -128,7 +138,9 @@ def test_work_ran_on_both_ray_nodes(reproduced):
         "used|={t.node_id for t in list_tasks(limit=10000) if t.node_id}\n"
         "print(json.dumps({'nodes':sorted(nodes),'used':sorted(used)}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=reproduced["env"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=reproduced["env"], capture_output=True, text=True
+    )
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(info["nodes"]) == 2 and set(info["nodes"]) <= set(info["used"]), info
 
@@ -138,7 +150,11 @@ def test_artifacts_in_s3_and_runs_in_mlflow_server(reproduced):
     import s3fs
 
     env = reproduced["env"]
-    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
+    fs = s3fs.S3FileSystem(
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        key=env["AWS_ACCESS_KEY_ID"],
+        secret=env["AWS_SECRET_ACCESS_KEY"],
+    )
     assert fs.glob("admflow/store/data/*/manifest.json")
     assert fs.glob("admflow/store/samples/*/grid.png")
     assert fs.glob("admflow/store/runs/*/checkpoints/step-*/meta.json")
@@ -160,8 +176,12 @@ def _dump_dom(url: str, out_png: Path | None = None) -> str:
         f"--user-data-dir={tempfile.mkdtemp()}", "--window-size=1600,1400", "--virtual-time-budget=25000",
     ]  # fmt: skip
     if out_png:
-        subprocess.run([exe, *flags, f"--screenshot={out_png}", url], capture_output=True, timeout=120)
-    dom = subprocess.run([exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        subprocess.run(
+            [exe, *flags, f"--screenshot={out_png}", url], capture_output=True, timeout=120
+        )
+    dom = subprocess.run(
+        [exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
     return dom.stdout
 
 
@@ -173,9 +193,15 @@ def test_mlflow_ui_shows_children_dataset_fid_and_grid(reproduced, output_dir):
     base = env["MLFLOW_TRACKING_URI"]
     client = mlflow.MlflowClient(tracking_uri=base)
     exp = client.get_experiment_by_name("admflow")
-    parents = client.search_runs([exp.experiment_id], filter_string="tags.`admflow.flow` = 'reproduce'", order_by=["attributes.start_time ASC"])
+    parents = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.`admflow.flow` = 'reproduce'",
+        order_by=["attributes.start_time ASC"],
+    )
     parent = parents[0]
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     fid_run = next(c for c in children if "fid" in c.data.metrics)
     train_run = next(c for c in children if c.inputs and c.inputs.dataset_inputs)
     sample_run = next(c for c in children if c.data.tags.get("admflow.stage") == "sample")

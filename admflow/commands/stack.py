@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--state", default=DEFAULT_STATE, help=f"state directory (default {DEFAULT_STATE})")
+    p.add_argument(
+        "--state", default=DEFAULT_STATE, help=f"state directory (default {DEFAULT_STATE})"
+    )
     p.set_defaults(func=run)
 
 
