@@ -21,15 +21,11 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back, so half/bf16 torsos stay stable."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast the float32 input would be down-cast again; disable it locally.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = nn.functional.group_norm(
-                x.float(),
-                self.num_groups,
-                None if self.weight is None else self.weight.float(),
-                None if self.bias is None else self.bias.float(),
-                self.eps,
-            )
+        # Weights are cast too, so a model converted wholesale with .half() still works;
+        # autocast already runs group_norm in float32, so no autocast handling is needed.
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        out = nn.functional.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
         return out.to(x.dtype)
 
 
