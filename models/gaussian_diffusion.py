@@ -336,7 +336,8 @@ class GaussianDiffusion:
 
         ``clip_denoised`` clamps x̂_0 to [-1, 1] before forming the mean (used when sampling).
         """
-        model_output = self.wrap_model(model)(x, t, **(model_kwargs or {}))
+        # the network may run in reduced precision; the diffusion math runs in x's dtype
+        model_output = self.wrap_model(model)(x, t, **(model_kwargs or {})).to(x.dtype)
         return self.p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
 
     # ------------------------------------------------------------------ classifier guidance
@@ -606,7 +607,7 @@ class GaussianDiffusion:
                 x_start.shape, device=x_start.device, generator=generator, dtype=x_start.dtype
             )
         x_t = self.q_sample(x_start, t, noise=noise)
-        model_output = self.wrap_model(model)(x_t, t, **(model_kwargs or {}))
+        model_output = self.wrap_model(model)(x_t, t, **(model_kwargs or {})).to(x_t.dtype)
         mean_out, var_values = self._split_output(model_output, x_t)
 
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:

@@ -35,7 +35,10 @@ class ScheduleSampler:
         device: torch.device | str,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, weights): ``batch_size`` timesteps (long) and 1/(T p(t)) as float32."""
+        """(t, weights): ``batch_size`` timesteps (long) and 1/(T p(t)) as float32, on ``device``.
+
+        ``generator`` must be a CPU generator (sampling happens on the CPU, then moves).
+        """
         w = self.weights()
         p = torch.as_tensor(w / w.sum(), dtype=torch.float64)
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)

@@ -32,8 +32,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
     * "10,15,20": T is cut into 3 equal sections (the first T % 3 one step longer) and
       10, 15 and 20 steps are spread evenly over each — finer control of where steps go.
     * "ddim25": integer stride as in DDIM, e.g. range(0, 1000, 40).
-    Within a section of ``size`` steps taking ``n``, the kept offsets are round(k·(size−1)/(n−1)),
-    so the first and last step of each section are always kept.
+    Within a section of ``size`` steps taking ``n``, offsets advance by (size−1)/(n−1) and are
+    rounded, so the first and (up to float error) the last step of each section are kept.
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
@@ -47,7 +47,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
         if count > size:
             raise ValueError(f"cannot take {count} steps from a section of {size} steps")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(k * stride) for k in range(count)]
+        # Accumulate the float offset step by step (not k·stride): the rounding then matches the
+        # released code exactly, so "250" etc. pick the same timesteps as the published runs.
+        offset = 0.0
+        for _ in range(count):
+            kept.append(start + round(offset))
+            offset += stride
         start += size
     return set(kept)
 

@@ -217,6 +217,8 @@ def test_space_timesteps_forms():
     assert len(kept) == 45
     assert sum(k < 100 for k in kept) == 10 and sum(100 <= k < 200 for k in kept) == 15
     assert {0, 99, 100, 199, 200, 299} <= kept
+    # pinned: offsets accumulate 15/14 per step as the released code does (k·15/14 would keep 8, not 7)
+    assert sorted(space_timesteps(16, "15")) == [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15]
     with pytest.raises(ValueError):
         space_timesteps(100, "ddim60")  # strides 1 and 2 give 100 and 50 steps, none gives 60
     with pytest.raises(ValueError):
