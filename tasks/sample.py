@@ -247,6 +247,7 @@ def _finish(
         "num_samples": job.num_samples,
         "complete": manifest["complete"],
         "shards": len(manifest["shards"]),
+        "workers": len(stats.get("actors", [])),
         **{k: v for k, v in stats.items() if k != "actors"},
     }
     if not manifest["complete"]:

@@ -107,7 +107,8 @@ class ShardSampler:
             DiffusionConfig.model_validate(spec.diffusion), timestep_respacing=spec.respacing
         )
         self.cond_fn = None
-        if spec.classifier is not None and spec.classifier_scale != 0.0:
+        # With a classifier the guided path runs even at scale 0 (it then adds exactly zero).
+        if spec.classifier is not None:
             from models.guidance import cond_fn_from_classifier
 
             ccfg = ClassifierConfig.model_validate(spec.classifier)
