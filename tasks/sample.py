@@ -25,7 +25,7 @@ from admflow import storage
 from admflow.config import AdmConfig
 from tasks import sample_io
 from tasks.sample_ckpt import ResolvedCheckpoint, resolve_checkpoint
-from tasks.sample_worker import SamplerSpec, draw_labels
+from tasks.sample_plan import SamplerSpec, draw_labels
 
 log = logging.getLogger(__name__)
 

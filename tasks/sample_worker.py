@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,47 +22,13 @@ from admflow.config import (
     UNetConfig,
     UpsamplerConfig,
 )
-
-
-def draw_labels(seed: int, index: int, rows: int, classes: list[int] | None) -> np.ndarray:
-    """Shard ``index``'s class labels, uniform over ``classes`` (-1 everywhere when None)."""
-    if not classes:
-        return np.full(rows, -1, dtype=np.int64)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, index, 0]))
-    return rng.choice(np.asarray(classes, dtype=np.int64), size=rows)
-
-
-def batch_seed(seed: int, index: int, batch: int, stream: int = 1) -> int:
-    """The torch seed of micro-batch ``batch`` of shard ``index`` (``stream`` 1: base
-    sampling, 2: upsampling, so the two stages never share noise)."""
-    state = np.random.SeedSequence([seed, index, stream, batch]).generate_state(2, np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
+from tasks.sample_plan import SamplerSpec, batch_seed
 
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
-
-
-@dataclass
-class SamplerSpec:
-    """What an actor needs to build its networks and sample (plain data, cheap to ship)."""
-
-    kind: str  # "base" or "upsample"
-    network: dict  # UNetConfig (base) or UpsamplerConfig (upsample) as JSON
-    diffusion: dict  # DiffusionConfig as JSON
-    sampler: str = "ddim"
-    respacing: str = ""
-    eta: float = 0.0
-    clip_denoised: bool = True
-    seed: int = 0
-    batch_size: int = 32
-    torch_threads: int = 1
-    device: str = "auto"
-    classifier: dict | None = None  # ClassifierConfig as JSON, when guiding
-    classifier_scale: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _load_state(data: bytes) -> dict[str, torch.Tensor]:
