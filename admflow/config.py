@@ -291,7 +291,7 @@ class EvaluationConfig(Section):
     reference_images: int = Field(10_000, gt=0, description="images kept for precision/recall")
     inception_weights: str | None = Field(None, description="TorchScript/pt file; default bundled")
     batch_size: int = Field(50, gt=0)
-    workers: int = Field(2, gt=0)
+    workers: int = Field(2, ge=0, description="Ray actors for features; 0: in-process")
 
 
 def _default_root() -> str:

