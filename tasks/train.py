@@ -1,0 +1,240 @@
+"""Training on Ray Train: the diffusion model, the noisy classifier and the upsampler.
+
+One ``TorchTrainer`` per job: ``cfg.compute`` sets the workers (DDP over gloo on CPU, NCCL
+on GPU), the global batch is split across them. Checkpoints go through Ray Train to
+``<storage.root>/runs/<run_name>`` and a stable copy of each is kept under
+``<run>/checkpoints/step-NNNNNN`` (Ray prunes its own copies). Calling a job again with the
+same run name continues from the newest checkpoint; a lost worker is survived by restarting
+the group from the last checkpoint (``max_failures``). MLflow: the driver opens the stage
+run; rank 0 logs metrics and checkpoint tags into it; the driver logs the final EMA model.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from admflow import storage
+from admflow.config import AdmConfig
+from admflow.tracking import stage_run
+from tasks import train_checkpoint as ckpt
+from tasks.train_checkpoint import latest_checkpoint, list_checkpoints
+from tasks.train_data import data_root, load_manifest
+from tasks.train_jobs import KINDS, make_job
+from tasks.train_loop import LoopSpec, NonFiniteLossError, train_loop_per_worker
+
+__all__ = [
+    "KINDS",
+    "NonFiniteLossError",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "train",
+    "train_classifier",
+    "train_diffusion",
+    "train_upsampler",
+]
+
+log = logging.getLogger(__name__)
+
+# Storage endpoint settings the workers need to read shards and write checkpoints.
+_FORWARD_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
+def train_diffusion(
+    cfg: AdmConfig, data_uri: str, run_name: str, parent_run_id: str | None = None, **kw: Any
+) -> dict[str, Any]:
+    """Train the ADM diffusion UNet (L_hybrid, EMA); see :func:`train`."""
+    return train("diffusion", cfg, data_uri, run_name, parent_run_id, **kw)
+
+
+def train_classifier(
+    cfg: AdmConfig, data_uri: str, run_name: str, parent_run_id: str | None = None, **kw: Any
+) -> dict[str, Any]:
+    """Train the noisy classifier p(y | x_t, t); see :func:`train`."""
+    return train("classifier", cfg, data_uri, run_name, parent_run_id, **kw)
+
+
+def train_upsampler(
+    cfg: AdmConfig, data_uri: str, run_name: str, parent_run_id: str | None = None, **kw: Any
+) -> dict[str, Any]:
+    """Train the super-resolution model on area-downsampled inputs; see :func:`train`."""
+    return train("upsampler", cfg, data_uri, run_name, parent_run_id, **kw)
+
+
+def run_uri(cfg: AdmConfig, run_name: str) -> str:
+    return storage.join(cfg.storage.root, "runs", run_name)
+
+
+def check_data(kind: str, cfg: AdmConfig, manifest: dict) -> None:
+    size = {
+        "diffusion": cfg.model.image_size,
+        "classifier": cfg.classifier.image_size,
+        "upsampler": cfg.upsampler.unet.image_size,
+    }[kind]
+    if manifest["image_size"] != size:
+        raise ValueError(
+            f"the shards hold {manifest['image_size']}px images but the {kind} model is {size}px; "
+            f"re-shard with data.image_size={size} or pick a matching preset"
+        )
+
+
+def train(
+    kind: str,
+    cfg: AdmConfig,
+    data_uri: str,
+    run_name: str,
+    parent_run_id: str | None = None,
+    *,
+    max_failures: int = 3,
+    fail_at_step: int | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) one training job; returns checkpoint URIs, step, run id, metrics.
+
+    ``fail_at_step`` injects one worker failure at that step (tests of the recovery path).
+    """
+    make_job(kind, cfg)  # fail early on an impossible job
+    data_uri = data_root(data_uri)
+    manifest = load_manifest(data_uri)
+    check_data(kind, cfg, manifest)
+    uri = run_uri(cfg, run_name)
+    tags = {"admflow.run_name": run_name, "admflow.run_uri": uri, "admflow.kind": kind}
+    with stage_run(cfg, f"train-{kind}", parent_run_id, tags=tags) as run:
+        import mlflow
+
+        log_dataset(manifest, data_uri)
+        spec = LoopSpec(
+            kind=kind,
+            config=cfg.model_dump(mode="json"),
+            data_uri=data_uri,
+            run_uri=uri,
+            run_name=run_name,
+            tracking_uri=mlflow.get_tracking_uri(),
+            mlflow_run_id=run.info.run_id,
+            fail_at_step=fail_at_step,
+        )
+        result = fit(spec, cfg, max_failures=max_failures)
+        metrics = dict(result.metrics or {})
+        if metrics.get("error"):
+            raise NonFiniteLossError(metrics["error"])
+        latest = latest_checkpoint(uri)
+        if latest is None:
+            raise RuntimeError(f"training {run_name} ended without a checkpoint under {uri}")
+        step = ckpt.read_meta(latest)["step"]
+        mlflow.set_tags({"checkpoint.final": latest, "admflow.final_step": str(step)})
+        model_uri = log_final_model(kind, cfg, latest)
+        return {
+            "kind": kind,
+            "run_name": run_name,
+            "run_uri": uri,
+            "checkpoint": latest,
+            "checkpoints": [c["uri"] for c in list_checkpoints(uri)],
+            "step": step,
+            "mlflow_run_id": run.info.run_id,
+            "model_uri": model_uri,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
+
+
+def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
+    """One TorchTrainer.fit; resumes when ``<runs>/<run_name>`` already holds checkpoints."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.compute.ray_address, include_dashboard=False)
+    runs = storage.join(cfg.storage.root, "runs")
+    storage.makedirs(runs)
+    if storage.is_remote(runs):
+        filesystem, storage_path = storage.pyarrow_filesystem(runs)
+    else:
+        filesystem, storage_path = None, storage.local_path(runs)
+    env = {k: os.environ[k] for k in _FORWARD_ENV if os.environ.get(k)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": asdict(spec), "torch_threads": cfg.compute.torch_threads},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.compute.num_workers,
+            use_gpu=cfg.compute.use_gpu,
+            resources_per_worker={"CPU": cfg.compute.cpus_per_worker},
+        ),
+        run_config=RunConfig(  # type: ignore[call-arg]  # train V2 RunConfig
+            name=spec.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+    return trainer.fit()
+
+
+def log_dataset(manifest: dict, data_uri: str) -> None:
+    """Record the shard manifest as the run's training input."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    digest = storage.sha256_bytes(
+        "".join(s["sha256"] for s in manifest.get("shards", [])).encode()
+    )[:16]
+    name = f"shards-{manifest.get('num_images')}x{manifest.get('image_size')}"
+    with warnings.catch_warnings():  # "local path can be read two ways": both are the same
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(data_uri)
+    dataset = MetaDataset(source, name=name, digest=digest)  # type: ignore[abstract]
+    mlflow.log_input(
+        dataset, context="training", tags={"num_images": str(manifest.get("num_images"))}
+    )
+    mlflow.log_dict(manifest, "data/manifest.json")
+
+
+def log_final_model(kind: str, cfg: AdmConfig, checkpoint_uri: str) -> str:
+    """Log the final EMA weights: the state dict as an artifact and a pickled model
+    (``mlflow.pytorch.load_model`` gives back the torch module; registrable by URI)."""
+    import mlflow
+    import mlflow.pytorch
+
+    job = make_job(kind, cfg)
+    state = ckpt.load_ema(checkpoint_uri)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    name = f"ema_{job.ema_rates[0]}.pt" if job.ema_rates else "model.pt"
+    _log_artifact_bytes(buf.getvalue(), f"checkpoint/{name}")
+    model = job.build_model()
+    model.load_state_dict(state)
+    info = mlflow.pytorch.log_model(
+        model.eval(),
+        name=f"{kind}_ema",
+        serialization_format="pickle",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    return info.model_uri
+
+
+def _log_artifact_bytes(data: bytes, artifact_path: str) -> None:
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, os.path.basename(artifact_path))
+        with open(path, "wb") as f:
+            f.write(data)
+        mlflow.log_artifact(path, artifact_path=os.path.dirname(artifact_path) or None)

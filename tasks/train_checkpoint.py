@@ -1,0 +1,152 @@
+"""Training checkpoints: the directory format of docs/HELPERS.md, written atomically.
+
+A checkpoint is a directory holding ``model.pt`` (state dict, released key layout), one
+``ema_<rate>.pt`` per EMA rate, ``state.pt`` (optimizer, loss scaler, step, schedule sampler,
+RNG states, data position) and ``meta.json`` (``{"step", "kind", "config", ...}``).
+``meta.json`` is written last, so a reader treats a directory as a checkpoint only once it
+exists: a writer killed half way leaves nothing that looks complete.
+
+Ray Train keeps its own copies (``<run>/checkpoint-step-NNNNNN``, pruned by num_to_keep);
+the stable copies that other stages read live in ``<run>/checkpoints/step-NNNNNN``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from admflow import storage
+
+META = "meta.json"
+MODEL = "model.pt"
+STATE = "state.pt"
+
+
+def ema_filename(rate: float) -> str:
+    return f"ema_{rate}.pt"
+
+
+def step_dirname(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def checkpoints_uri(run_uri: str) -> str:
+    return storage.join(run_uri, "checkpoints")
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, numpy and python RNG states as tensors and plain values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": version,
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+
+
+# ----------------------------------------------------------------------------- write / read
+
+
+def _tensor_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def write_checkpoint(
+    uri: str,
+    *,
+    model: dict[str, torch.Tensor],
+    emas: dict[float, dict[str, torch.Tensor]],
+    state: dict[str, Any],
+    meta: dict[str, Any],
+) -> str:
+    """Write a checkpoint directory at ``uri`` (local path or s3://); ``meta.json`` last."""
+    storage.makedirs(uri)
+    storage.write_bytes(storage.join(uri, MODEL), _tensor_bytes(model))
+    for rate, sd in emas.items():
+        storage.write_bytes(storage.join(uri, ema_filename(rate)), _tensor_bytes(sd))
+    storage.write_bytes(storage.join(uri, STATE), _tensor_bytes(state))
+    storage.write_json(storage.join(uri, META), meta)
+    return uri
+
+
+def copy_checkpoint(src_dir: str, dest_uri: str) -> str:
+    """Copy a local checkpoint directory to ``dest_uri``, ``meta.json`` last."""
+    names = sorted(os.listdir(src_dir))
+    if META not in names:
+        raise FileNotFoundError(f"{src_dir} is not a complete checkpoint (no {META})")
+    storage.makedirs(dest_uri)
+    for name in [n for n in names if n != META] + [META]:
+        with open(os.path.join(src_dir, name), "rb") as f:
+            storage.write_bytes(storage.join(dest_uri, name), f.read())
+    return dest_uri
+
+
+def load_tensors(uri: str) -> Any:
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+def read_meta(checkpoint_uri: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(storage.join(checkpoint_uri, META)))
+
+
+def list_checkpoints(uri: str) -> list[dict[str, Any]]:
+    """Complete checkpoints of a run (``uri``: the run dir or its ``checkpoints/`` dir),
+    oldest first, as ``{"uri", "step", "kind"}``; directories without meta.json are skipped."""
+    base = uri if uri.rstrip("/").endswith("/checkpoints") else checkpoints_uri(uri)
+    out = []
+    for child in storage.ls(base):
+        if not child.rsplit("/", 1)[-1].startswith("step-"):
+            continue
+        if not storage.exists(storage.join(child, META)):
+            continue
+        meta = read_meta(child)
+        out.append({"uri": child, "step": int(meta["step"]), "kind": meta.get("kind")})
+    return sorted(out, key=lambda c: c["step"])
+
+
+def latest_checkpoint(uri: str) -> str | None:
+    """URI of the newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(uri)
+    return found[-1]["uri"] if found else None
+
+
+def load_ema(checkpoint_uri: str, rate: float | None = None) -> dict[str, torch.Tensor]:
+    """An EMA state dict of a checkpoint (the first listed rate when ``rate`` is None)."""
+    if rate is None:
+        rates = read_meta(checkpoint_uri).get("ema_rates") or []
+        if not rates:
+            return load_tensors(storage.join(checkpoint_uri, MODEL))
+        rate = rates[0]
+    return load_tensors(storage.join(checkpoint_uri, ema_filename(rate)))
