@@ -112,6 +112,7 @@ def ray_session():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to another Ray cluster found on the machine
             num_cpus=4,
             include_dashboard=False,
             object_store_memory=400 * 1024 * 1024,
