@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=4, help="shards of 16 images per scaling run")
     p.add_argument("--sizes", default="2000,20000", help="N for the driver-RSS runs")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--rss-child", nargs=3, metavar=("N", "OUT", "CKPT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
@@ -129,7 +130,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sample-bench-") as d:
         tmp = Path(d)
         result: dict = {"cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0]}
-        result["rss_ratio"] = rss(tmp, [int(s) for s in args.sizes.split(",")])
+        if not args.skip_rss:
+            result["rss_ratio"] = rss(tmp, [int(s) for s in args.sizes.split(",")])
         if not args.skip_scaling:
             result["scaling_2x"] = scaling(tmp, args.shards)
         result["load_avg_end"] = os.getloadavg()[0]

@@ -41,7 +41,7 @@ class ShardJob:
     shard_size: int
     image_size: int
     spec: SamplerSpec
-    weights: dict[str, bytes | None]  # "model" / "classifier" state-dict bytes
+    weights: dict[str, str | None]  # "model" / "classifier" state-dict file URIs
     labels_for: Callable[[int, int], np.ndarray]  # (shard index, rows) -> labels
     low_res_for: Callable[[int], np.ndarray] | None = None  # upsampling: base images
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -56,7 +56,7 @@ class ShardJob:
     def fingerprint(self) -> str:
         """Identity of the set's contents: changes iff some image would change."""
         spec = {k: v for k, v in asdict(self.spec).items() if k not in ("torch_threads", "device")}
-        keep = ("checkpoint", "weights", "classifier", "classes", "base", "base_fingerprint")
+        keep = ("weights_sha256", "classifier_sha256", "classes", "base_fingerprint")
         payload = {
             "spec": spec,
             "num_samples": self.num_samples,
@@ -101,7 +101,10 @@ class _ActorPool:
         self.ray = ray
         self.cls = ray.remote(ShardSampler)
         self.options = options
-        self.refs = {k: (ray.put(v) if v is not None else None) for k, v in job.weights.items()}
+        # Read once by the driver, shared with every (replacement) actor via the object store.
+        self.refs = {
+            k: ray.put(storage.read_bytes(v)) if v else None for k, v in job.weights.items()
+        }
         self.spec = job.spec
         self.token = uuid.uuid4().hex[:8]
         self.restarts = 0
@@ -361,17 +364,13 @@ def sample_set(
         classifier_scale=float(classifier_scale) if clf else 0.0,
     )
     label_set = _classes(cfg, network["num_classes"], classes, clf is not None)
-    weights = {
-        "model": storage.read_bytes(ckpt.weights),
-        "classifier": storage.read_bytes(clf.weights) if clf else None,
-    }
     job = ShardJob(
         out=out,
         num_samples=num_samples or s.num_samples,
         shard_size=s.shard_size,
         image_size=network["image_size"],
         spec=spec,
-        weights=weights,
+        weights={"model": ckpt.weights, "classifier": clf.weights if clf else None},
         labels_for=lambda i, rows: draw_labels(spec.seed, i, rows, label_set),
         metadata={
             "kind": "base",
@@ -382,7 +381,10 @@ def sample_set(
             "checkpoint": checkpoint,
             "weights": ckpt.weights,
             "checkpoint_step": ckpt.step,
+            "weights_sha256": storage.content_hash(ckpt.weights),
             "classifier": classifier,
+            "classifier_weights": clf.weights if clf else None,
+            "classifier_sha256": storage.content_hash(clf.weights) if clf else None,
             "seed": spec.seed,
             "use_ema": use_ema,
             "batch_size": spec.batch_size,
@@ -390,8 +392,6 @@ def sample_set(
         },
     )
     stats = run_job(cfg, job, workers=workers, max_shards=max_shards, progress=progress)
-    job.weights = {}
-    del weights
     return _finish(cfg, job, stats, merge=merge, parent_run_id=parent_run_id, stage="sample")
 
 
@@ -477,7 +477,7 @@ def upsample_set(
         shard_size=s.shard_size,
         image_size=up.unet.image_size,
         spec=spec,
-        weights={"model": storage.read_bytes(ckpt.weights)},
+        weights={"model": ckpt.weights},
         labels_for=base_set.labels,
         low_res_for=base_set.images,
         metadata={
@@ -489,6 +489,7 @@ def upsample_set(
             "checkpoint": checkpoint,
             "weights": ckpt.weights,
             "checkpoint_step": ckpt.step,
+            "weights_sha256": storage.content_hash(ckpt.weights),
             "seed": spec.seed,
             "use_ema": use_ema,
             "batch_size": spec.batch_size,
@@ -499,7 +500,6 @@ def upsample_set(
         },
     )
     stats = run_job(cfg, job, workers=workers, max_shards=max_shards, progress=progress)
-    job.weights = {}
     return _finish(cfg, job, stats, merge=merge, parent_run_id=parent_run_id, stage="upsample")
 
 

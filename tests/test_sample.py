@@ -286,3 +286,24 @@ def test_cli_sample_to_s3(reference, checkpoints, s3_bucket, capsys):
     with np.load(io.BytesIO(storage.read_bytes(printed["merged"]))) as z:
         assert z["arr_0"].shape == (70, 32, 32, 3)
         np.testing.assert_array_equal(z["arr_0"][:64], _images(reference[0])[:64])
+
+
+def test_mlflow_child_run_gets_metadata_and_grid(reference, tmp_path):
+    import mlflow
+
+    from admflow.tracking import setup_mlflow
+    from tasks.sample import _log_mlflow
+
+    out = reference[0]
+    cfg = tiny(f"storage.root={tmp_path}")
+    setup_mlflow(cfg)
+    parent = mlflow.MlflowClient().create_run(
+        mlflow.get_experiment_by_name("admflow").experiment_id
+    )
+    meta = storage.read_json(storage.join(out, "metadata.json"))
+    run_id = _log_mlflow(cfg, out, meta, parent.info.run_id, "sample")
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.params["set.N"] == str(N) and run.data.params["set.steps"] == STEPS
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id)]
+    assert "grid.png" in artifacts
