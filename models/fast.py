@@ -16,6 +16,11 @@ is untouched. What it does, and why:
   head stay float32, as in the released fp16 models. GroupNorm reads the bfloat16 activations
   directly and accumulates its statistics in float32 (PyTorch's mixed-type kernel), which is
   what ``GroupNorm32`` computes, without the two extra full-tensor casts.
+  Only worth it where bf16 is native (:func:`native_bf16`); on CPUs without AVX512_BF16/AMX
+  oneDNN emulates it and bf16 is slower than float32.
+* Attention calls the fused (flash) SDPA kernel with contiguous q, k, v (the plain module's
+  transposed views make PyTorch fall back to the unfused math path); ResBlocks apply AdaGN as
+  one ``addcmul`` followed by an in-place SiLU, and add the residual in place.
 * GroupNorm followed by SiLU (each ResBlock's ``in_layers`` and the output head) runs as one
   module that applies SiLU in place on the fresh GroupNorm output: one tensor fewer per block.
 * ``compile=True``: :func:`torch.compile` (inductor) with weight freezing; it fuses the
@@ -23,8 +28,12 @@ is untouched. What it does, and why:
   Compilation takes a while and happens on the first call (and again for a new input shape).
 
 The float32 path computes the same operations on the same values as the plain network; the
-only differences come from the NHWC convolution kernels summing in another order (max abs
-difference ~1e-6 on unit-scale outputs; bit-identical with ``channels_last=False``).
+only differences come from summing in another order (NHWC convolution kernels, the flash
+attention kernel) and from ``addcmul`` rounding once where ``a * b + c`` rounds twice: max abs
+difference ~3e-6 on unit-scale outputs, tested against FP32_ATOL = 1e-4. bf16 DDIM samples
+are held to BF16_SAMPLE_ATOL / BF16_SAMPLE_RMSE of the fp32 ones from the same noise.
+Compile times were ~10 minutes for bench-32 on a loaded 2-core machine: worth it only for
+long sampling runs.
 """
 
 from __future__ import annotations
@@ -37,14 +46,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nn import GroupNorm32
-from .unet import ResBlock, UNetModel
+from .unet import QKVAttention, ResBlock, UNetModel
 
 Precision = Literal["fp32", "bf16"]
 
 # Tolerances the tests hold the fast paths to (and the benchmark reports against).
 FP32_ATOL = 1e-4  # fast fp32 vs plain fp32 network output (observed ~1e-6)
-BF16_SAMPLE_ATOL = 0.1  # DDIM samples in [-1, 1], bf16 vs fp32, same noise: max abs difference
+BF16_SAMPLE_ATOL = 0.15  # DDIM samples in [-1, 1], bf16 vs fp32, same noise: max abs difference
 BF16_SAMPLE_RMSE = 0.02  # ... and root-mean-square difference
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (else bf16 is emulated and slow).
+
+    On CPU that needs AVX512_BF16 or AMX; e.g. Cascade Lake Xeons have neither, and there
+    bf16 convolutions and matmuls run several times slower than float32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class MixedGroupNorm(GroupNorm32):
@@ -95,6 +121,59 @@ def fuse_norms(model: nn.Module) -> None:
                 setattr(parent, name, _as(child, MixedGroupNorm))
 
 
+class FlashQKVAttention(QKVAttention):
+    """QKVAttention with q, k, v made contiguous ``[N, H, T, C]`` first.
+
+    PyTorch's fused (flash) CPU kernel needs unit stride in the last dimension; the transposed
+    views of the plain module fall back to the unfused math path (3-4x slower here). Same
+    attention, summed in another order.
+    """
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        if self.legacy:
+            heads = qkv.reshape(bs, self.n_heads, 3 * ch, length).transpose(-1, -2).contiguous()
+            q, k, v = heads.split(ch, dim=-1)
+        else:
+            parts = qkv.reshape(bs, 3, self.n_heads, ch, length).transpose(-1, -2).contiguous()
+            q, k, v = parts.unbind(dim=1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(-1, -2).reshape(bs, self.n_heads * ch, length)
+
+
+class FusedResBlock(ResBlock):
+    """ResBlock whose AdaGN is one ``addcmul`` with SiLU in place and an in-place residual add.
+
+    Same parameters and operations as :class:`ResBlock`; only fewer temporary tensors.
+    """
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)[..., None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = torch.addcmul(shift, self.out_layers[0](h), 1 + scale)
+            h = self.out_layers[3](self.out_layers[2](F.silu(h, inplace=True)))
+        else:
+            h = self.out_layers(h + emb_out)
+        return h.add_(self.skip_connection(x))  # h is the fresh conv output
+
+
+def fuse_blocks(model: nn.Module) -> None:
+    """Switch ResBlocks and attention to the fused classes above (same state-dict keys)."""
+    for module in model.modules():
+        if type(module) is ResBlock:
+            module.__class__ = FusedResBlock
+        elif type(module) is QKVAttention:
+            module.__class__ = FlashQKVAttention
+
+
 def convert_torso(model: UNetModel, dtype: torch.dtype) -> None:
     """Cast the torso's convolutions to ``dtype`` (bf16 analogue of ``convert_to_fp16``)."""
     for part in (model.input_blocks, model.middle_block, model.output_blocks):
@@ -140,8 +219,9 @@ def prepare_for_inference(
         convert_torso(net, torch.bfloat16)
     if fuse:
         fuse_norms(net)
+        fuse_blocks(net)
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     compiled = None
     if compile:
         compiled = torch.compile(net, dynamic=False, options={"freezing": True})
