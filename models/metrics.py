@@ -77,10 +77,20 @@ class RunningStatistics:
 
 
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    eps: float = 1e-6,
+    method: str = "sqrtm",
 ) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (FID when fed pool
-    statistics, sFID with spatial ones)."""
+    statistics, sFID with spatial ones).
+
+    ``method="sqrtm"`` is the evaluator's computation. ``method="eigh"`` gets the same trace
+    from the eigenvalues of sqrt(s1)·s2·sqrt(s1) (similar to s1·s2, so the same spectrum):
+    two symmetric eigendecompositions instead of a Schur-based sqrtm, ~20x faster at 2048-d
+    on CPU and well-defined for the rank-deficient covariances of small sample sets."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -89,6 +99,12 @@ def frechet_distance(
             f"sigma {sigma1.shape} vs {sigma2.shape}"
         )
     diff = mu1 - mu2
+    if method == "eigh":
+        return float(
+            diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt(sigma1, sigma2)
+        )
+    if method != "sqrtm":
+        raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
     covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))  # same result as disp=False
     if not np.isfinite(covmean).all():
         warnings.warn(f"singular covariance product; adding {eps} to the diagonals", stacklevel=2)
@@ -99,6 +115,15 @@ def frechet_distance(
             raise MetricError(f"sqrtm has an imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _trace_sqrt(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr(sqrtm(s1 s2)) for symmetric PSD s1, s2 via symmetric eigendecompositions."""
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root1 @ sigma2 @ root1
+    lam = np.linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(np.clip(lam, 0, None)).sum())
 
 
 # ---------------------------------------------------------------------- Inception Score

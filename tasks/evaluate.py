@@ -246,7 +246,9 @@ def _stats(feats: dict, key: str, mu: str, sigma: str) -> tuple[np.ndarray, np.n
     return M.feature_statistics(feats[key])
 
 
-def compute_metrics(ref: dict[str, Any], sample: dict[str, Any]) -> dict[str, float | None]:
+def compute_metrics(
+    ref: dict[str, Any], sample: dict[str, Any], fid_method: str = "sqrtm"
+) -> dict[str, float | None]:
     """The evaluator's five numbers from two feature dicts; IS is None without logits."""
     r_size, s_size = ref.get("image_size"), sample.get("image_size")
     if r_size is not None and s_size is not None and int(r_size) != int(s_size):
@@ -268,8 +270,8 @@ def compute_metrics(ref: dict[str, Any], sample: dict[str, Any]) -> dict[str, fl
     precision, recall = M.precision_recall(ref["pool"], sample["pool"])
     return {
         "inception_score": inception_score,
-        "fid": M.frechet_distance(*s_pool, *r_pool),
-        "sfid": M.frechet_distance(*s_sp, *r_sp),
+        "fid": M.frechet_distance(*s_pool, *r_pool, method=fid_method),
+        "sfid": M.frechet_distance(*s_sp, *r_sp, method=fid_method),
         "precision": precision,
         "recall": recall,
     }
@@ -320,7 +322,7 @@ def evaluate_sets(
     """
     ref_feats, ref_fu = features_for(cfg, ref, workers, inception)
     smp_feats, smp_fu = features_for(cfg, samples, workers, inception)
-    metrics: dict[str, Any] = compute_metrics(ref_feats, smp_feats)
+    metrics: dict[str, Any] = compute_metrics(ref_feats, smp_feats, cfg.evaluation.fid_method)
     metrics.update(reference_features=ref_fu, sample_features=smp_fu, mlflow_run_id=None)
     if not log_mlflow:
         return metrics
