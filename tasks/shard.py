@@ -1,0 +1,363 @@
+"""Sharding: a source (image folder, flat folder, ADM ``.npz`` batch, or the demo set) into
+Parquet shards plus ``manifest.json`` in object storage.
+
+The shard plan (which source items go to which shard) is fixed up front from the sorted
+source listing, so shard contents never depend on Ray scheduling; each shard is built by
+one Ray task that decodes, preprocesses and PNG-encodes its rows and writes the Parquet
+file atomically, then a small ``.json`` sidecar with its row count, checksum, class counts
+and skipped items. A rerun skips every shard whose sidecar and file agree, so only missing
+or damaged shards are rebuilt. The manifest is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from admflow import storage
+from admflow.config import AdmConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+FORMAT = "admflow-shards/1"
+PREPROCESSING = (
+    "RGB; halve with PIL BOX while the short side >= 2x target; BICUBIC so the short side "
+    "equals target; centre crop (as the paper's image_datasets.center_crop_arr); PNG"
+)
+
+
+class ShardError(ValueError):
+    """A source that cannot be sharded; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "demo" | "folder" | "flat" | "npz"
+    uri: str
+    keys: list[str]
+    labels: list[int]
+    class_names: list[str]
+    fingerprint: str
+
+
+# ------------------------------------------------------------------ preprocessing
+
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The paper's preprocessing: BOX halving, BICUBIC to the target, centre crop."""
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ sources
+
+
+def list_source(cfg: AdmConfig, src: str) -> Source:
+    if src == "demo":
+        return _demo_source(cfg)
+    if src.endswith(".npz"):
+        return _npz_source(src)
+    path = storage.local_path(src)
+    if path is None or not os.path.isdir(path):
+        raise ShardError(
+            f"source {src!r} is neither 'demo', an .npz batch, nor a local image folder"
+        )
+    return _folder_source(path)
+
+
+def _demo_source(cfg: AdmConfig) -> Source:
+    from tasks.demo_data import CLASS_NAMES, VERSION, demo_keys
+
+    pairs = demo_keys(cfg.data.demo_images_per_class)
+    fp = f"demo-v{VERSION}-{cfg.data.demo_images_per_class}"
+    return Source(
+        "demo",
+        "demo",
+        [k for k, _ in pairs],
+        [lab for _, lab in pairs],
+        list(CLASS_NAMES),
+        hashlib.sha256(fp.encode()).hexdigest(),
+    )
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _folder_source(root: str) -> Source:
+    entries = sorted(os.listdir(root))
+    subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    keys, labels, classes = [], [], []
+    if subdirs:  # ImageNet-style: one sub-folder per class, labels in sorted name order
+        classes = subdirs
+        for label, name in enumerate(subdirs):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+                for f in sorted(files):
+                    if _is_image_name(f):
+                        keys.append(os.path.relpath(os.path.join(dirpath, f), root))
+                        labels.append(label)
+        kind = "folder"
+    else:  # flat (LSUN-style), unconditional
+        keys = [e for e in entries if _is_image_name(e)]
+        labels = [-1] * len(keys)
+        kind = "flat"
+    if not keys:
+        raise ShardError(
+            f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}); point SRC at "
+            "a folder of class sub-folders, a flat folder of images, an .npz batch, or 'demo'"
+        )
+    h = hashlib.sha256()
+    for k in keys:
+        st = os.stat(os.path.join(root, k))
+        h.update(f"{k}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return Source(kind, root, keys, labels, classes, h.hexdigest())
+
+
+def _npz_source(uri: str) -> Source:
+    images, labels = open_npz(uri)
+    n = images.shape[0]
+    label_list = [int(v) for v in labels] if labels is not None else [-1] * n
+    classes = [str(c) for c in sorted(set(label_list))] if labels is not None else []
+    return Source(
+        "npz", uri, [f"{i:08d}" for i in range(n)], label_list, classes, storage.content_hash(uri)
+    )
+
+
+def open_npz(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``arr_0`` (uint8 NHWC, memory-mapped when stored uncompressed) and ``arr_1`` labels."""
+    path = storage.local_path(uri)
+    if path is None:
+        raise ShardError(f"{uri}: copy remote .npz batches to a local path first")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = {n.removesuffix(".npy") for n in zf.namelist()}
+    except (zipfile.BadZipFile, FileNotFoundError) as e:
+        raise ShardError(f"{uri}: not a readable .npz file ({e})") from None
+    if "arr_0" not in names:
+        raise ShardError(
+            f"{uri}: no 'arr_0' array (found {sorted(names)}); an ADM batch holds arr_0 "
+            "(uint8 N x H x W x 3 images) and optionally arr_1 (int labels)"
+        )
+    images = _npz_member(path, "arr_0")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ShardError(
+            f"{uri}: arr_0 must be uint8 with shape N x H x W x 3, got {images.dtype} "
+            f"{images.shape}; convert with (x * 127.5 + 127.5).clip(0, 255).astype(np.uint8)"
+        )
+    labels = None
+    if "arr_1" in names:
+        labels = np.asarray(_npz_member(path, "arr_1"))
+        if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise ShardError(
+                f"{uri}: arr_1 must hold one integer label per image, got {labels.dtype} "
+                f"{labels.shape} for {images.shape[0]} images"
+            )
+    return images, labels
+
+
+def _npz_member(path: str, name: str) -> np.ndarray:
+    """Memory-map an uncompressed npz member (so sharding a large batch stays streaming)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{name}.npy")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+                header_len = f.tell()
+            with open(path, "rb") as raw:
+                raw.seek(info.header_offset)
+                local = raw.read(30)
+                name_len = int.from_bytes(local[26:28], "little")
+                extra_len = int.from_bytes(local[28:30], "little")
+            offset = info.header_offset + 30 + name_len + extra_len + header_len
+            order = "F" if fortran else "C"
+            return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order=order)
+        with zf.open(info) as f:
+            return np.lib.format.read_array(f)
+
+
+# ------------------------------------------------------------------ one shard
+
+
+def _load_item(source: Source, index: int, size: int) -> np.ndarray:
+    if source.kind == "demo":
+        from tasks.demo_data import parse_key, render
+
+        label, i = parse_key(source.keys[index])
+        return center_crop(Image.fromarray(render(label, i, size)), size)
+    if source.kind == "npz":
+        images, _ = open_npz(source.uri)
+        return center_crop(Image.fromarray(np.asarray(images[index])), size)
+    with Image.open(os.path.join(source.uri, source.keys[index])) as im:
+        im.load()  # decode fully now, so truncated files fail here
+        return center_crop(im, size)
+
+
+def build_shard(source: Source, indices: list[int], size: int, uri: str) -> dict[str, Any]:
+    """Decode, preprocess and encode the rows of one shard; write it; return its record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images, labels, keys, skipped = [], [], [], []
+    for i in indices:
+        try:
+            arr = _load_item(source, i, size)
+        except Exception as e:  # corrupt, truncated or not an image: skip and list it
+            skipped.append({"key": source.keys[i], "reason": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        images.append(encode_png(arr))
+        labels.append(source.labels[i])
+        keys.append(source.keys[i])
+    table = pa.table(
+        {
+            "image": pa.array(images, pa.binary()),
+            "label": pa.array(labels, pa.int64()),
+            "key": pa.array(keys, pa.string()),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=False)
+    data = buf.getvalue()
+    storage.write_bytes(uri, data)
+    counts: dict[str, int] = {}
+    for lab in labels:
+        counts[str(lab)] = counts.get(str(lab), 0) + 1
+    record = {
+        "name": uri.rsplit("/", 1)[-1],
+        "rows": len(images),
+        "sha256": storage.sha256_bytes(data),
+        "counts": counts,
+        "skipped": skipped,
+    }
+    storage.write_json(uri.removesuffix(".parquet") + ".json", record)
+    return record
+
+
+def _finished(uri: str) -> dict[str, Any] | None:
+    """The record of a shard already written intact, or None."""
+    sidecar = uri.removesuffix(".parquet") + ".json"
+    if not (storage.exists(sidecar) and storage.exists(uri)):
+        return None
+    record = storage.read_json(sidecar)
+    return record if storage.content_hash(uri) == record.get("sha256") else None
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def plan_shards(n: int, rows: int) -> list[list[int]]:
+    return [list(range(s, min(s + rows, n))) for s in range(0, n, rows)]
+
+
+def shard_dataset(
+    cfg: AdmConfig,
+    src: str,
+    dest: str,
+    *,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Shard ``src`` into ``dest``; returns the manifest (also written to dest/manifest.json)."""
+    source = list_source(cfg, src)
+    size = cfg.data.image_size
+    plan = plan_shards(len(source.keys), cfg.data.shard_rows)
+    uris = [storage.join(dest, "shards", f"shard-{i:05d}.parquet") for i in range(len(plan))]
+    storage.ensure_bucket(dest)
+    records: dict[int, dict[str, Any]] = {}
+    todo = []
+    for i, uri in enumerate(uris):
+        done = _finished(uri)
+        if done is not None:
+            records[i] = done
+        else:
+            todo.append(i)
+    written = _run_shards(cfg, source, plan, uris, todo, size, workers, progress, records)
+    manifest = _manifest(cfg, source, dest, size, [records[i] for i in range(len(plan))])
+    manifest["written"] = written
+    storage.write_json(
+        storage.join(dest, "manifest.json"), {k: v for k, v in manifest.items() if k != "written"}
+    )
+    return manifest
+
+
+def _run_shards(cfg, source, plan, uris, todo, size, workers, progress, records) -> list[str]:
+    from tqdm import tqdm
+
+    from tasks.ray_utils import ensure_ray
+
+    if not todo:
+        return []
+    ray = ensure_ray(cfg)
+    workers = workers or cfg.compute.num_workers
+    remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
+    source_ref = ray.put(source)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=sum(len(plan[i]) for i in todo), unit="img", desc="sharding", disable=not show)
+    pending: dict[Any, int] = {}
+    queue = list(todo)
+    written = []
+    while queue or pending:
+        while queue and len(pending) < 2 * workers:  # bounded in-flight work: streaming
+            i = queue.pop(0)
+            pending[remote.remote(source_ref, plan[i], size, uris[i])] = i
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        records[i] = ray.get(ready[0])
+        written.append(records[i]["name"])
+        bar.update(len(plan[i]))
+    bar.close()
+    return sorted(written)
+
+
+def _manifest(cfg: AdmConfig, source: Source, dest: str, size: int, records: list[dict]) -> dict:
+    skipped = [s for r in records for s in r["skipped"]]
+    total = sum(r["rows"] for r in records)
+    if total == 0:
+        raise ShardError(
+            f"every one of the {len(source.keys)} files in {source.uri} failed to decode "
+            f"(first: {skipped[0]['key']}: {skipped[0]['reason']}); nothing was written to the manifest"
+        )
+    counts: dict[str, int] = {}
+    for r in records:
+        for lab, c in r["counts"].items():
+            counts[lab] = counts.get(lab, 0) + c
+    conditional = source.kind in ("demo", "folder") or (
+        source.kind == "npz" and bool(source.class_names)
+    )
+    return {
+        "format": FORMAT,
+        "image_size": size,
+        "num_images": total,
+        "num_classes": len(source.class_names) if conditional else None,
+        "class_names": source.class_names,
+        "counts_per_class": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
+        "preprocessing": {"description": PREPROCESSING, "image_size": size, "encoding": "png"},
+        "source": {"uri": source.uri, "kind": source.kind, "fingerprint": source.fingerprint},
+        "shards": [{"name": r["name"], "rows": r["rows"], "sha256": r["sha256"]} for r in records],
+        "skipped": skipped,
+        "uri": dest,
+    }
+
+
+def manifest_json(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True)
