@@ -7,6 +7,12 @@ core) on a small shard set built here from the demo renderer.
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +241,288 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_last_checkpoint(
     assert [c["step"] for c in found] == [2]
     saved = ckpt.load_tensors(storage.join(found[-1]["uri"], ckpt.MODEL))
     assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+RAY_FAST = ["training.log_every=10", "compute.num_workers=2", "compute.cpus_per_worker=1"]
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    import mlflow
+
+    hist = mlflow.MlflowClient().get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)
+
+
+def final_model(out: dict) -> dict:
+    return ckpt.load_tensors(storage.join(out["checkpoint"], ckpt.MODEL))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_diffusion_loss_falls_then_resume_continues(ray_session, shards, tmp_path):
+    from tasks.train import train_diffusion
+
+    cfg = small_cfg(tmp_path, *RAY_FAST, "training.steps=120", "training.checkpoint_every=60")
+    out = train_diffusion(cfg, shards, "diff")
+    assert out["step"] == 120
+    assert [c.rsplit("/", 1)[-1] for c in out["checkpoints"]] == ["step-000060", "step-000120"]
+    loss = metric_history(out["mlflow_run_id"], "loss")
+    assert loss[0][0] == 10 and loss[-1][0] == 120
+    first, last = loss[0][1], np.mean([v for _, v in loss[-3:]])
+    assert first > 0.8 and last < 0.6 * first, loss
+    for q in range(4):
+        assert metric_history(out["mlflow_run_id"], f"mse_q{q}")
+    meta = ckpt.read_meta(out["checkpoint"])
+    assert meta["kind"] == "diffusion" and meta["step"] == 120
+    assert storage.exists(storage.join(out["checkpoint"], "ema_0.999.pt"))
+
+    # the same run name continues from step 120 when asked for more steps
+    more = train_diffusion(
+        load_config(
+            "tiny",
+            [
+                *SMALL,
+                f"storage.root={tmp_path}",
+                *RAY_FAST,
+                "training.steps=140",
+                "training.checkpoint_every=60",
+            ],
+        ),
+        shards,
+        "diff",
+    )
+    assert more["step"] == 140
+    assert metric_history(more["mlflow_run_id"], "loss")[0][0] == 130
+    assert more["checkpoints"][-1].endswith("step-000140")
+
+
+@pytest.fixture(scope="module")
+def easy_shards(tmp_path_factory) -> str:
+    return build_shards(str(tmp_path_factory.mktemp("easy")), per_class=40, easy=True)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_classifier_beats_chance_on_lightly_noised_holdout(ray_session, easy_shards, tmp_path):
+    from tasks.train import train_classifier
+
+    cfg = small_cfg(
+        tmp_path,
+        *RAY_FAST,
+        "training.classifier_steps=80",
+        "training.checkpoint_every=80",
+        "training.batch_size=32",
+        "training.classifier_lr=0.002",
+    )
+    out = train_classifier(cfg, easy_shards, "clf")
+    m = out["metrics"]
+    assert out["step"] == 80
+    # 10 classes: chance is 0.1 top-1 and 0.5 top-5; quartile 0 is t < T/4
+    assert m["holdout_top1_q0"] > 0.6, m
+    assert m["holdout_top5"] >= m["holdout_top1"]
+    lr = metric_history(out["mlflow_run_id"], "lr")
+    assert lr[0][1] > lr[-1][1]  # linear annealing
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_upsampler_trains(ray_session, shards, tmp_path):
+    from tasks.train import train_upsampler
+
+    cfg = small_cfg(
+        tmp_path, *RAY_FAST, "training.upsampler_steps=40", "training.checkpoint_every=40"
+    )
+    out = train_upsampler(cfg, shards, "up")
+    loss = metric_history(out["mlflow_run_id"], "loss")
+    assert loss[-1][1] < 0.8 * loss[0][1], loss
+    sd = final_model(out)
+    assert sd["input_blocks.0.0.weight"].shape[1] == 6  # x_t and the upsampled low-res image
+
+
+EQUIV = [
+    *RAY_FAST,
+    "training.steps=24",
+    "training.checkpoint_every=8",
+    "training.log_every=4",
+    "training.microbatch=4",
+    "diffusion.schedule_sampler=loss-second-moment",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_session, shards, tmp_path_factory):
+    """An uninterrupted 2-worker run that the interrupted runs must reproduce exactly."""
+    from tasks.train import train_diffusion
+
+    cfg = small_cfg(tmp_path_factory.mktemp("ref"), *EQUIV)
+    return train_diffusion(cfg, shards, "reference")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_interrupted_and_resumed_equals_uninterrupted(reference_run, shards, tmp_path):
+    """A worker fails at step 13; Ray restarts the group from the step-8 checkpoint."""
+    from tasks.train import train_diffusion
+
+    out = train_diffusion(small_cfg(tmp_path, *EQUIV), shards, "interrupted", fail_at_step=13)
+    assert storage.exists(storage.join(out["run_uri"], "_fault-injected-13"))
+    assert out["step"] == 24
+    assert_same_params(final_model(reference_run), final_model(out))
+    ema = "ema_0.999.pt"
+    assert_same_params(
+        ckpt.load_tensors(storage.join(reference_run["checkpoint"], ema)),
+        ckpt.load_tensors(storage.join(out["checkpoint"], ema)),
+    )
+    a = ckpt.load_tensors(storage.join(reference_run["checkpoint"], ckpt.STATE))
+    b = ckpt.load_tensors(storage.join(out["checkpoint"], ckpt.STATE))
+    assert torch.equal(a["sampler"]["loss_history"], b["sampler"]["loss_history"])
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _train_workers() -> list[int]:
+    """PIDs of this session's Ray Train workers (descendants of this process only)."""
+    found = []
+    for pid in _descendants(os.getpid()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("ray::RayTrainWorker"):
+            found.append(pid)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_killed_worker_run_completes(reference_run, shards, tmp_path):
+    from tasks.train import train_diffusion
+
+    cfg = small_cfg(tmp_path, *EQUIV)
+    result: dict = {}
+
+    def run():
+        try:
+            result["out"] = train_diffusion(cfg, shards, "killed", max_failures=2)
+        except BaseException as e:  # surfaced by the assertion below
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    run_uri = storage.join(str(tmp_path), "runs", "killed")
+    deadline = time.time() + 300
+    while not ckpt.list_checkpoints(run_uri) and time.time() < deadline and thread.is_alive():
+        time.sleep(0.2)
+    workers = _train_workers()
+    assert workers, "no Ray Train worker found to kill"
+    os.kill(workers[-1], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert "error" not in result, result.get("error")
+    out = result["out"]
+    assert out["step"] == 24
+    # the restored run recomputed the lost steps exactly
+    assert_same_params(final_model(reference_run), final_model(out))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.services
+@pytest.mark.timeout(600)
+def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
+    """Shards, checkpoints and MLflow artifacts all in S3 (moto); tracking via `mlflow server`."""
+    import mlflow
+    import s3fs
+    from conftest import free_port, stop_process, wait_for_port
+
+    from tasks.train import train_classifier
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    for bucket in ("train-store", "train-mlflow"):
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+    data = build_shards("s3://train-store/data", per_class=10, easy=True)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+            "--artifacts-destination",
+            "s3://train-mlflow/artifacts",
+        ],
+        env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, server, timeout=120)
+        uri = f"http://127.0.0.1:{port}"
+        cfg = small_cfg(
+            "s3://train-store/root",
+            *RAY_FAST,
+            f"tracking.tracking_uri={uri}",
+            "training.classifier_steps=10",
+            "training.checkpoint_every=5",
+            "training.log_every=5",
+        )
+        out = train_classifier(cfg, data, "clf-s3")
+        client = mlflow.MlflowClient(uri)
+        run = client.get_run(out["mlflow_run_id"])
+        assert run.data.params["training.classifier_steps"] == "10"
+        assert run.data.params["classifier.width"] == "32"
+        for key in (
+            "loss",
+            "loss_q0",
+            "top1",
+            "holdout_top1_q0",
+            "lr",
+            "grad_norm",
+            "images_per_s",
+        ):
+            assert key in run.data.metrics, key
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10]
+        (inp,) = run.inputs.dataset_inputs
+        assert "s3://train-store/data" in inp.dataset.source
+        assert [t.value for t in inp.tags if t.key == "mlflow.data.context"] == ["training"]
+        assert out["checkpoint"] == "s3://train-store/root/runs/clf-s3/checkpoints/step-000010"
+        assert run.data.tags["checkpoint.final"] == out["checkpoint"]
+        assert run.data.tags["checkpoint.step-000005"].endswith("step-000005")
+        assert fs.exists("train-store/root/runs/clf-s3/checkpoints/step-000010/meta.json")
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+        assert arts == {"checkpoint/model.pt"}
+        model = mlflow.pytorch.load_model(out["model_uri"])
+        assert sum(p.numel() for p in model.parameters()) > 0
+        assert fs.ls("train-mlflow/artifacts")  # artifacts went through the server to S3
+    finally:
+        stop_process(server)
