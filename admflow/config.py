@@ -242,6 +242,7 @@ class TrainingConfig(Section):
     checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    channels_last: bool = Field(False, description="NHWC memory format (faster convs on CPU)")
     grad_clip: float | None = None
     seed: int = 0
     classifier_steps: int = Field(300, gt=0)
