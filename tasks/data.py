@@ -119,7 +119,7 @@ def ray_dataset(uri: str, *, flip: bool = False, random_crop: bool = False, seed
     uris = shard_uris(uri)
     filesystem, _ = storage.pyarrow_filesystem(uris[0])
     paths = [storage.filesystem(u)[1] for u in uris]
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=["image", "label"])
+    ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(["image", "label"])
 
     def decode(batch: dict[str, Any]) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, int(batch["label"].sum()), len(batch["label"])])

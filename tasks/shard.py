@@ -182,7 +182,12 @@ def _npz_member(path: str, name: str) -> np.ndarray:
         if info.compress_type == zipfile.ZIP_STORED:
             with zf.open(info) as f:
                 version = np.lib.format.read_magic(f)
-                shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # type: ignore[attr-defined]
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read_header(f)
                 header_len = f.tell()
             with open(path, "rb") as raw:
                 raw.seek(info.header_offset)
@@ -213,8 +218,11 @@ def _load_item(source: Source, index: int, size: int) -> np.ndarray:
         return center_crop(im, size)
 
 
-def build_shard(source: Source, indices: list[int], size: int, uri: str) -> dict[str, Any]:
-    """Decode, preprocess and encode the rows of one shard; write it; return its record."""
+def build_shard(source: Source, indices: list[int], size: int) -> tuple[bytes, dict[str, Any]]:
+    """Decode, preprocess and encode the rows of one shard: its Parquet bytes and record.
+
+    Workers return bytes and the driver writes them, so Ray workers need no storage
+    credentials and at most the in-flight shards are in memory."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -238,17 +246,22 @@ def build_shard(source: Source, indices: list[int], size: int, uri: str) -> dict
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", write_statistics=False)
     data = buf.getvalue()
-    storage.write_bytes(uri, data)
     counts: dict[str, int] = {}
     for lab in labels:
         counts[str(lab)] = counts.get(str(lab), 0) + 1
     record = {
-        "name": uri.rsplit("/", 1)[-1],
         "rows": len(images),
         "sha256": storage.sha256_bytes(data),
         "counts": counts,
         "skipped": skipped,
     }
+    return data, record
+
+
+def write_shard(uri: str, data: bytes, record: dict[str, Any]) -> dict[str, Any]:
+    """Parquet file first, then its sidecar: a sidecar means the shard is complete."""
+    record = {"name": uri.rsplit("/", 1)[-1], **record}
+    storage.write_bytes(uri, data)
     storage.write_json(uri.removesuffix(".parquet") + ".json", record)
     return record
 
@@ -319,10 +332,10 @@ def _run_shards(cfg, source, plan, uris, todo, size, workers, progress, records)
     while queue or pending:
         while queue and len(pending) < 2 * workers:  # bounded in-flight work: streaming
             i = queue.pop(0)
-            pending[remote.remote(source_ref, plan[i], size, uris[i])] = i
+            pending[remote.remote(source_ref, plan[i], size)] = i
         ready, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(ready[0])
-        records[i] = ray.get(ready[0])
+        records[i] = write_shard(uris[i], *ray.get(ready[0]))
         written.append(records[i]["name"])
         bar.update(len(plan[i]))
     bar.close()

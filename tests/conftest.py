@@ -107,8 +107,10 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray session shared by every Ray test (each TorchTrainer.fit costs ~13 s)."""
+def ray_session(s3_server):
+    """One local Ray session shared by every Ray test (each TorchTrainer.fit costs ~13 s).
+    It starts after the S3 endpoint so its workers inherit the endpoint and credentials, as
+    the nodes of a real cluster have them in their environment."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(

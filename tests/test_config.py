@@ -1,0 +1,80 @@
+"""Typed config: presets load, invalid configs fail at load time naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from admflow.cli import main
+from admflow.config import ConfigError, list_presets, load_config
+
+
+def test_every_preset_loads():
+    names = list_presets()
+    for required in ("tiny", "bench-32", "imagenet64", "imagenet128", "imagenet256", "imagenet512",
+                     "imagenet256-uncond", "lsun-bedroom", "lsun-cat", "lsun-horse", "classifier64",
+                     "classifier128", "classifier256", "classifier512", "upsampler64-256",
+                     "upsampler128-512"):  # fmt: skip
+        assert required in names
+    for name in names:
+        assert load_config(name).name == name
+
+
+def test_paper_hyperparameters_in_presets():
+    c64 = load_config("imagenet64")
+    assert (c64.model.model_channels, c64.model.num_res_blocks, c64.diffusion.noise_schedule) == (
+        192,
+        3,
+        "cosine",
+    )
+    assert c64.classifier.depth == 4 and c64.sampling.classifier_scales == [1.0]
+    c256 = load_config("imagenet256")
+    assert c256.model.num_head_channels == 64 and c256.model.attention_resolutions == [32, 16, 8]
+    assert load_config("imagenet512").sampling.classifier_scales == [4.0]
+    assert load_config("imagenet256-uncond").model.num_classes is None
+    up = load_config("upsampler64-256").upsampler
+    assert up.enabled and (up.small_size, up.unet.image_size) == (64, 256)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.foo=1", "model.foo: unknown key; allowed keys here: attention_resolutions"),
+        ("training.lr=fast", "training.lr"),
+        (
+            "diffusion.noise_schedule=quadratic",
+            "diffusion.noise_schedule: Input should be 'linear' or 'cosine'",
+        ),
+        ("model.attention_resolutions=[64]", "allowed values: [32, 16, 8]"),
+        ("sampling.timestep_respacing=ddimx", "sampling.timestep_respacing"),
+        ("diffusion.learn_sigma=false", "must equal diffusion.learn_sigma"),
+        ("training.ema_rate=[1.5]", "training.ema_rate"),
+    ],
+)
+def test_invalid_config_names_the_field(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert fragment in str(e.value)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="known presets: .*tiny"):
+        load_config("imagenet1024")
+
+
+def test_cli_config_show_applies_overrides(capsys):
+    assert main(["config", "show", "tiny", "--set", "training.steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 5" in out and "name: tiny" in out
+    assert main(["config", "show", "tiny", "--set", "model.nope=1"]) == 2
+    assert "model.nope" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    from admflow.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"config", "shard", "train", "sample", "evaluate", "reproduce", "demo", "stack"} <= set(
+        sub.choices
+    )
+    for name, parser in sub.choices.items():
+        assert parser.format_help().strip(), name
