@@ -43,7 +43,7 @@ def evaluate_checkpoint(cfg: AdmConfig, ckpt: dict, reference_uri: str, num_samp
     meta = read_meta(ckpt["uri"])
     out = storage.join(ledger.removesuffix(".json") + "-samples")
     sample_set(cfg, ckpt["uri"], out, num_samples=num_samples, classifier_scale=0.0)
-    train_run = meta.get("mlflow_run_id")
+    train_run = meta.get("mlflow_run_id") or _training_run_id(cfg, meta.get("run_name"))
     tags = {"admflow.upstream.checkpoint": ckpt["uri"], "admflow.upstream.samples": out}
     if train_run:
         tags["admflow.upstream.train_run_id"] = train_run
@@ -59,6 +59,24 @@ def evaluate_checkpoint(cfg: AdmConfig, ckpt: dict, reference_uri: str, num_samp
     }
     storage.write_json(ledger, record)
     return record
+
+
+def _training_run_id(cfg: AdmConfig, run_name: str | None) -> str | None:
+    """The MLflow run that trained ``run_name`` (tagged ``admflow.run_name`` by tasks.train)."""
+    if not run_name:
+        return None
+    import mlflow
+
+    from admflow.tracking import setup_mlflow
+
+    exp_id = setup_mlflow(cfg)
+    runs = mlflow.MlflowClient().search_runs(
+        [exp_id],
+        filter_string=f"tags.`admflow.run_name` = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def _numbers(metrics: dict) -> dict:
