@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_reproduce(preset: str, overrides: list[str]) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's ephemeral API server needs longer than its 20 s default on a busy 2-core box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.reproduce import reproduce
 
     return reproduce(preset=preset, overrides=overrides)
