@@ -239,6 +239,8 @@ class Trainer:
             source = directory or ckpt.latest_checkpoint(spec.run_uri)
             if source:
                 state = self._load(module, source)
+        if self.cfg.training.channels_last:
+            module = module.to(memory_format=torch.channels_last)
         self.model = session.prepare(module)
         self.module = unwrap(self.model)
         self.opt = torch.optim.AdamW(
@@ -326,7 +328,10 @@ class Trainer:
         images, labels = self.stream.read(positions)
         rng = np.random.default_rng(step_seed(self.seed, step, self.session.rank, 1))
         x = augment(to_model_input(images), rng, flip=self.job.flip, crop_pad=self.job.crop_pad)
-        return torch.from_numpy(x).to(self.device), torch.from_numpy(labels).to(self.device)
+        xt = torch.from_numpy(x).to(self.device)
+        if self.cfg.training.channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        return xt, torch.from_numpy(labels).to(self.device)
 
     def train_step(self) -> torch.Tensor:
         """One optimiser step; returns the all-reduced metric vector (last entry: non-finite count)."""

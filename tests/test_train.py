@@ -194,6 +194,7 @@ def test_resume_is_bit_identical_locally(shards, tmp_path):
         "training.steps=6",
         "training.checkpoint_every=3",
         "training.log_every=3",
+        "training.batch_size=8",
         "training.microbatch=4",
         "diffusion.schedule_sampler=loss-second-moment",
     ]
@@ -526,3 +527,25 @@ def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
         assert fs.ls("train-mlflow/artifacts")  # artifacts went through the server to S3
     finally:
         stop_process(server)
+
+
+@pytest.mark.slow
+def test_bf16_loss_curve_tracks_fp32(shards, tmp_path):
+    """Same data, timesteps and noise (seeded by step): bf16 autocast + channels_last only
+    adds rounding noise to the first 80 steps' loss curve."""
+    curves = {}
+    for mode in ("no", "bf16"):
+        cfg = small_cfg(
+            tmp_path / mode,
+            "training.steps=80",
+            "training.batch_size=8",
+            "training.log_every=20",
+            "training.checkpoint_every=80",
+            f"training.mixed_precision='{mode}'",
+            f"training.channels_last={mode == 'bf16'}",
+        )
+        _, reports = local_run(cfg, "diffusion", shards, mode)
+        curves[mode] = np.array([r["loss"] for r in reports])
+    fp32, bf16 = curves["no"], curves["bf16"]
+    assert len(fp32) == 4 and fp32[-1] < 0.7 * fp32[0]  # it learned
+    np.testing.assert_allclose(bf16, fp32, rtol=0.1)  # 20-step means agree within 10%

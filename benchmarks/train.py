@@ -1,0 +1,159 @@
+"""Training throughput on this CPU for the bench-32 preset (11.3M-parameter 32x32 UNet) at
+global batch 16, all in one run:
+
+* ``plain``: one process, all cores, fp32 NCHW, the real training step (data, L_hybrid,
+  AdamW, EMA) through :class:`tasks.train_loop.Trainer` with a local session;
+* ``tuned``: the same with bf16 autocast and channels_last;
+* ``ray``: Ray Train, 2 workers x 1 thread (DDP over gloo), fp32, batch 8 per worker.
+
+Prints JSON with images/s for each, ``speedup_tuned`` = tuned / plain and
+``ray_ratio`` = ray / plain. Usage: ``python benchmarks/train.py [--steps N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from admflow import storage
+from admflow.config import load_config
+from tasks.demo_data import CLASS_NAMES, render
+from tasks.train_loop import LocalSession, LoopSpec, Trainer
+
+BASE = ["training.batch_size=16", "training.ema_rate=[0.9999]"]
+
+
+def build_demo_shards(dest: str, per_class: int = 16, size: int = 32) -> str:
+    """A small shard set (HELPERS.md format) rendered from the demo shapes."""
+    images, labels, keys = [], [], []
+    for c, name in enumerate(CLASS_NAMES):
+        for i in range(per_class):
+            buf = io.BytesIO()
+            Image.fromarray(render(c, i, size)).save(buf, format="PNG")
+            images.append(buf.getvalue())
+            labels.append(c)
+            keys.append(f"{name}/{i:05d}")
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": labels, "key": keys})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(storage.join(dest, "shards", "shard-00000.parquet"), buf.getvalue())
+    storage.write_json(
+        storage.join(dest, "manifest.json"),
+        {
+            "format": "admflow-shards/1",
+            "image_size": size,
+            "num_images": len(keys),
+            "num_classes": len(CLASS_NAMES),
+            "class_names": list(CLASS_NAMES),
+            "counts_per_class": {n: per_class for n in CLASS_NAMES},
+            "preprocessing": {},
+            "source": {"uri": "demo", "kind": "demo", "fingerprint": "bench"},
+            "shards": [
+                {
+                    "name": "shard-00000.parquet",
+                    "rows": len(keys),
+                    "sha256": storage.sha256_bytes(buf.getvalue()),
+                }
+            ],
+            "skipped": [],
+        },
+    )
+    return dest
+
+
+def local_images_per_s(
+    root: str, data: str, overrides: list[str], steps: int, warmup: int
+) -> float:
+    cfg = load_config("bench-32", [*BASE, f"storage.root={root}", *overrides])
+    spec = LoopSpec("diffusion", cfg.model_dump(mode="json"), data, f"{root}/runs/x", "x")
+    trainer = Trainer(spec, LocalSession())
+    for _ in range(warmup):
+        trainer.train_step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    return steps * cfg.training.batch_size / (time.perf_counter() - t0)
+
+
+def ray_images_per_s(root: str, data: str, steps: int, warmup: int) -> float:
+    import ray
+
+    from tasks.train import train_diffusion
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    total = warmup + steps
+    cfg = load_config(
+        "bench-32",
+        [
+            *BASE,
+            f"storage.root={root}",
+            f"training.steps={total}",
+            f"training.log_every={warmup}",
+            f"training.checkpoint_every={total}",
+            "compute.num_workers=2",
+            "compute.cpus_per_worker=1",
+            "compute.torch_threads=1",
+        ],
+    )
+    out = train_diffusion(cfg, data, "bench-ray")
+    return float(out["metrics"]["images_per_s"])  # the window after the warm-up steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--steps", type=int, default=8, help="timed steps per mode (default 8)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    threads = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="admflow-bench-train-") as tmp:
+        data = build_demo_shards(os.path.join(tmp, "data"))
+        torch.set_num_threads(threads)
+        plain = local_images_per_s(tmp, data, [], args.steps, args.warmup)
+        tuned = local_images_per_s(
+            tmp,
+            data,
+            ["training.mixed_precision=bf16", "training.channels_last=true"],
+            args.steps,
+            args.warmup,
+        )
+        ray_ips = ray_images_per_s(tmp, data, args.steps, args.warmup)
+    print(
+        json.dumps(
+            {
+                "preset": "bench-32",
+                "global_batch": 16,
+                "steps_timed": args.steps,
+                "threads_single_process": threads,
+                "images_per_s_plain_fp32": round(plain, 2),
+                "images_per_s_bf16_channels_last": round(tuned, 2),
+                "images_per_s_ray_2x1": round(ray_ips, 2),
+                "speedup_tuned": round(tuned / plain, 3),
+                "ray_ratio": round(ray_ips / plain, 3),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "note": "ray: fp32, 2 workers x 1 thread, gloo DDP, batch 8 per worker, includes reporting",
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
