@@ -47,6 +47,15 @@ def default_channel_mult(image_size: int) -> tuple[float, ...]:
     return table[image_size]
 
 
+def _resolve_mult(image_size: int, channel_mult: list[float] | None) -> tuple[float, ...]:
+    if channel_mult:
+        return tuple(channel_mult)
+    try:
+        return default_channel_mult(image_size)
+    except ValueError as e:
+        raise ValueError(f"channel_mult: {e}") from None
+
+
 def _reachable_resolutions(image_size: int, levels: int) -> list[int]:
     return [image_size // 2**i for i in range(levels)]
 
@@ -111,12 +120,7 @@ class UNetConfig(Section):
         return self
 
     def resolved_channel_mult(self) -> tuple[float, ...]:
-        if self.channel_mult:
-            return tuple(self.channel_mult)
-        try:
-            return default_channel_mult(self.image_size)
-        except ValueError as e:
-            raise ValueError(f"channel_mult: {e}") from None
+        return _resolve_mult(self.image_size, self.channel_mult)
 
     def unet_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``models.unet.UNetModel``."""
@@ -187,12 +191,7 @@ class ClassifierConfig(Section):
         return self
 
     def resolved_channel_mult(self) -> tuple[float, ...]:
-        if self.channel_mult:
-            return tuple(self.channel_mult)
-        try:
-            return default_channel_mult(self.image_size)
-        except ValueError as e:
-            raise ValueError(f"channel_mult: {e}") from None
+        return _resolve_mult(self.image_size, self.channel_mult)
 
     def classifier_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``models.unet.EncoderUNetModel``."""
