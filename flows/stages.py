@@ -129,4 +129,9 @@ def evaluate(
     from tasks.evaluate import evaluate_sets
 
     metrics = evaluate_sets(cfg, ref["uri"], samples["uri"], parent_run_id=parent_run_id, tags=tags)
-    return {**metrics, "samples": samples["uri"], "classifier_scale": samples["classifier_scale"]}
+    return {
+        **metrics,
+        "samples": samples["uri"],
+        "classifier_scale": samples["classifier_scale"],
+        "upsampled": samples.get("upsampled", False),
+    }

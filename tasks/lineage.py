@@ -77,14 +77,18 @@ def register_models(cfg: AdmConfig, runs: dict[str, dict]) -> dict[str, str]:
     import mlflow
 
     setup_mlflow(cfg)
+    client = mlflow.MlflowClient()
     out = {}
     for kind, run in runs.items():
-        uri = run.get("model_uri")
+        uri, run_id = run.get("model_uri"), run.get("mlflow_run_id")
         if not uri:
             continue
         name = f"admflow-{cfg.name}-{kind}"
-        version = mlflow.register_model(uri, name)
-        out[name] = str(version.version)
+        known = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if known:  # a cached stage: its model is registered already
+            out[name] = str(known[0].version)
+            continue
+        out[name] = str(mlflow.register_model(uri, name).version)
     return out
 
 
