@@ -53,7 +53,9 @@ def random_crop(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     size = arr.shape[0]
     scaled = int(round(size * rng.uniform(1.0, 1.0 / MIN_CROP_FRAC)))
     if scaled > size:
-        arr = np.asarray(Image.fromarray(arr).resize((scaled, scaled), resample=Image.BICUBIC))
+        arr = np.asarray(
+            Image.fromarray(arr).resize((scaled, scaled), resample=Image.Resampling.BICUBIC)
+        )
     top, left = rng.integers(0, arr.shape[0] - size + 1, size=2)
     return arr[top : top + size, left : left + size]
 

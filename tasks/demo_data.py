@@ -61,7 +61,7 @@ def render(label: int, index: int, size: int, seed: int = DEMO_SEED) -> np.ndarr
         img = np.where(mask[..., None] > 0.5, fg, bg)
     img = img + rng.normal(0.0, 6.0, size=img.shape)  # mild sensor-like noise
     big = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    return np.asarray(big.resize((size, size), resample=Image.BOX))  # 2x supersampling
+    return np.asarray(big.resize((size, size), resample=Image.Resampling.BOX))  # 2x supersampling
 
 
 def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ is passed explicitly so a stray cluster on the same machine is never picked up b
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -30,7 +31,9 @@ def ensure_ray(cfg: AdmConfig) -> Any:
             env_vars[key] = os.environ[key]
     runtime_env = {"env_vars": env_vars}
     if cfg.compute.ray_address:
-        ray.init(address=cfg.compute.ray_address, runtime_env=runtime_env, logging_level="ERROR")
+        ray.init(
+            address=cfg.compute.ray_address, runtime_env=runtime_env, logging_level=logging.ERROR
+        )
     else:
         ray.init(
             address="local",
@@ -38,7 +41,7 @@ def ensure_ray(cfg: AdmConfig) -> Any:
             include_dashboard=False,
             object_store_memory=512 * 1024 * 1024,
             runtime_env=runtime_env,
-            logging_level="ERROR",
+            logging_level=logging.ERROR,
             log_to_driver=False,
         )
     return ray

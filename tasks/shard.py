@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,10 @@ PREPROCESSING = (
     "RGB; halve with PIL BOX while the short side >= 2x target; BICUBIC so the short side "
     "equals target; centre crop (as the paper's image_datasets.center_crop_arr); PNG"
 )
+# Folder and demo items are dealt to shards in a fixed pseudo-random order (not sorted by
+# class), so every shard mixes classes and shard-level shuffling gives mixed batches.
+ORDER_SEED = 0
+ORDER = f"sorted keys permuted by numpy default_rng({ORDER_SEED}); npz keeps its row order"
 
 
 class ShardError(ValueError):
@@ -46,6 +50,7 @@ class Source:
     labels: list[int]
     class_names: list[str]
     fingerprint: str
+    ignored: tuple[dict[str, str], ...] = ()  # files never attempted (listed as skipped)
 
 
 # ------------------------------------------------------------------ preprocessing
@@ -55,9 +60,11 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
     """The paper's preprocessing: BOX halving, BICUBIC to the target, centre crop."""
     image = image.convert("RGB")
     while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+        w, h = image.size
+        image = image.resize((w // 2, h // 2), resample=Image.Resampling.BOX)
     scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    w, h = image.size
+    image = image.resize((round(w * scale), round(h * scale)), resample=Image.Resampling.BICUBIC)
     arr = np.asarray(image)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top : top + size, left : left + size]
@@ -74,15 +81,24 @@ def encode_png(arr: np.ndarray) -> bytes:
 
 def list_source(cfg: AdmConfig, src: str) -> Source:
     if src == "demo":
-        return _demo_source(cfg)
+        return _mixed(_demo_source(cfg))
     if src.endswith(".npz"):
-        return _npz_source(src)
+        return _npz_source(cfg, src)
     path = storage.local_path(src)
     if path is None or not os.path.isdir(path):
         raise ShardError(
             f"source {src!r} is neither 'demo', an .npz batch, nor a local image folder"
         )
-    return _folder_source(path)
+    return _mixed(_folder_source(path))
+
+
+def _mixed(source: Source) -> Source:
+    order = np.random.default_rng(ORDER_SEED).permutation(len(source.keys))
+    return replace(
+        source,
+        keys=[source.keys[i] for i in order],
+        labels=[source.labels[i] for i in order],
+    )
 
 
 def _demo_source(cfg: AdmConfig) -> Source:
@@ -107,19 +123,30 @@ def _is_image_name(name: str) -> bool:
 def _folder_source(root: str) -> Source:
     entries = sorted(os.listdir(root))
     subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-    keys, labels, classes = [], [], []
+    keys, labels, classes, ignored = [], [], [], []
     if subdirs:  # ImageNet-style: one sub-folder per class, labels in sorted name order
         classes = subdirs
         for label, name in enumerate(subdirs):
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
+            for dirpath, dirs, files in os.walk(os.path.join(root, name)):
+                dirs.sort()
                 for f in sorted(files):
+                    key = os.path.relpath(os.path.join(dirpath, f), root)
                     if _is_image_name(f):
-                        keys.append(os.path.relpath(os.path.join(dirpath, f), root))
+                        keys.append(key)
                         labels.append(label)
+                    elif not f.startswith("."):
+                        ignored.append({"key": key, "reason": "not an image file name"})
+        stray = [e for e in entries if e not in subdirs and not e.startswith(".")]
+        ignored += [{"key": e, "reason": "not inside a class folder"} for e in stray]
         kind = "folder"
     else:  # flat (LSUN-style), unconditional
         keys = [e for e in entries if _is_image_name(e)]
         labels = [-1] * len(keys)
+        ignored = [
+            {"key": e, "reason": "not an image file name"}
+            for e in entries
+            if not _is_image_name(e) and not e.startswith(".")
+        ]
         kind = "flat"
     if not keys:
         raise ShardError(
@@ -130,14 +157,22 @@ def _folder_source(root: str) -> Source:
     for k in keys:
         st = os.stat(os.path.join(root, k))
         h.update(f"{k}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return Source(kind, root, keys, labels, classes, h.hexdigest())
+    return Source(kind, root, keys, labels, classes, h.hexdigest(), tuple(sorted(ignored, key=str)))
 
 
-def _npz_source(uri: str) -> Source:
+def _npz_source(cfg: AdmConfig, uri: str) -> Source:
     images, labels = open_npz(uri)
     n = images.shape[0]
+    if n == 0:
+        raise ShardError(f"{uri}: arr_0 holds no images; nothing to shard")
+    classes: list[str] = []
+    if labels is not None:
+        if labels.min() < 0:
+            raise ShardError(f"{uri}: arr_1 has negative labels (min {labels.min()})")
+        # labels index class_names directly: 0..max, or data.num_classes if larger
+        num_classes = max(int(labels.max()) + 1, cfg.data.num_classes or 0)
+        classes = [str(c) for c in range(num_classes)]
     label_list = [int(v) for v in labels] if labels is not None else [-1] * n
-    classes = [str(c) for c in sorted(set(label_list))] if labels is not None else []
     return Source(
         "npz", uri, [f"{i:08d}" for i in range(n)], label_list, classes, storage.content_hash(uri)
     )
@@ -195,8 +230,9 @@ def _npz_member(path: str, name: str) -> np.ndarray:
                 name_len = int.from_bytes(local[26:28], "little")
                 extra_len = int.from_bytes(local[28:30], "little")
             offset = info.header_offset + 30 + name_len + extra_len + header_len
-            order = "F" if fortran else "C"
-            return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order=order)
+            if fortran:
+                return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F")
+            return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="C")
         with zf.open(info) as f:
             return np.lib.format.read_array(f)
 
@@ -204,15 +240,14 @@ def _npz_member(path: str, name: str) -> np.ndarray:
 # ------------------------------------------------------------------ one shard
 
 
-def _load_item(source: Source, index: int, size: int) -> np.ndarray:
+def _load_item(source: Source, index: int, size: int, npz: np.ndarray | None) -> np.ndarray:
     if source.kind == "demo":
         from tasks.demo_data import parse_key, render
 
         label, i = parse_key(source.keys[index])
         return center_crop(Image.fromarray(render(label, i, size)), size)
-    if source.kind == "npz":
-        images, _ = open_npz(source.uri)
-        return center_crop(Image.fromarray(np.asarray(images[index])), size)
+    if npz is not None:
+        return center_crop(Image.fromarray(np.asarray(npz[index])), size)
     with Image.open(os.path.join(source.uri, source.keys[index])) as im:
         im.load()  # decode fully now, so truncated files fail here
         return center_crop(im, size)
@@ -227,9 +262,10 @@ def build_shard(source: Source, indices: list[int], size: int) -> tuple[bytes, d
     import pyarrow.parquet as pq
 
     images, labels, keys, skipped = [], [], [], []
+    npz = open_npz(source.uri)[0] if source.kind == "npz" else None  # once per shard
     for i in indices:
         try:
-            arr = _load_item(source, i, size)
+            arr = _load_item(source, i, size, npz)
         except Exception as e:  # corrupt, truncated or not an image: skip and list it
             skipped.append({"key": source.keys[i], "reason": f"{type(e).__name__}: {e}"[:300]})
             continue
@@ -258,21 +294,41 @@ def build_shard(source: Source, indices: list[int], size: int) -> tuple[bytes, d
     return data, record
 
 
-def write_shard(uri: str, data: bytes, record: dict[str, Any]) -> dict[str, Any]:
+def shard_spec(source: Source, indices: list[int], size: int) -> str:
+    """What a shard must hold: the source's fingerprint, its items, and the settings."""
+    blob = json.dumps(
+        [FORMAT, PREPROCESSING, size, source.kind, source.fingerprint]
+        + [[source.keys[i], source.labels[i]] for i in indices]
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_shard(uri: str, spec: str, data: bytes, record: dict[str, Any]) -> dict[str, Any]:
     """Parquet file first, then its sidecar: a sidecar means the shard is complete."""
-    record = {"name": uri.rsplit("/", 1)[-1], **record}
+    record = {"name": uri.rsplit("/", 1)[-1], "spec": spec, **record}
     storage.write_bytes(uri, data)
     storage.write_json(uri.removesuffix(".parquet") + ".json", record)
     return record
 
 
-def _finished(uri: str) -> dict[str, Any] | None:
-    """The record of a shard already written intact, or None."""
+def _finished(uri: str, spec: str) -> dict[str, Any] | None:
+    """The record of a shard already written intact for this very plan, or None."""
     sidecar = uri.removesuffix(".parquet") + ".json"
     if not (storage.exists(sidecar) and storage.exists(uri)):
         return None
     record = storage.read_json(sidecar)
+    if record.get("spec") != spec:  # other source, settings or shard boundaries
+        return None
     return record if storage.content_hash(uri) == record.get("sha256") else None
+
+
+def _remove_stale(dest: str, uris: list[str]) -> None:
+    """Shards of an earlier plan (e.g. other shard_rows) that this manifest does not list."""
+    keep = set(uris) | {u.removesuffix(".parquet") + ".json" for u in uris}
+    for uri in storage.ls(storage.join(dest, "shards")):
+        name = uri.rsplit("/", 1)[-1]
+        if name.startswith("shard-") and uri not in keep:
+            storage.remove(uri)
 
 
 # ------------------------------------------------------------------ the stage
@@ -296,16 +352,18 @@ def shard_dataset(
     plan = plan_shards(len(source.keys), cfg.data.shard_rows)
     uris = [storage.join(dest, "shards", f"shard-{i:05d}.parquet") for i in range(len(plan))]
     storage.ensure_bucket(dest)
+    specs = [shard_spec(source, indices, size) for indices in plan]
     records: dict[int, dict[str, Any]] = {}
     todo = []
     for i, uri in enumerate(uris):
-        done = _finished(uri)
+        done = _finished(uri, specs[i])
         if done is not None:
             records[i] = done
         else:
             todo.append(i)
-    written = _run_shards(cfg, source, plan, uris, todo, size, workers, progress, records)
+    written = _run_shards(cfg, source, plan, specs, uris, todo, workers, progress, records)
     manifest = _manifest(cfg, source, dest, size, [records[i] for i in range(len(plan))])
+    _remove_stale(dest, uris)
     manifest["written"] = written
     storage.write_json(
         storage.join(dest, "manifest.json"), {k: v for k, v in manifest.items() if k != "written"}
@@ -313,7 +371,7 @@ def shard_dataset(
     return manifest
 
 
-def _run_shards(cfg, source, plan, uris, todo, size, workers, progress, records) -> list[str]:
+def _run_shards(cfg, source, plan, specs, uris, todo, workers, progress, records) -> list[str]:
     from tqdm import tqdm
 
     from tasks.ray_utils import ensure_ray
@@ -332,10 +390,10 @@ def _run_shards(cfg, source, plan, uris, todo, size, workers, progress, records)
     while queue or pending:
         while queue and len(pending) < 2 * workers:  # bounded in-flight work: streaming
             i = queue.pop(0)
-            pending[remote.remote(source_ref, plan[i], size)] = i
+            pending[remote.remote(source_ref, plan[i], cfg.data.image_size)] = i
         ready, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(ready[0])
-        records[i] = write_shard(uris[i], *ray.get(ready[0]))
+        records[i] = write_shard(uris[i], specs[i], *ray.get(ready[0]))
         written.append(records[i]["name"])
         bar.update(len(plan[i]))
     bar.close()
@@ -343,12 +401,15 @@ def _run_shards(cfg, source, plan, uris, todo, size, workers, progress, records)
 
 
 def _manifest(cfg: AdmConfig, source: Source, dest: str, size: int, records: list[dict]) -> dict:
-    skipped = [s for r in records for s in r["skipped"]]
+    skipped = sorted(
+        [s for r in records for s in r["skipped"]] + list(source.ignored), key=lambda s: s["key"]
+    )
     total = sum(r["rows"] for r in records)
     if total == 0:
+        first = f" (first: {skipped[0]['key']}: {skipped[0]['reason']})" if skipped else ""
         raise ShardError(
-            f"every one of the {len(source.keys)} files in {source.uri} failed to decode "
-            f"(first: {skipped[0]['key']}: {skipped[0]['reason']}); nothing was written to the manifest"
+            f"every one of the {len(source.keys)} files in {source.uri} failed to decode"
+            f"{first}; no manifest was written"
         )
     counts: dict[str, int] = {}
     for r in records:
@@ -364,7 +425,12 @@ def _manifest(cfg: AdmConfig, source: Source, dest: str, size: int, records: lis
         "num_classes": len(source.class_names) if conditional else None,
         "class_names": source.class_names,
         "counts_per_class": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
-        "preprocessing": {"description": PREPROCESSING, "image_size": size, "encoding": "png"},
+        "preprocessing": {
+            "description": PREPROCESSING,
+            "image_size": size,
+            "encoding": "png",
+            "order": ORDER,
+        },
         "source": {"uri": source.uri, "kind": source.kind, "fingerprint": source.fingerprint},
         "shards": [{"name": r["name"], "rows": r["rows"], "sha256": r["sha256"]} for r in records],
         "skipped": skipped,

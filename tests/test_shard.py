@@ -52,6 +52,28 @@ def test_demo_shards_are_deterministic_and_resumable(tmp_path, ray_session):
     with open(os.path.join(a, "shards", "shard-00001.parquet"), "r+b") as f:
         f.write(b"garbage")
     assert shard_dataset(cfg, "demo", a)["written"] == ["shard-00001.parquet"]
+    # other settings into the same directory: nothing stale is reused or left behind
+    m16 = shard_dataset(_cfg(image_size=16, shard_rows=40), "demo", a)
+    assert len(m16["written"]) == 3 and D.decode_image(_first_png(a)).shape == (16, 16, 3)
+    assert sorted(f for f in os.listdir(os.path.join(a, "shards")) if f.endswith(".parquet")) == [
+        f"shard-{i:05d}.parquet" for i in range(3)
+    ]
+
+
+def _first_png(dest):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(dest, "shards", "shard-00000.parquet"))
+    return table.column("image")[0].as_py()
+
+
+def test_demo_shards_mix_classes(tmp_path, ray_session):
+    import pyarrow.parquet as pq
+
+    shard_dataset(_cfg(), "demo", str(tmp_path / "d"))
+    for i in range(5):
+        labels = pq.read_table(tmp_path / "d" / "shards" / f"shard-{i:05d}.parquet")["label"]
+        assert len(set(labels.to_pylist())) >= 5  # not one class per shard
 
 
 def test_shards_on_s3_match_local(tmp_path, s3_bucket, ray_session):
@@ -84,13 +106,20 @@ def test_imagenet_folder_mapping_and_corrupt_files(tmp_path, ray_session):
     good = (src / "n01_ant" / "0.jpg").read_bytes()
     (src / "n01_ant" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (src / "n02_zebra" / "notes.png").write_text("this is not an image")
+    (src / "n02_zebra" / "labels.txt").write_text("zebra")
+    (src / "README").write_text("stray file outside the class folders")
     m = shard_dataset(_cfg(image_size=16), str(src), str(tmp_path / "out"))
     assert m["class_names"] == ["n01_ant", "n02_zebra"]  # sorted class-name order
     assert m["num_images"] == 6 and m["counts_per_class"] == {"0": 3, "1": 3}
-    assert sorted(s["key"] for s in m["skipped"]) == [
+    skipped = {s["key"]: s["reason"] for s in m["skipped"]}
+    assert sorted(skipped) == [
+        "README",
         "n01_ant/truncated.jpg",
+        "n02_zebra/labels.txt",
         "n02_zebra/notes.png",
     ]
+    assert "truncated" in skipped["n01_ant/truncated.jpg"].lower()
+    assert skipped["README"] == "not inside a class folder"
     x, y = next(D.iter_batches(str(tmp_path / "out"), 6))
     red = x[y == 0][:, 0].mean()  # class 0 is the red ant folder
     assert red > 0.5 and x[y == 1].mean() > 0.9
@@ -120,6 +149,7 @@ def test_npz_source_and_its_errors(tmp_path, ray_session):
     np.savez(tmp_path / "batch.npz", imgs, labels)
     m = shard_dataset(_cfg(), str(tmp_path / "batch.npz"), str(tmp_path / "o"))
     assert m["num_images"] == 30 and m["counts_per_class"] == {"0": 10, "1": 10, "2": 10}
+    assert m["num_classes"] == 10 and m["class_names"][:3] == ["0", "1", "2"]  # tiny: 10
     x, y = next(D.iter_batches(str(tmp_path / "o"), 30))
     back = np.round((x.transpose(0, 2, 3, 1) + 1) * 127.5).astype(np.uint8)
     np.testing.assert_array_equal(back, imgs)  # 32 -> 32 is lossless
