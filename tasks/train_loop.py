@@ -240,7 +240,7 @@ class Trainer:
             if source:
                 state = self._load(module, source)
         if self.cfg.training.channels_last:
-            module = module.to(memory_format=torch.channels_last)
+            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model = session.prepare(module)
         self.module = unwrap(self.model)
         self.opt = torch.optim.AdamW(
