@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from admflow.commands.common import add_config_args, config_from_args
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         m = shard_dataset(cfg, args.src, args.dest, workers=args.workers, progress=args.progress)
     except ShardError as e:
-        print(f"admflow shard: {e}")
+        print(f"admflow shard: {e}", file=sys.stderr)
         return 2
     print(
         f"{m['num_images']} images ({m['num_classes'] or 'no'} classes, {m['image_size']}px) in "
