@@ -114,6 +114,16 @@ def build_shards(dest: str, per_class: int, size: int = 16, shard_rows: int = 10
     return dest
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process loops use one thread: on a shared 2-core box, 2 OpenMP threads per process
+    oversubscribe and spin (10x slower); Ray workers use compute.torch_threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     return build_shards(str(tmp_path_factory.mktemp("shards")), per_class=40)
@@ -189,21 +199,22 @@ def test_checkpoint_listing_ignores_incomplete(tmp_path):
 
 
 def test_resume_is_bit_identical_locally(shards, tmp_path):
-    """Importance sampling, microbatches and EMA on: 3 + 3 steps == 6 steps, exactly."""
+    """Importance sampling, microbatches and EMA on: fail at step 3, resume from step 2,
+    end at step 4 exactly where an uninterrupted run ends."""
     over = [
-        "training.steps=6",
-        "training.checkpoint_every=3",
-        "training.log_every=3",
+        "training.steps=4",
+        "training.checkpoint_every=2",
+        "training.log_every=2",
         "training.batch_size=8",
         "training.microbatch=4",
         "diffusion.schedule_sampler=loss-second-moment",
     ]
     cfg = small_cfg(tmp_path, *over)
     whole, _ = local_run(cfg, "diffusion", shards, "whole")
-    with pytest.raises(RuntimeError, match="injected fault at step 5"):
-        local_run(cfg, "diffusion", shards, "cut", fail_at_step=5)
+    with pytest.raises(RuntimeError, match="injected fault at step 3"):
+        local_run(cfg, "diffusion", shards, "cut", fail_at_step=3)
     resumed, _ = local_run(cfg, "diffusion", shards, "cut")
-    assert resumed.start_step == 3 and resumed.step == 6
+    assert resumed.start_step == 2 and resumed.step == 4
     assert_same_params(whole.module.state_dict(), resumed.module.state_dict())
     assert_same_params(
         whole.ema.state_dict()["shadow"]["0.999"], resumed.ema.state_dict()["shadow"]["0.999"]
@@ -532,20 +543,20 @@ def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
 @pytest.mark.slow
 def test_bf16_loss_curve_tracks_fp32(shards, tmp_path):
     """Same data, timesteps and noise (seeded by step): bf16 autocast + channels_last only
-    adds rounding noise to the first 80 steps' loss curve."""
+    adds rounding noise to the first 60 steps' loss curve."""
     curves = {}
     for mode in ("no", "bf16"):
         cfg = small_cfg(
             tmp_path / mode,
-            "training.steps=80",
+            "training.steps=60",
             "training.batch_size=8",
             "training.log_every=20",
-            "training.checkpoint_every=80",
+            "training.checkpoint_every=60",
             f"training.mixed_precision='{mode}'",
             f"training.channels_last={mode == 'bf16'}",
         )
         _, reports = local_run(cfg, "diffusion", shards, mode)
         curves[mode] = np.array([r["loss"] for r in reports])
     fp32, bf16 = curves["no"], curves["bf16"]
-    assert len(fp32) == 4 and fp32[-1] < 0.7 * fp32[0]  # it learned
+    assert len(fp32) == 3 and fp32[-1] < 0.75 * fp32[0]  # it learned
     np.testing.assert_allclose(bf16, fp32, rtol=0.1)  # 20-step means agree within 10%
