@@ -250,6 +250,11 @@ class TrainingConfig(Section):
     classifier_noised: bool = True
     upsampler_steps: int = Field(200, gt=0)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML reads a bare `no` as false
+
     @field_validator("ema_rate")
     @classmethod
     def _rates(cls, v: list[float]) -> list[float]:
