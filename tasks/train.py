@@ -152,17 +152,15 @@ def train(
 
 def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
     """One TorchTrainer.fit; resumes when ``<runs>/<run_name>`` already holds checkpoints."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.compute.ray_address, include_dashboard=False)
+    from tasks.ray_utils import ensure_ray
+
+    ensure_ray(cfg)
     runs = storage.join(cfg.storage.root, "runs")
     storage.makedirs(runs)
-    if runs.startswith("s3://"):
-        filesystem, storage_path = _ray_s3_filesystem(runs)
-    elif storage.is_remote(runs):
+    if storage.is_remote(runs):  # endpoint and credentials bound in (see storage)
         filesystem, storage_path = storage.pyarrow_filesystem(runs)
     else:
         filesystem, storage_path = None, storage.local_path(runs)
@@ -185,23 +183,6 @@ def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
         ),
     )
     return trainer.fit()
-
-
-def _ray_s3_filesystem(uri: str):
-    """The run storage for Ray: like storage.pyarrow_filesystem, but with the endpoint and
-    credentials bound into the (pickled) filesystem, because Ray's controller actor runs in
-    a process that may not have the driver's AWS environment."""
-    import pyarrow.fs as pafs
-    import s3fs
-
-    env = os.environ.get
-    fs = s3fs.S3FileSystem(
-        endpoint_url=env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
-        key=env("AWS_ACCESS_KEY_ID"),
-        secret=env("AWS_SECRET_ACCESS_KEY"),
-        token=env("AWS_SESSION_TOKEN"),
-    )
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), uri[len("s3://") :]
 
 
 def log_dataset(manifest: dict, data_uri: str) -> None:
