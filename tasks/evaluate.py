@@ -99,14 +99,8 @@ class FeatureWorker:
 
 
 def _ensure_ray(cfg: AdmConfig) -> Any:
-    try:
-        from tasks.ray_utils import ensure_ray  # type: ignore[import-not-found]
-    except ImportError:
-        import ray
+    from tasks.ray_utils import ensure_ray
 
-        if not ray.is_initialized():
-            ray.init(address=cfg.compute.ray_address, include_dashboard=False)
-        return ray
     return ensure_ray(cfg)
 
 

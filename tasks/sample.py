@@ -23,6 +23,7 @@ import numpy as np
 
 from admflow import storage
 from admflow.config import AdmConfig
+from tasks.ray_utils import ensure_ray
 from tasks import sample_io
 from tasks.sample_ckpt import ResolvedCheckpoint, resolve_checkpoint
 from tasks.sample_plan import SamplerSpec, draw_labels
@@ -67,14 +68,6 @@ class ShardJob:
 
 
 # ---------------------------------------------------------------------------- Ray plumbing
-
-
-def ensure_ray(cfg: AdmConfig) -> Any:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.compute.ray_address, include_dashboard=False, log_to_driver=False)
-    return ray
 
 
 def _actor_options(cfg: AdmConfig, workers: int) -> dict[str, Any]:
