@@ -23,8 +23,8 @@ import numpy as np
 
 from admflow import storage
 from admflow.config import AdmConfig
-from tasks.ray_utils import ensure_ray
 from tasks import sample_io
+from tasks.ray_utils import ensure_ray
 from tasks.sample_ckpt import ResolvedCheckpoint, resolve_checkpoint
 from tasks.sample_plan import SamplerSpec, draw_labels
 
