@@ -50,9 +50,8 @@ def _stage_task(name: str):
 
 @_stage_task("shard")
 def shard(cfg: AdmConfig, cache_key: str, parent_run_id: str | None = None) -> dict:
-    from tasks.shard import shard_dataset
-
     from tasks.lineage import log_shard_run
+    from tasks.shard import shard_dataset
 
     dest = join(cfg.storage.root, "data", cache_key)
     manifest = shard_dataset(cfg, cfg.data.source, dest)

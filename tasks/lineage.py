@@ -130,6 +130,6 @@ def _manifest_dataset(manifest: dict, data_uri: str):
         [{"shard": s["name"], "rows": s["rows"], "sha256": s["sha256"]} for s in manifest["shards"]]
     )
     fingerprint = (manifest.get("source") or {}).get("fingerprint", "")
-    return mlflow.data.from_pandas(
+    return mlflow.data.from_pandas(  # type: ignore[attr-defined]
         rows, source=data_uri, name=f"shards-{manifest['image_size']}px-{fingerprint[:8]}"
     )
