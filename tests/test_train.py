@@ -468,7 +468,7 @@ def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
     """Shards, checkpoints and MLflow artifacts all in S3 (moto); tracking via `mlflow server`."""
     import mlflow
     import s3fs
-    from conftest import free_port, stop_process, wait_for_port
+    from tests.conftest import free_port, stop_process, wait_for_port
 
     from tasks.train import train_classifier
 
