@@ -312,6 +312,14 @@ class StorageConfig(Section):
         description="local dir, file:// or s3://bucket/prefix (default $ADMFLOW_STORAGE_ROOT)",
     )
 
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        # Ray workers run in other directories: a relative local root must not depend on cwd.
+        if "://" in v and not v.startswith("file://"):
+            return v
+        return os.path.abspath(v.removeprefix("file://"))
+
 
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="default: sqlite under storage-local dir")
