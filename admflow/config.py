@@ -309,6 +309,7 @@ def _default_root() -> str:
 class StorageConfig(Section):
     root: str = Field(
         default_factory=_default_root,
+        validate_default=True,
         description="local dir, file:// or s3://bucket/prefix (default $ADMFLOW_STORAGE_ROOT)",
     )
 
