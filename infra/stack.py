@@ -275,25 +275,30 @@ def down(state_dir: str | Path, timeout: float = 30.0) -> list[str]:
 
 
 def _kill_group(pid: int, sig: int, timeout: float) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """Signal a service's process group, escalate to SIGKILL after ``timeout``, and return
+    only when no process of the group is left (reaping our own child)."""
+    for signum, wait in ((sig, timeout), (signal.SIGKILL, 10.0)):
         try:
-            os.killpg(pid, 0)
+            os.killpg(pid, signum)
         except ProcessLookupError:
             return
+        if _group_gone(pid, wait):
+            return
+
+
+def _group_gone(pid: int, wait: float) -> bool:
+    deadline = time.time() + wait
+    while time.time() < deadline:
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
-        time.sleep(0.3)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def status(state_dir: str | Path) -> dict[str, dict]:
