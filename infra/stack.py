@@ -163,7 +163,7 @@ def _ray_nodes(address: str, env: dict[str, str]) -> int:
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
 
-def up(state_dir: str | Path, timeout: float = 120.0) -> Stack:
+def up(state_dir: str | Path, timeout: float = 300.0) -> Stack:
     """Start every service, wait for each to be healthy, write the env file."""
     stack = Stack.load(state_dir)
     if any(stack.alive(n) for n in stack.pids):
