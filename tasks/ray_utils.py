@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from admflow.config import AdmConfig
 
 # Ray Train reports block until the controller polls; the default 2 s makes short runs crawl.
 _WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONWARNINGS": "ignore"}
+# Flow stages run in threads (e.g. three trainings at once): only one may call ray.init.
+_INIT_LOCK = threading.Lock()
 
 
 def ensure_ray(cfg: AdmConfig) -> Any:
     import ray
 
-    if ray.is_initialized():
-        return ray
+    with _INIT_LOCK:
+        if not ray.is_initialized():
+            _init(ray, cfg)
+    return ray
+
+
+def _init(ray: Any, cfg: AdmConfig) -> None:
     os.environ.setdefault(
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", _WORKER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     )
@@ -44,4 +52,3 @@ def ensure_ray(cfg: AdmConfig) -> Any:
             logging_level=logging.ERROR,
             log_to_driver=False,
         )
-    return ray
