@@ -468,9 +468,9 @@ def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
     """Shards, checkpoints and MLflow artifacts all in S3 (moto); tracking via `mlflow server`."""
     import mlflow
     import s3fs
-    from tests.conftest import free_port, stop_process, wait_for_port
 
     from tasks.train import train_classifier
+    from tests.conftest import free_port, stop_process, wait_for_port
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     for bucket in ("train-store", "train-mlflow"):
