@@ -199,9 +199,15 @@ def log_dataset(manifest: dict, data_uri: str) -> None:
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(data_uri)
     dataset = MetaDataset(source, name=name, digest=digest)  # type: ignore[abstract]
-    mlflow.log_input(
-        dataset, context="training", tags={"num_images": str(manifest.get("num_images"))}
-    )
+    tags = {"num_images": str(manifest.get("num_images"))}
+    try:
+        mlflow.log_input(dataset, context="training", tags=tags)
+    except mlflow.exceptions.MlflowException as e:
+        # Parallel trainings register the same data set at once on a sqlite store: the
+        # loser of that race finds the row there on a second try.
+        if "UNIQUE constraint" not in str(e):
+            raise
+        mlflow.log_input(dataset, context="training", tags=tags)
     mlflow.log_dict(manifest, "data/manifest.json")
 
 
