@@ -26,25 +26,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from admflow import storage
+from tasks.data import load_manifest
+from tasks.data import shard_root as data_root
 
 DEFAULT_WINDOW_SHARDS = 8
-
-
-def load_manifest(data_uri: str) -> dict:
-    uri = data_uri if data_uri.endswith(".json") else storage.join(data_uri, "manifest.json")
-    try:
-        manifest = storage.read_json(uri)
-    except FileNotFoundError:
-        raise storage.StorageError(
-            f"no shard manifest at {uri}: run `admflow shard` first or pass its output dir"
-        ) from None
-    if manifest.get("format") != "admflow-shards/1":
-        raise storage.StorageError(f"{uri}: not an admflow-shards/1 manifest")
-    return manifest
-
-
-def data_root(data_uri: str) -> str:
-    return data_uri[: -len("/manifest.json")] if data_uri.endswith("manifest.json") else data_uri
 
 
 def _rng(*key: int) -> np.random.Generator:
