@@ -115,7 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--steps", type=int, default=8, help="timed steps per mode (default 8)")
+    p.add_argument("--steps", type=int, default=16, help="timed steps per mode (default 16)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     args = p.parse_args()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")

@@ -175,15 +175,24 @@ def up(state_dir: str | Path, timeout: float = 300.0) -> Stack:
     stack.pids = {}
     env = stack.env()
     stack.write_env_file()
-    _start_s3(stack, env, timeout)
-    _start_mlflow(stack, env, timeout)
-    _start_prefect(stack, env, timeout)
-    _start_ray(stack, env, timeout)
+    # Spawn first, then wait: the servers' start-ups (mostly Python imports) overlap.
+    _spawn_s3(stack, env)
+    _spawn_mlflow(stack, env)
+    _spawn_prefect(stack, env)
+    _spawn_ray_head(stack, env)
+    _wait_s3(env, timeout)
+    _wait(lambda: _http_ok(env["MLFLOW_TRACKING_URI"] + "/health"), "MLflow server", timeout)
+    _wait(lambda: _http_ok(env["PREFECT_API_URL"] + "/health"), "Prefect server", timeout)
+    _spawn_prefect_worker(stack, env)
+    _start_ray_node(stack, env, timeout)
     return stack
 
 
-def _start_s3(stack: Stack, env: dict[str, str], timeout: float) -> None:
+def _spawn_s3(stack: Stack, env: dict[str, str]) -> None:
     stack._spawn("s3", [_bin("moto_server"), "-H", HOST, "-p", str(stack.ports["s3"])], env)
+
+
+def _wait_s3(env: dict[str, str], timeout: float) -> None:
     _wait(lambda: _http_ok(env["AWS_ENDPOINT_URL"] + "/moto-api/"), "S3 (moto_server)", timeout)
     import s3fs
 
@@ -196,7 +205,7 @@ def _start_s3(stack: Stack, env: dict[str, str], timeout: float) -> None:
         fs.mkdir(BUCKET)
 
 
-def _start_mlflow(stack: Stack, env: dict[str, str], timeout: float) -> None:
+def _spawn_mlflow(stack: Stack, env: dict[str, str]) -> None:
     db = stack.state_dir / "mlflow.db"
     argv = [
         _bin("mlflow"), "server", "--host", HOST, "--port", str(stack.ports["mlflow"]),
@@ -206,17 +215,18 @@ def _start_mlflow(stack: Stack, env: dict[str, str], timeout: float) -> None:
     ]  # fmt: skip
     server_env = {**env, "MLFLOW_S3_ENDPOINT_URL": env["AWS_ENDPOINT_URL"]}
     stack._spawn("mlflow", argv, server_env)
-    _wait(lambda: _http_ok(env["MLFLOW_TRACKING_URI"] + "/health"), "MLflow server", timeout)
 
 
-def _start_prefect(stack: Stack, env: dict[str, str], timeout: float) -> None:
-    home = stack.state_dir / "prefect-home"
-    penv = {
+def _prefect_env(stack: Stack, env: dict[str, str]) -> dict[str, str]:
+    return {
         **env,
-        "PREFECT_HOME": str(home),
+        "PREFECT_HOME": str(stack.state_dir / "prefect-home"),
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": HOST,
     }
+
+
+def _spawn_prefect(stack: Stack, env: dict[str, str]) -> None:
     argv = [
         _bin("prefect"),
         "server",
@@ -226,32 +236,39 @@ def _start_prefect(stack: Stack, env: dict[str, str], timeout: float) -> None:
         "--port",
         str(stack.ports["prefect"]),
     ]
-    stack._spawn("prefect", argv, penv)
-    _wait(lambda: _http_ok(env["PREFECT_API_URL"] + "/health"), "Prefect server", timeout)
+    stack._spawn("prefect", argv, _prefect_env(stack, env))
+
+
+def _spawn_prefect_worker(stack: Stack, env: dict[str, str]) -> None:
     worker = [_bin("prefect"), "worker", "start", "--pool", POOL, "--type", "process"]
-    stack._spawn("prefect-worker", worker, {**penv, "ADMFLOW_REPO": str(Path.cwd())})
+    penv = {**_prefect_env(stack, env), "ADMFLOW_REPO": str(Path.cwd())}
+    stack._spawn("prefect-worker", worker, penv)
 
 
-def _start_ray(stack: Stack, env: dict[str, str], timeout: float) -> None:
-    port = str(stack.ports["ray"])
-    common = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
+_RAY_COMMON = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
+
+
+def _spawn_ray_head(stack: Stack, env: dict[str, str]) -> None:
     # The dashboard (on loopback) serves Ray's state API: which node ran which task.
-    head = [_bin("ray"), "start", "--head", "--node-ip-address", HOST, "--port", port,
-            "--include-dashboard", "true", "--dashboard-host", HOST,
-            "--dashboard-port", str(stack.ports["ray-dashboard"]), *common]  # fmt: skip
+    head = [_bin("ray"), "start", "--head", "--node-ip-address", HOST,
+            "--port", str(stack.ports["ray"]), "--include-dashboard", "true",
+            "--dashboard-host", HOST, "--dashboard-port", str(stack.ports["ray-dashboard"]),
+            *_RAY_COMMON]  # fmt: skip
     stack._spawn("ray-head", head, env)
-    _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 1, "Ray head", timeout)
-    node = [
-        _bin("ray"),
-        "start",
-        "--address",
-        env["RAY_ADDRESS"],
-        "--node-ip-address",
-        HOST,
-        *common,
-    ]
+
+
+def _start_ray_node(stack: Stack, env: dict[str, str], timeout: float) -> None:
+    _wait(lambda: _port_open(stack.ports["ray"]), "Ray head (GCS port)", timeout)
+    node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST,
+            *_RAY_COMMON]  # fmt: skip
     stack._spawn("ray-node", node, env)
-    _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 2, "second Ray node", timeout)
+    _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 2, "both Ray nodes", timeout)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((HOST, port)) == 0
 
 
 # Stop order: worker before server (stack notes), Ray node before head.
@@ -267,7 +284,8 @@ def down(state_dir: str | Path, timeout: float = 30.0) -> list[str]:
         if not pid:
             continue
         sig = signal.SIGINT if name == "prefect-worker" else signal.SIGTERM
-        _kill_group(pid, sig, timeout)
+        # `ray start --block` lingers ~30 s after SIGTERM; Ray keeps nothing we need on disk.
+        _kill_group(pid, sig, min(timeout, 5.0) if name.startswith("ray") else timeout)
         stopped.append(name)
     stack.pids = {}
     stack.save()

@@ -155,50 +155,63 @@ def _round16(x: torch.Tensor) -> torch.Tensor:
     return x.copy_(x.half())
 
 
-def _sq_distances(u: torch.Tensor, v: torch.Tensor, fp16: bool) -> torch.Tensor | None:
-    nu, nv = (u * u).sum(1), (v * v).sum(1)
-    d = u @ v.T
-    if fp16:
-        for t in (nu, nv, d):
-            _round16(t)
-    d.mul_(-2.0).add_(nu[:, None]).add_(nv[None, :]).clamp_(min=0.0)
-    if fp16:
-        _round16(d)
-        if not bool(torch.isfinite(d).all()):
-            return None
-    return d
+class _Points:
+    """Features in float32 plus their fp16-rounded copy and squared norms, prepared once so
+    that each block pair costs one matrix product."""
+
+    def __init__(self, features: np.ndarray):
+        self.fp32 = torch.from_numpy(features).float()
+        self.fp16 = self.fp32.half().float()
+        self.norm16 = _round16((self.fp16 * self.fp16).sum(1))
+        self.norm32 = (self.fp32 * self.fp32).sum(1)
+
+    def __len__(self) -> int:
+        return len(self.fp32)
+
+
+def _block_distances(a: _Points, ia: slice, b: _Points, ib: slice) -> torch.Tensor:
+    """Squared distances between a[ia] and b[ib]: fp16 first, fp32 if fp16 overflows."""
+    d = _round16(a.fp16[ia] @ b.fp16[ib].T)
+    d.mul_(-2.0).add_(a.norm16[ia, None]).add_(b.norm16[None, ib]).clamp_(min=0.0)
+    _round16(d)
+    if bool(torch.isfinite(d).all()):
+        return d
+    d = a.fp32[ia] @ b.fp32[ib].T
+    return d.mul_(-2.0).add_(a.norm32[ia, None]).add_(b.norm32[None, ib]).clamp_(min=0.0)
 
 
 def pairwise_sq_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Squared distances [len(u), len(v)] in float32: fp16 first, fp32 if fp16 overflows."""
-    d = _sq_distances(u.half().float(), v.half().float(), fp16=True)
-    return d if d is not None else _sq_distances(u.float(), v.float(), fp16=False)  # type: ignore[return-value]
+    a, b = _Points(u.float().numpy()), _Points(v.float().numpy())
+    return _block_distances(a, slice(None), b, slice(None))
 
 
 def _blocks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def manifold_radii(features: np.ndarray, k: int = 3, block: int = 5000) -> np.ndarray:
+def manifold_radii(features: np.ndarray, k: int = 3, block: int = 2500) -> np.ndarray:
     """Distance (squared) from each point to its k-th nearest neighbour, itself excluded.
 
-    Only blocks on and above the diagonal are computed; the rest are their transposes.
+    Only blocks on and above the diagonal are computed; the rest are their transposes (with
+    blocks of n/4 that is 10 of 16 products instead of 16).
     """
-    x = torch.from_numpy(_check_features(features, k + 1, "precision/recall")).float()
+    x = _Points(_check_features(features, k + 1, "precision/recall"))
     blocks = _blocks(len(x), block)
     cands: list[list[torch.Tensor]] = [[] for _ in blocks]
     for i, bi in enumerate(blocks):
         for j in range(i, len(blocks)):
-            d = pairwise_sq_distances(x[bi], x[blocks[j]])
+            d = _block_distances(x, bi, x, blocks[j])
             cands[i].append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
             if j != i:
-                cands[j].append(d.topk(min(k + 1, d.shape[0]), dim=0, largest=False).values.T)
+                d = d.T.contiguous()  # row-wise top-k is much faster than down columns
+                cands[j].append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
     radii = [torch.cat(c, 1).topk(k + 1, dim=1, largest=False).values[:, k] for c in cands]
     return torch.cat(radii).numpy()
 
 
 def precision_recall(
-    ref: np.ndarray, sample: np.ndarray, k: int = 3, block: int = 5000
+    ref: np.ndarray, sample: np.ndarray, k: int = 3, block: int = 2500
 ) -> tuple[float, float]:
     """(precision, recall) of ``sample`` features against ``ref`` features."""
     ref = _check_features(ref, k + 1, "precision/recall reference")
@@ -207,12 +220,12 @@ def precision_recall(
         raise MetricError(f"feature sizes differ: {ref.shape[1]} vs {sample.shape[1]}")
     r_ref = torch.from_numpy(manifold_radii(ref, k, block))
     r_smp = torch.from_numpy(manifold_radii(sample, k, block))
-    x, y = torch.from_numpy(ref).float(), torch.from_numpy(sample).float()
+    x, y = _Points(ref), _Points(sample)
     ref_in = torch.zeros(len(x), dtype=torch.bool)
     smp_in = torch.zeros(len(y), dtype=torch.bool)
     for bi in _blocks(len(x), block):
         for bj in _blocks(len(y), block):
-            d = pairwise_sq_distances(x[bi], y[bj])
+            d = _block_distances(x, bi, y, bj)
             ref_in[bi] |= (d <= r_smp[None, bj]).any(1)
             smp_in[bj] |= (d <= r_ref[bi, None]).any(0)
     return float(smp_in.double().mean()), float(ref_in.double().mean())
