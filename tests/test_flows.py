@@ -11,16 +11,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
 
 FAST = [
     "data.demo_images_per_class=20",
-    "training.steps=30",
-    "training.checkpoint_every=10",
-    "training.classifier_steps=30",
-    "training.upsampler_steps=20",
+    "training.steps=15",
+    "training.checkpoint_every=5",
+    "training.classifier_steps=15",
+    "training.upsampler_steps=10",
     "training.batch_size=16",
-    "sampling.num_samples=40",
-    "sampling.shard_size=20",
-    "sampling.batch_size=20",
+    "sampling.num_samples=20",
+    "sampling.shard_size=10",
+    "sampling.batch_size=10",
     "sampling.timestep_respacing=ddim5",
-    "evaluation.reference_images=200",
+    "evaluation.reference_images=100",
 ]
 
 
@@ -134,12 +134,12 @@ def test_periodic_evaluation_scores_each_checkpoint_once(pipeline):
     from flows.evaluate import evaluate_periodic
 
     overrides = pipeline["overrides"]
-    first = evaluate_periodic(preset="tiny", overrides=overrides, num_samples=20)
-    second = evaluate_periodic(preset="tiny", overrides=overrides, num_samples=20)
+    first = evaluate_periodic(preset="tiny", overrides=overrides, num_samples=10)
+    second = evaluate_periodic(preset="tiny", overrides=overrides, num_samples=10)
     assert len(first) == 3 and second == []
-    assert sorted(r["step"] for r in first) == [10, 20, 30]
+    assert sorted(r["step"] for r in first) == [5, 10, 15]
     cfg = load_config("tiny", overrides)
     setup_mlflow(cfg)
     client = mlflow.MlflowClient()
     history = client.get_metric_history(first[0]["train_run_id"], "eval/fid")
-    assert sorted(m.step for m in history) == [10, 20, 30]
+    assert sorted(m.step for m in history) == [5, 10, 15]

@@ -27,7 +27,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 STEPS = "ddim2"
 N = 200
-OVERRIDES = ["sampling.shard_size=32", "sampling.batch_size=32", "compute.torch_threads=1"]
+OVERRIDES = [
+    "sampling.shard_size=32",
+    "sampling.batch_size=32",
+    "sampling.use_ema=true",  # the released default (tiny samples raw weights)
+    "compute.torch_threads=1",
+]
 
 
 def tiny(*extra: str):

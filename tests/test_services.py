@@ -92,7 +92,10 @@ def test_periodic_deployment_has_its_cron_schedule(deployed):
 
 @pytest.fixture(scope="module")
 def reproduced(deployed):
-    params = {"preset": "tiny", "overrides": [*FAST, "sampling.classifier_scales=[0.0, 2.0]"]}
+    # One guided set and no upsampler: every service is exercised; the full pipeline's
+    # semantics are checked on embedded defaults in test_flows.
+    overrides = [*FAST, "sampling.classifier_scales=[2.0]", "upsampler.enabled=false"]
+    params = {"preset": "tiny", "overrides": overrides}
     t0 = time.time()
     first = _run_deployment(deployed["env"], "reproduce/reproduce", params)
     first_s = time.time() - t0
