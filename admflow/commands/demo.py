@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Runs `admflow reproduce --config tiny` with embedded defaults: local Ray, "
             "Prefect's ephemeral API, MLflow in ./admflow-store/mlflow.db and the object store "
-            "in ./admflow-store. About 11 minutes on 2 idle CPU cores (target 15); a rerun "
+            "in ./admflow-store. About 12 minutes on 2 idle CPU cores (target 15); a rerun "
             "is all cache hits. Override any preset field with --set, e.g. "
             "--set training.steps=1000."
         ),
