@@ -21,9 +21,6 @@ FAST = [
     "sampling.batch_size=10",
     "sampling.timestep_respacing=ddim5",
     "evaluation.reference_images=100",
-    # 10-20 images per set: one actor each, not two starting up on two cores
-    "sampling.workers=1",
-    "evaluation.workers=1",
 ]
 
 

@@ -95,7 +95,6 @@ def reproduced(deployed):
     # One guided set and no upsampler: every service is exercised; the full pipeline's
     # semantics are checked on embedded defaults in test_flows.
     overrides = [*FAST, "sampling.classifier_scales=[2.0]", "upsampler.enabled=false"]
-    overrides += ["sampling.workers=2", "evaluation.workers=2"]  # actors on both Ray nodes
     params = {"preset": "tiny", "overrides": overrides}
     t0 = time.time()
     first = _run_deployment(deployed["env"], "reproduce/reproduce", params)
