@@ -1,0 +1,144 @@
+"""The paper's results as data: which released files, presets and sampling settings each row
+of "Diffusion Models Beat GANs" used, and the numbers it published.
+
+The registry is ``configs/paper/rows.yaml``; :func:`load_rows` validates it (every file a row
+names has a download address, every preset exists and agrees with the row's run preset) so a
+broken entry fails at load, not after an hour of sampling. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from admflow.config import CONFIG_DIR, ConfigError, load_config
+
+REGISTRY = CONFIG_DIR / "paper" / "rows.yaml"
+DOWNLOAD_PREFIX = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Network(_Strict):
+    """One released network of a row: the preset that builds it and its checkpoint file."""
+
+    preset: str
+    file: str
+
+
+class Published(_Strict):
+    """What the paper printed for the row (None: not in the table the row comes from)."""
+
+    fid: float = Field(gt=0)
+    sfid: float | None = Field(None, gt=0)
+    inception_score: float | None = Field(None, gt=0)
+    precision: float | None = Field(None, ge=0, le=1)
+    recall: float | None = Field(None, ge=0, le=1)
+    table: str
+
+
+class PaperRow(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    description: str
+    preset: str = Field(description="the config the run loads (the upsampler's for two stages)")
+    diffusion: Network
+    classifier: Network | None = None
+    upsampler: Network | None = None
+    sampler: Literal["ddpm", "ddim"]
+    steps: str = Field(description="timestep respacing of every stage, e.g. '250' or 'ddim25'")
+    classifier_scale: float = Field(ge=0)
+    reference: str = Field(description="the paper's reference batch (.npz)")
+    published: Published
+
+    @model_validator(mode="after")
+    def _guidance(self) -> PaperRow:
+        if (self.classifier is None) != (self.classifier_scale == 0):
+            raise ValueError(
+                "a classifier needs classifier_scale > 0, and a scale > 0 a classifier"
+            )
+        if (self.sampler == "ddim") != self.steps.startswith("ddim"):
+            raise ValueError(f"sampler {self.sampler} does not match steps {self.steps!r}")
+        return self
+
+    def networks(self) -> dict[str, Network]:
+        named = {"diffusion": self.diffusion, "classifier": self.classifier}
+        named["upsampler"] = self.upsampler
+        return {k: v for k, v in named.items() if v is not None}
+
+    def files(self) -> list[str]:
+        """Every file the row needs: checkpoints, then the reference batch."""
+        return [n.file for n in self.networks().values()] + [self.reference]
+
+    def overrides(self, num_samples: int | None = None) -> list[str]:
+        """The row's sampling settings as config overrides (user overrides go after these)."""
+        out = [
+            f"sampling.sampler={self.sampler}",
+            f"sampling.timestep_respacing='{self.steps}'",
+            f"sampling.classifier_scales=[{self.classifier_scale}]",
+        ]
+        return out + ([f"sampling.num_samples={num_samples}"] if num_samples else [])
+
+
+class Registry(_Strict):
+    files: dict[str, str]
+    rows: list[PaperRow] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _links(self) -> Registry:
+        for name, url in self.files.items():
+            if not url.startswith(DOWNLOAD_PREFIX) or not url.endswith("/" + name):
+                raise ValueError(f"files.{name}: {url} is not a released download address")
+        ids = [r.id for r in self.rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"row ids are not unique: {ids}")
+        for row in self.rows:
+            for name in row.files():
+                if name not in self.files:
+                    raise ValueError(f"row {row.id}: {name} has no entry under files")
+        return self
+
+    def row(self, row_id: str) -> PaperRow:
+        for r in self.rows:
+            if r.id == row_id:
+                return r
+        raise ConfigError(f"no paper row {row_id!r}; see `admflow paper list` ({self.ids()})")
+
+    def ids(self) -> str:
+        return ", ".join(r.id for r in self.rows)
+
+    def url(self, name: str) -> str:
+        return self.files[name]
+
+
+def _check_presets(row: PaperRow) -> None:
+    """The run preset must build exactly the networks the row names."""
+    run = load_config(row.preset)
+    sections = {"diffusion": "model", "classifier": "classifier", "upsampler": "upsampler"}
+    for kind, net in row.networks().items():
+        section = sections[kind]
+        if getattr(load_config(net.preset), section) != getattr(run, section):
+            raise ConfigError(
+                f"paper row {row.id}: preset {row.preset!r} has another {section} section than "
+                f"{kind} preset {net.preset!r}"
+            )
+    if row.upsampler is not None and not run.upsampler.enabled:
+        raise ConfigError(f"paper row {row.id}: preset {row.preset!r} has no upsampler")
+
+
+def load_rows(path: Path = REGISTRY) -> Registry:
+    """The validated registry; a bad entry raises ConfigError naming it."""
+    try:
+        registry = Registry.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path.name}: {loc}: {first['msg']}") from None
+    for row in registry.rows:
+        _check_presets(row)
+    return registry
