@@ -16,6 +16,7 @@ COMMANDS = [
     "evaluate",
     "features",
     "reproduce",
+    "paper",
     "demo",
     "stack",
 ]
@@ -57,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, StorageError) as e:
-        print(f"admflow {args.command}: {e}", file=sys.stderr)
+        # One line: a multi-line config report becomes "invalid config (...): a; b".
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+        print(f"admflow {args.command}: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"admflow {args.command}: interrupted; rerun to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -142,3 +142,28 @@ def load_rows(path: Path = REGISTRY) -> Registry:
     for row in registry.rows:
         _check_presets(row)
     return registry
+
+
+def locate_files(
+    registry: Registry, row: PaperRow, checkpoints: str, reference: str
+) -> dict[str, str]:
+    """URIs of the row's files: checkpoints in the directory ``checkpoints``; the reference is
+    ``reference`` itself when it names an .npz, else the row's file inside that directory.
+
+    Any missing file fails here, before Ray or Prefect start, naming it and its download address.
+    """
+    from admflow import storage
+
+    found = {kind: storage.join(checkpoints, n.file) for kind, n in row.networks().items()}
+    found["reference"] = (
+        reference if reference.endswith(".npz") else storage.join(reference, row.reference)
+    )
+    names = {kind: n.file for kind, n in row.networks().items()} | {"reference": row.reference}
+    missing = [
+        f"{names[kind]} not found at {uri}; download it from {registry.url(names[kind])}"
+        for kind, uri in found.items()
+        if not storage.exists(uri)
+    ]
+    if missing:
+        raise storage.StorageError(f"paper row {row.id}: " + "; ".join(missing))
+    return found

@@ -1,0 +1,52 @@
+"""One row of the paper from the released checkpoints: the `sample` flow with the row's
+settings (two stages where the row has an upsampler), scored against the paper's reference
+batch, and a table of ours beside the published numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from admflow.config import load_config
+from admflow.paper import load_rows, locate_files
+from flows.sample import sample_released
+
+
+@flow(name="paper", log_prints=True)
+def paper(
+    row: str,
+    checkpoints: str,
+    reference: str,
+    num_samples: int | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """E.g. row=imagenet256-adm-g, checkpoints=s3://models/openai (holding 256x256_diffusion.pt
+    and 256x256_classifier.pt), reference=VIRTUAL_imagenet256_labeled.npz."""
+    from tasks import lineage, paper_report
+
+    registry = load_rows()
+    entry = registry.row(row)
+    files = locate_files(registry, entry, checkpoints, reference)
+    settings = entry.overrides(num_samples) + list(overrides or [])
+    cfg = load_config(entry.preset, settings)
+    parent = paper_report.start_parent_run(cfg, entry, files, settings, flow_run.get_id())
+
+    scored = sample_released(
+        preset=entry.preset,
+        checkpoint=files["diffusion"],
+        reference=files["reference"],
+        classifier=files.get("classifier"),
+        classifier_scale=entry.classifier_scale,
+        upsampler=files.get("upsampler"),
+        overrides=settings,
+        parent_run_id=parent,
+        final_only=True,
+    )
+    final = scored[-1]
+    lineage.link(parent, samples=final["samples"], evaluate_run_id=final.get("mlflow_run_id"))
+    result = paper_report.record(cfg, entry, final, cfg.sampling.num_samples, parent)
+    lineage.finish_parent_run(parent, {})
+    get_run_logger().info("paper row %s:\n%s", entry.id, result["table"])
+    return {**result, "samples": final["samples"], "mlflow_parent_run_id": parent}
