@@ -1,5 +1,8 @@
-"""Sharding: a source (image folder, flat folder, ADM ``.npz`` batch, or the demo set) into
-Parquet shards plus ``manifest.json`` in object storage.
+"""Sharding: a source (image folder, flat folder, ADM ``.npz`` batch, or the demo set; the
+folders and batches local or on object storage) into Parquet shards plus ``manifest.json``.
+
+A remote source is listed once by the driver (names, sizes, ETags: no object is read) and
+its images are read by the Ray workers that build the shards.
 
 The shard plan (which source items go to which shard) is fixed up front from the sorted
 source listing, so shard contents never depend on Ray scheduling; each shard is built by
@@ -18,10 +21,10 @@ import os
 import sys
 import zipfile
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from admflow import storage
 from admflow.config import AdmConfig
@@ -84,10 +87,12 @@ def list_source(cfg: AdmConfig, src: str) -> Source:
         return _mixed(_demo_source(cfg))
     if src.endswith(".npz"):
         return _npz_source(cfg, src)
+    if storage.is_remote(src):
+        return _mixed(_folder_source(src.rstrip("/")))
     path = storage.local_path(src)
     if path is None or not os.path.isdir(path):
         raise ShardError(
-            f"source {src!r} is neither 'demo', an .npz batch, nor a local image folder"
+            f"source {src!r} is neither 'demo', an .npz batch, nor an image folder (local or s3://)"
         )
     return _mixed(_folder_source(path))
 
@@ -120,34 +125,56 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _folder_source(root: str) -> Source:
+def _tree_order(key: str) -> tuple[list[str], str]:
+    """os.walk's top-down order with sorted names: a folder's files before its sub-folders."""
+    parts = key.split("/")
+    return parts[:-1], parts[-1]
+
+
+def _walk(root: str) -> tuple[list[str], dict[str, str]]:
+    """Top-level sub-folders of ``root`` and every file below it as ``key -> stamp`` (key:
+    '/'-separated path relative to root; stamp: size and modification time or ETag), local
+    or on object storage (one listing, no object is read)."""
+    if storage.is_remote(root):
+        fs, base = storage.filesystem(root)
+        try:
+            found = fs.find(base, withdirs=False, detail=True)
+        except Exception as e:  # missing bucket, endpoint down, no credentials
+            raise ShardError(
+                f"cannot list {root}: {type(e).__name__}: {e}; check the bucket name, "
+                "AWS_ENDPOINT_URL and the AWS credential variables"
+            ) from None
+        files = {
+            p[len(base) + 1 :]: f"{i.get('size')}\0{i.get('ETag') or i.get('LastModified')}"
+            for p, i in found.items()
+            if p.startswith(base + "/")
+        }
+        return sorted({k.split("/")[0] for k in files if "/" in k}), files
     entries = sorted(os.listdir(root))
     subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-    keys, labels, classes, ignored = [], [], [], []
-    if subdirs:  # ImageNet-style: one sub-folder per class, labels in sorted name order
-        classes = subdirs
-        for label, name in enumerate(subdirs):
-            for dirpath, dirs, files in os.walk(os.path.join(root, name)):
-                dirs.sort()
-                for f in sorted(files):
-                    key = os.path.relpath(os.path.join(dirpath, f), root)
-                    if _is_image_name(f):
-                        keys.append(key)
-                        labels.append(label)
-                    elif not f.startswith("."):
-                        ignored.append({"key": key, "reason": "not an image file name"})
-        stray = [e for e in entries if e not in subdirs and not e.startswith(".")]
-        ignored += [{"key": e, "reason": "not inside a class folder"} for e in stray]
-        kind = "folder"
-    else:  # flat (LSUN-style), unconditional
-        keys = [e for e in entries if _is_image_name(e)]
-        labels = [-1] * len(keys)
-        ignored = [
-            {"key": e, "reason": "not an image file name"}
-            for e in entries
-            if not _is_image_name(e) and not e.startswith(".")
-        ]
-        kind = "flat"
+    files = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for f in names:
+            key = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+            st = os.stat(os.path.join(dirpath, f))
+            files[key] = f"{st.st_size}\0{st.st_mtime_ns}"
+    return subdirs, files
+
+
+def _folder_source(root: str) -> Source:
+    subdirs, files = _walk(root)
+    keys, labels, ignored = [], [], []
+    label_of = {name: label for label, name in enumerate(subdirs)}
+    for key in sorted(files, key=_tree_order):
+        top, name = key.split("/", 1)[0], key.rsplit("/", 1)[-1]
+        if subdirs and "/" not in key:  # ImageNet-style: images must sit in a class folder
+            if not name.startswith("."):
+                ignored.append({"key": key, "reason": "not inside a class folder"})
+        elif _is_image_name(name):  # labels follow the sorted class-folder names
+            keys.append(key)
+            labels.append(label_of[top] if subdirs else -1)
+        elif not name.startswith("."):
+            ignored.append({"key": key, "reason": "not an image file name"})
     if not keys:
         raise ShardError(
             f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}); point SRC at "
@@ -155,9 +182,9 @@ def _folder_source(root: str) -> Source:
         )
     h = hashlib.sha256()
     for k in keys:
-        st = os.stat(os.path.join(root, k))
-        h.update(f"{k}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return Source(kind, root, keys, labels, classes, h.hexdigest(), tuple(sorted(ignored, key=str)))
+        h.update(f"{k}\0{files[k]}\n".encode())
+    kind = "folder" if subdirs else "flat"  # flat (LSUN-style) is unconditional
+    return Source(kind, root, keys, labels, subdirs, h.hexdigest(), tuple(sorted(ignored, key=str)))
 
 
 def _npz_source(cfg: AdmConfig, uri: str) -> Source:
@@ -173,74 +200,126 @@ def _npz_source(cfg: AdmConfig, uri: str) -> Source:
         num_classes = max(int(labels.max()) + 1, cfg.data.num_classes or 0)
         classes = [str(c) for c in range(num_classes)]
     label_list = [int(v) for v in labels] if labels is not None else [-1] * n
-    return Source(
-        "npz", uri, [f"{i:08d}" for i in range(n)], label_list, classes, storage.content_hash(uri)
-    )
+    return Source("npz", uri, [f"{i:08d}" for i in range(n)], label_list, classes, _npz_stamp(uri))
 
 
-def open_npz(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """``arr_0`` (uint8 NHWC, memory-mapped when stored uncompressed) and ``arr_1`` labels."""
-    path = storage.local_path(uri)
-    if path is None:
-        raise ShardError(f"{uri}: copy remote .npz batches to a local path first")
+def _npz_stamp(uri: str) -> str:
+    """Content hash of a local batch; size and ETag of a remote one (not downloaded)."""
+    if not storage.is_remote(uri):
+        return storage.content_hash(uri)
+    fs, path = storage.filesystem(uri)
+    info = fs.info(path)
+    stamp = f"{uri}\0{info.get('size')}\0{info.get('ETag') or info.get('LastModified')}"
+    return hashlib.sha256(stamp.encode()).hexdigest()
+
+
+def open_npz(uri: str, labels: bool = True) -> tuple[Any, np.ndarray | None]:
+    """``arr_0`` (uint8 NHWC) and ``arr_1`` labels (None when absent or not asked for).
+
+    An uncompressed ``arr_0`` is not read here: locally it is memory-mapped, on object
+    storage its rows are fetched by range when indexed, so each worker reads only its rows."""
+    fs, path = storage.filesystem(uri)
     try:
-        with zipfile.ZipFile(path) as zf:
+        with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
             names = {n.removesuffix(".npy") for n in zf.namelist()}
+            if "arr_0" not in names:
+                raise ShardError(
+                    f"{uri}: no 'arr_0' array (found {sorted(names)}); an ADM batch holds arr_0 "
+                    "(uint8 N x H x W x 3 images) and optionally arr_1 (int labels)"
+                )
+            images = _npz_images(uri, zf, raw)
+            found = None
+            if labels and "arr_1" in names:
+                with zf.open("arr_1.npy") as f:
+                    found = np.lib.format.read_array(f)
     except (zipfile.BadZipFile, FileNotFoundError) as e:
         raise ShardError(f"{uri}: not a readable .npz file ({e})") from None
-    if "arr_0" not in names:
-        raise ShardError(
-            f"{uri}: no 'arr_0' array (found {sorted(names)}); an ADM batch holds arr_0 "
-            "(uint8 N x H x W x 3 images) and optionally arr_1 (int labels)"
-        )
-    images = _npz_member(path, "arr_0")
+    except OSError as e:  # object storage unreachable or refusing
+        raise ShardError(f"{uri}: cannot read ({type(e).__name__}: {e})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ShardError(
             f"{uri}: arr_0 must be uint8 with shape N x H x W x 3, got {images.dtype} "
             f"{images.shape}; convert with (x * 127.5 + 127.5).clip(0, 255).astype(np.uint8)"
         )
-    labels = None
-    if "arr_1" in names:
-        labels = np.asarray(_npz_member(path, "arr_1"))
-        if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+    if found is not None and (
+        found.shape != (images.shape[0],) or not np.issubdtype(found.dtype, np.integer)
+    ):
+        raise ShardError(
+            f"{uri}: arr_1 must hold one integer label per image, got {found.dtype} "
+            f"{found.shape} for {images.shape[0]} images"
+        )
+    return images, found
+
+
+def _npz_images(uri: str, zf: zipfile.ZipFile, raw: IO[bytes]) -> Any:
+    info = zf.getinfo("arr_0.npy")
+    local = storage.local_path(uri)
+    if info.compress_type != zipfile.ZIP_STORED:
+        if local is None:
             raise ShardError(
-                f"{uri}: arr_1 must hold one integer label per image, got {labels.dtype} "
-                f"{labels.shape} for {images.shape[0]} images"
+                f"{uri}: arr_0 is compressed (np.savez_compressed), so every worker would "
+                "download and inflate all of it; store the batch with np.savez, or shard a "
+                "local copy"
             )
-    return images, labels
-
-
-def _npz_member(path: str, name: str) -> np.ndarray:
-    """Memory-map an uncompressed npz member (so sharding a large batch stays streaming)."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f"{name}.npy")
-        if info.compress_type == zipfile.ZIP_STORED:
-            with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, fortran, dtype = read_header(f)
-                header_len = f.tell()
-            with open(path, "rb") as raw:
-                raw.seek(info.header_offset)
-                local = raw.read(30)
-                name_len = int.from_bytes(local[26:28], "little")
-                extra_len = int.from_bytes(local[28:30], "little")
-            offset = info.header_offset + 30 + name_len + extra_len + header_len
-            if fortran:
-                return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F")
-            return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="C")
         with zf.open(info) as f:
             return np.lib.format.read_array(f)
+    with zf.open(info) as f:  # reads the .npy header only
+        version = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(f)
+        header_len = f.tell()
+    raw.seek(info.header_offset)  # the zip local header precedes the member's bytes
+    head = raw.read(30)
+    name_len = int.from_bytes(head[26:28], "little")
+    extra_len = int.from_bytes(head[28:30], "little")
+    offset = info.header_offset + 30 + name_len + extra_len + header_len
+    if local is not None:
+        if fortran:
+            return np.memmap(local, dtype=dtype, mode="r", shape=shape, offset=offset, order="F")
+        return np.memmap(local, dtype=dtype, mode="r", shape=shape, offset=offset, order="C")
+    if fortran:
+        raise ShardError(f"{uri}: arr_0 is stored in Fortran order; save it C-contiguous")
+    return RemoteRows(uri, offset, shape, dtype)
+
+
+class RemoteRows:
+    """Rows of an uncompressed npz array on object storage, fetched in ranged blocks of
+    about ``BLOCK_BYTES`` as they are indexed (a shard's rows are contiguous)."""
+
+    BLOCK_BYTES = 8 << 20
+
+    def __init__(self, uri: str, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.uri, self.offset, self.shape, self.dtype = uri, offset, tuple(shape), dtype
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:])) * dtype.itemsize
+        self._block: tuple[int, int, bytes] = (0, 0, b"")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start, stop, data = self._block
+        if not start <= i < stop:
+            start = i
+            stop = min(self.shape[0], i + max(1, self.BLOCK_BYTES // self.row_bytes))
+            fs, path = storage.filesystem(self.uri)
+            rb = self.row_bytes
+            data = fs.cat_file(path, start=self.offset + start * rb, end=self.offset + stop * rb)
+            self._block = (start, stop, data)
+        row = np.frombuffer(
+            data, self.dtype, self.row_bytes // self.dtype.itemsize, (i - start) * self.row_bytes
+        )
+        return row.reshape(self.shape[1:])
 
 
 # ------------------------------------------------------------------ one shard
 
 
-def _load_item(source: Source, index: int, size: int, npz: np.ndarray | None) -> np.ndarray:
+def _load_item(source: Source, index: int, size: int, npz: Any) -> np.ndarray:
     if source.kind == "demo":
         from tasks.demo_data import parse_key, render
 
@@ -248,21 +327,28 @@ def _load_item(source: Source, index: int, size: int, npz: np.ndarray | None) ->
         return center_crop(Image.fromarray(render(label, i, size)), size)
     if npz is not None:
         return center_crop(Image.fromarray(np.asarray(npz[index])), size)
-    with Image.open(os.path.join(source.uri, source.keys[index])) as im:
-        im.load()  # decode fully now, so truncated files fail here
-        return center_crop(im, size)
+    uri = storage.join(source.uri, source.keys[index])
+    # Workers read objects directly (their node's storage credentials), not via the driver.
+    fp = io.BytesIO(storage.read_bytes(uri)) if storage.is_remote(uri) else uri
+    try:
+        with Image.open(fp) as im:
+            im.load()  # decode fully now, so truncated files fail here
+            return center_crop(im, size)
+    except UnidentifiedImageError:  # name the key, not a path or an in-memory buffer
+        raise UnidentifiedImageError(f"not an image: {source.keys[index]}") from None
 
 
 def build_shard(source: Source, indices: list[int], size: int) -> tuple[bytes, dict[str, Any]]:
     """Decode, preprocess and encode the rows of one shard: its Parquet bytes and record.
 
-    Workers return bytes and the driver writes them, so Ray workers need no storage
-    credentials and at most the in-flight shards are in memory."""
+    Workers return bytes and the driver writes them, so at most the in-flight shards are in
+    memory; a source on object storage is read by the workers themselves, with their
+    node's credentials, so its bytes never pass through the driver."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     images, labels, keys, skipped = [], [], [], []
-    npz = open_npz(source.uri)[0] if source.kind == "npz" else None  # once per shard
+    npz = open_npz(source.uri, labels=False)[0] if source.kind == "npz" else None
     for i in indices:
         try:
             arr = _load_item(source, i, size, npz)
@@ -379,6 +465,7 @@ def _run_shards(cfg, source, plan, specs, uris, todo, workers, progress, records
     if not todo:
         return []
     ray = ensure_ray(cfg)
+    _check_workers_read(ray, source)
     workers = workers or cfg.compute.num_workers
     remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
     source_ref = ray.put(source)
@@ -398,6 +485,31 @@ def _run_shards(cfg, source, plan, specs, uris, todo, workers, progress, records
         bar.update(len(plan[i]))
     bar.close()
     return sorted(written)
+
+
+def _readable(uri: str) -> str:
+    """On a Ray worker: '' when ``uri`` can be read there, else why not."""
+    try:
+        fs, path = storage.filesystem(uri)
+        fs.info(path)
+        return ""
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _check_workers_read(ray: Any, source: Source) -> None:
+    """One cheap remote read before the shards: missing credentials on the nodes would
+    otherwise show up as every image "failed to decode"."""
+    if not storage.is_remote(source.uri):
+        return
+    first = source.uri if source.kind == "npz" else storage.join(source.uri, source.keys[0])
+    err = ray.get(ray.remote(num_cpus=0)(_readable).remote(first))
+    if err:
+        raise ShardError(
+            f"the Ray workers cannot read {first} ({err[:300]}); give every node the storage "
+            "endpoint and credentials in its environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY or an instance role)"
+        )
 
 
 def _manifest(cfg: AdmConfig, source: Source, dest: str, size: int, records: list[dict]) -> dict:

@@ -192,3 +192,47 @@ def test_iter_batches_augmentations_are_seeded(tmp_path, ray_session):
     aug = np.concatenate(a)
     assert aug.shape == plain.shape and aug.min() >= -1 and aug.max() <= 1
     assert not np.allclose(np.sort(aug.ravel()), np.sort(plain.ravel()))
+
+
+def _upload(local_dir, uri):
+    for dirpath, _dirs, files in os.walk(local_dir):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), local_dir)
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                storage.write_bytes(f"{uri}/{rel}", fh.read())
+
+
+def test_folder_and_npz_on_s3_shard_like_their_local_copies(tmp_path, s3_bucket, ray_session):
+    from tasks.shard import RemoteRows, open_npz
+
+    src = tmp_path / "src" / "imgs"
+    for cls, colour in (("n02_zebra", (250, 250, 250)), ("n01_ant", (200, 10, 10))):
+        for i in range(3):
+            _write_jpeg(str(src / cls / f"{i}.jpg"), colour)
+    good = (src / "n01_ant" / "0.jpg").read_bytes()
+    (src / "n01_ant" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (src / "README").write_text("stray file outside the class folders")
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, size=(30, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "src" / "batch.npz", imgs, np.arange(30) % 3)
+    np.savez_compressed(tmp_path / "src" / "packed.npz", imgs)
+    _upload(tmp_path / "src", f"{s3_bucket}/src")
+    cfg = _cfg(image_size=16, shard_rows=4)
+    for name in ("imgs", "batch.npz"):
+        local = shard_dataset(cfg, str(tmp_path / "src" / name), str(tmp_path / "out" / name))
+        remote = shard_dataset(cfg, f"{s3_bucket}/src/{name}", f"{s3_bucket}/out/{name}")
+        assert remote["shards"] == local["shards"] and len(local["shards"]) > 1  # same bytes
+        assert remote["skipped"] == local["skipped"]
+        assert remote["class_names"] == local["class_names"]
+    folder = storage.read_json(f"{s3_bucket}/out/imgs/manifest.json")
+    assert folder["num_images"] == 6 and folder["class_names"] == ["n01_ant", "n02_zebra"]
+    assert [s["key"] for s in folder["skipped"]] == ["README", "n01_ant/truncated.jpg"]
+    # the driver only reads the batch's headers: rows are fetched by range where indexed
+    rows, labels = open_npz(f"{s3_bucket}/src/batch.npz")
+    assert isinstance(rows, RemoteRows) and rows.shape == imgs.shape
+    np.testing.assert_array_equal(rows[17], imgs[17])
+    np.testing.assert_array_equal(labels, np.arange(30) % 3)
+    with pytest.raises(ShardError, match="compressed"):
+        shard_dataset(cfg, f"{s3_bucket}/src/packed.npz", f"{s3_bucket}/out/packed")
+    with pytest.raises(ShardError, match="no images"):
+        shard_dataset(cfg, f"{s3_bucket}/src/nothing-here", f"{s3_bucket}/out/none")
