@@ -173,7 +173,7 @@ def main() -> None:
         "best_bf16_variant": best_bf16,
         "speedup_best_bf16": ips(best_bf16) / ips("plain"),
         "fp32_vs_plain_samples": gap("fp32", "plain"),
-        "bf16_vs_fp32_samples": gap("bf16", "plain"),
+        "bf16_vs_plain_samples": gap("bf16", "plain"),
         "bf16_vs_fast_fp32_samples": gap("bf16", "fp32"),
         "loadavg_before_after": [load_before[0], load_after[0]],
     }
