@@ -10,6 +10,10 @@ samplers pass their ``model_kwargs`` (which hold the target labels ``y``) to it 
 timestep the networks see (original timestep for respaced diffusions). Guidance works the same for
 conditional and unconditional diffusion models; for the latter wrap the model in
 :func:`drop_class_labels` so the ``y`` meant for the classifier is not fed to it.
+
+Classifier-free guidance (Ho & Salimans 2022) needs no classifier: :func:`drop_labels` trains
+the model with a null class, :func:`classifier_free` mixes its two predictions when sampling.
+The few-step solvers (models.solvers) take the same cond_fn and guided models.
 """
 
 from __future__ import annotations
@@ -57,5 +61,46 @@ def drop_class_labels(model: Callable[..., torch.Tensor]) -> Callable[..., torch
         x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any
     ) -> torch.Tensor:
         return model(x, t, **kwargs)
+
+    return model_fn
+
+
+# ---------------------------------------------------------------------------- classifier-free
+# Ho & Salimans 2022: train one network with labels replaced by a learned null class ∅ with
+# probability p, then sample with ε̂ = (1+w)·ε(x, y) − w·ε(x, ∅).
+
+
+def drop_labels(
+    y: torch.Tensor, probability: float, null_class: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``y`` with each label replaced by ``null_class`` with ``probability``.
+
+    The coin flips come from ``generator`` (a CPU generator seeded per training step), so the
+    dropped labels are a function of the step's seed and a resumed run drops the same ones.
+    """
+    if probability <= 0:
+        return y
+    drop = torch.rand(len(y), generator=generator, device=generator.device) < probability
+    return torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+
+
+def classifier_free(
+    model: Callable[..., torch.Tensor], scale: float, null_class: int
+) -> Callable[..., torch.Tensor]:
+    """A model giving ε̂ = (1+w)·ε(x, y) − w·ε(x, ∅) in its first C channels (w = ``scale``).
+
+    The remaining channels (the learned variance) are the conditional pass's. The two passes
+    run separately, so at w = 0 the output equals the conditional model's bit for bit.
+    """
+    w = float(scale)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any):
+        if y is None:
+            raise ValueError("classifier-free guidance needs labels: pass model_kwargs={'y': ...}")
+        cond = model(x, t, y=y, **kwargs)
+        uncond = model(x, t, y=torch.full_like(y, null_class), **kwargs)
+        c = x.shape[1]
+        eps = (1.0 + w) * cond[:, :c] - w * uncond[:, :c]
+        return torch.cat([eps, cond[:, c:]], dim=1)
 
     return model_fn

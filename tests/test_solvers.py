@@ -1,0 +1,171 @@
+"""The few-step solvers and guidance forms against closed forms (Gaussian data, no training).
+
+For x_0 ~ N(m, s²) per pixel the probability-flow ODE maps x_t linearly: the standardised
+z = (x_t − α_t m) / √(α_t² s² + σ_t²) is constant along a trajectory, so the exact solution
+between any two times, and the exact x̂_0 = E[x_0 | x_t], are known in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.gaussian_diffusion import ModelVarType
+from models.guidance import classifier_free, cond_fn_from_classifier, drop_labels
+from models.solvers import FastSolver, make_sample_loop, solver_timesteps
+from tests.test_diffusion import GaussianDataEps, bright_dark_classifier, make_diffusion, p_target
+
+MEAN, STD = 0.2, 0.4
+SCHEDULE = "linear"
+
+
+def exact_solution(d, grid: np.ndarray, x_start: torch.Tensor) -> torch.Tensor:
+    """The exact ODE flow from grid[0] to grid[-1], then the exact x̂_0 there (what the
+    solvers return as their last evaluation)."""
+    abar = d.alphas_cumprod
+    a0, a1 = math.sqrt(abar[grid[0]]), math.sqrt(abar[grid[-1]])
+    v0 = a0**2 * STD**2 + 1 - abar[grid[0]]
+    v1 = a1**2 * STD**2 + 1 - abar[grid[-1]]
+    z = (x_start - a0 * MEAN) / math.sqrt(v0)
+    x1 = a1 * MEAN + math.sqrt(v1) * z
+    return MEAN + a1 * STD**2 * (x1 - a1 * MEAN) / v1
+
+
+def solver_error(kind: str, steps: int, schedule: str, order: int) -> float:
+    d = make_diffusion(steps=1000, schedule=SCHEDULE, var_type=ModelVarType.LEARNED_RANGE)
+    model = GaussianDataEps(d.alphas_cumprod, mean=MEAN, std=STD, learned_v=0.0)
+    noise = torch.randn((64, 1, 2, 2), generator=torch.Generator().manual_seed(0)).double()
+    solver = FastSolver(d, kind, steps, schedule, order=order)
+    x0 = solver.sample_loop(model, noise.shape, noise=noise, clip_denoised=False)
+    assert len(model.seen_t) == steps  # one network evaluation per grid point
+    return (x0 - exact_solution(d, solver.timesteps, noise)).abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "kind,order,expected",
+    [("dpm++2m", 1, 1), ("dpm++2m", 2, 2), ("unipc", 1, 2), ("unipc", 2, 3)],
+)
+@pytest.mark.parametrize("schedule", ["time", "logsnr"])
+def test_solvers_converge_with_their_order(kind, order, expected, schedule):
+    """Error ratio between 20 and 40 solver steps (21 and 41 evaluations: the last one is x̂_0).
+
+    The linear schedule spans λ from −5 to 4.6; at 10 steps (h ≈ 1) the error is not yet in its
+    asymptotic regime (10 -> 20 gives orders 1.4 for DPM-Solver++(2M), 2.7 for UniPC-2).
+    On the time-uniform grid h varies 30-fold along the path, which costs multistep methods
+    part of their order at these step counts, so there only convergence is required.
+    """
+    coarse, fine = solver_error(kind, 21, schedule, order), solver_error(kind, 41, schedule, order)
+    measured = math.log2(coarse / fine)
+    if schedule == "logsnr":
+        assert abs(measured - expected) < 0.3, f"{kind} order {order}: measured {measured:.2f}"
+    else:
+        assert measured > 0.8, f"{kind} order {order}: measured {measured:.2f}"
+
+
+def test_solver_grids_are_trained_timesteps_and_respaced_models_see_original_ones():
+    d = make_diffusion(steps=1000, schedule="cosine", respacing="100")
+    for schedule in ("time", "logsnr"):
+        for steps in (3, 5, 10, 50, 100):
+            grid = solver_timesteps(d, steps, schedule)
+            assert len(grid) == steps and grid[0] == 99 and grid[-1] == 0
+            assert (np.diff(grid) < 0).all()
+    lin = make_diffusion(steps=1000, schedule="linear", respacing="100")
+    lam = 0.5 * np.log(lin.alphas_cumprod / (1 - lin.alphas_cumprod))
+    gaps = np.diff(lam[solver_timesteps(lin, 10, "logsnr")])
+    # uniform in log-SNR, but for the last steps, where 10 respaced indices are too coarse
+    np.testing.assert_allclose(gaps[:-2], gaps[:-2].mean(), rtol=0.1)
+    model = GaussianDataEps(make_diffusion(steps=1000, schedule="cosine").alphas_cumprod)
+    FastSolver(d, "unipc", 5).sample_loop(model, (2, 1, 2, 2))
+    seen = sorted({int(t[0]) for t in model.seen_t})
+    assert seen == sorted(int(d.timestep_map[i]) for i in solver_timesteps(d, 5, "time"))
+    with pytest.raises(ValueError, match="steps"):
+        solver_timesteps(d, 2)
+
+
+@pytest.mark.parametrize("kind", ["dpm++2m", "unipc"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_first_order_solvers_are_ddim(kind, guided):
+    d = make_diffusion(steps=200, var_type=ModelVarType.LEARNED_RANGE, respacing="10")
+    abar = np.cumprod(1 - make_diffusion(steps=200).betas)
+    model = GaussianDataEps(abar, std=0.9, class_means=[0.5, -0.5], learned_v=0.3)
+    kw = dict(
+        model_kwargs={"y": torch.tensor([0, 1] * 8)},
+        cond_fn=cond_fn_from_classifier(bright_dark_classifier, 2.0) if guided else None,
+        clip_denoised=not guided,  # (DDIM clips before guidance, the solvers after)
+        generator=torch.Generator().manual_seed(3),
+    )
+    ddim = d.ddim_sample_loop(model, (16, 3, 4, 4), **kw)
+    assert (ddim.abs() == 1).any() or guided  # clipping did act
+    kw["generator"] = torch.Generator().manual_seed(3)
+    solver = FastSolver(d, kind, 10, "time", order=1)
+    assert solver.nfe == 10
+    x = solver.sample_loop(model, (16, 3, 4, 4), **kw)
+    if kind == "dpm++2m":  # order 1 is DDIM exactly; UniC-1 adds its correction on top
+        torch.testing.assert_close(x, ddim, rtol=1e-5, atol=1e-5)
+    else:
+        assert 0 < (x - ddim).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "unipc"])
+def test_classifier_guidance_raises_target_probability_in_every_solver(sampler):
+    d = make_diffusion(steps=100, var_type=ModelVarType.LEARNED_RANGE, respacing="25")
+    base_abar = np.cumprod(1 - make_diffusion(steps=100).betas)
+    model = GaussianDataEps(base_abar, std=0.4, class_means=[0.1, -0.1], learned_v=0.0)
+    y = torch.zeros(64, dtype=torch.long)
+    loop = make_sample_loop(d, sampler, steps=8)
+
+    def run(scale):
+        return loop(
+            model,
+            (64, 3, 4, 4),
+            cond_fn=None
+            if scale is None
+            else cond_fn_from_classifier(bright_dark_classifier, scale),
+            model_kwargs={"y": y},
+            generator=torch.Generator().manual_seed(7),
+        )
+
+    assert torch.equal(run(None), run(0.0))  # the guided path at s = 0 adds exactly zero
+    probs = [p_target(run(s), y) for s in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    assert all(a < b for a, b in zip(probs, probs[1:], strict=False)), probs
+    assert probs[-1] - probs[0] > 0.05
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "unipc"])
+def test_cfg_weight_zero_is_the_conditional_sampler_and_w_moves_to_the_class(sampler):
+    d = make_diffusion(steps=100, var_type=ModelVarType.LEARNED_RANGE, respacing="20")
+    base_abar = np.cumprod(1 - make_diffusion(steps=100).betas)
+    # class 2 is the null class: its data mean is the average of the two real classes
+    model = GaussianDataEps(base_abar, std=0.3, class_means=[0.3, -0.3, 0.0], learned_v=0.1)
+    y = torch.zeros(32, dtype=torch.long)
+    loop = make_sample_loop(d, sampler, steps=10)
+
+    def run(fn):
+        kw = dict(model_kwargs={"y": y}, generator=torch.Generator().manual_seed(5))
+        return loop(fn, (32, 3, 2, 2), **kw)
+
+    conditional = run(model)
+    assert torch.equal(run(classifier_free(model, 0.0, null_class=2)), conditional)
+    means = [run(classifier_free(model, w, null_class=2)).mean().item() for w in (0.0, 1.0, 3.0)]
+    assert means[0] < means[1] < means[2]  # pushed further from ∅ toward class 0 (mean 0.3)
+
+
+def test_label_dropout_is_a_function_of_the_step_seed():
+    from tasks.train_loop import step_seed
+
+    y = torch.arange(10).repeat(100)
+
+    def dropped(step):
+        gen = torch.Generator().manual_seed(step_seed(0, step, 0, 3))
+        return drop_labels(y, 0.2, 10, gen)
+
+    a, again, other = dropped(7), dropped(7), dropped(8)
+    assert torch.equal(a, again)  # a resumed run redraws the same coins
+    assert not torch.equal(a, other)
+    is_null = a == 10
+    assert 0.15 < is_null.float().mean().item() < 0.25
+    assert torch.equal(a[~is_null], y[~is_null])
+    assert torch.equal(drop_labels(y, 0.0, 10, torch.Generator()), y)
