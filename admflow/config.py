@@ -17,7 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets: configs/ in the repository, shipped in the package as admflow/presets (a link).
+CONFIG_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class ConfigError(ValueError):
@@ -25,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN/inf is never a meaningful setting (a NaN scale silently yields black images).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def default_channel_mult(image_size: int) -> tuple[float, ...]:
@@ -60,6 +62,16 @@ def _reachable_resolutions(image_size: int, levels: int) -> list[int]:
     return [image_size // 2**i for i in range(levels)]
 
 
+def _check_levels(image_size: int, mult: tuple[float, ...]) -> None:
+    """Each of the len(mult) - 1 downsamplings halves the side exactly (skips must match)."""
+    if image_size % 2 ** (len(mult) - 1):
+        raise ValueError(
+            f"image_size {image_size} cannot be halved {len(mult) - 1} times "
+            f"(channel_mult has {len(mult)} levels); use a multiple of {2 ** (len(mult) - 1)} "
+            f"or fewer levels"
+        )
+
+
 class DataConfig(Section):
     """Where images come from and how they are sharded."""
 
@@ -82,7 +94,7 @@ class UNetConfig(Section):
     attention_resolutions: list[int] = [16, 8]
     channel_mult: list[float] | None = None
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    num_classes: int | None = None
+    num_classes: int | None = Field(None, gt=0, description="null: unconditional")
     learn_sigma: bool = True
     use_checkpoint: bool = False
     use_fp16: bool = False
@@ -96,6 +108,7 @@ class UNetConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:
         mult = self.resolved_channel_mult()
+        _check_levels(self.image_size, mult)
         reachable = _reachable_resolutions(self.image_size, len(mult))
         for r in self.attention_resolutions:
             if r not in reachable:
@@ -181,6 +194,7 @@ class ClassifierConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> ClassifierConfig:
         mult = self.resolved_channel_mult()
+        _check_levels(self.image_size, mult)
         reachable = _reachable_resolutions(self.image_size, len(mult))
         for r in self.attention_resolutions:
             if r not in reachable and r <= self.image_size:
@@ -271,11 +285,47 @@ class SamplingConfig(Section):
     sampler: Literal["ddpm", "ddim"] = "ddim"
     timestep_respacing: str = Field("ddim25", description="'250', 'ddim25' or '10,15,20'")
     eta: float = Field(0.0, ge=0.0)
+    guidance: Literal["classifier", "none"] = Field(
+        "classifier", description="classifier: scales > 0 follow the noisy classifier; none"
+    )
     classifier_scales: list[float] = [0.0, 1.0]
+    classes: list[int] | None = Field(None, description="class ids to draw labels from")
     use_ema: bool = True
     clip_denoised: bool = True
     seed: int = 0
     workers: int = Field(2, gt=0)
+
+    @field_validator("classifier_scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        for s in v:
+            if s < 0:
+                raise ValueError(f"each scale must be >= 0 (0 = unguided), got {s}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _class_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0):
+            raise ValueError(f"class ids must be a non-empty list of ids >= 0, got {v}")
+        return v
+
+    def guided(self, scale: float, has_classifier: bool) -> bool:
+        """The one rule for whether a sample set follows a guide: every stage asks here.
+        (A new kind of guidance is a new ``guidance`` value and a branch in this method.)"""
+        if self.guidance == "none" or scale == 0:
+            return False
+        if not has_classifier:
+            raise ConfigError(
+                f"classifier scale {scale:g} needs a noisy classifier: pass --classifier URI "
+                f"(or use scale 0 for unguided samples)"
+            )
+        return True
+
+    @field_validator("timestep_respacing", mode="before")
+    @classmethod
+    def _respacing_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # YAML 250
 
     @field_validator("timestep_respacing")
     @classmethod
@@ -302,6 +352,25 @@ class EvaluationConfig(Section):
     )
 
 
+def _respacing_error(respacing: str, steps: int) -> str | None:
+    """Why ``respacing`` cannot be taken from ``steps`` diffusion steps (None if it can);
+    the same rules as models/respace.py, checked here without loading torch."""
+    text = respacing.strip()
+    if not text:
+        return None
+    if text.startswith("ddim"):
+        n = int(text[len("ddim") :])
+        if n == steps or any(len(range(0, steps, s)) == n for s in range(1, steps)):
+            return None
+        return f"cannot take exactly {n} equally strided steps from diffusion.steps={steps}"
+    counts = [int(c) for c in text.split(",") if c.strip()]
+    size, extra = divmod(steps, len(counts))
+    for i, count in enumerate(counts):
+        if count > size + (1 if i < extra else 0):
+            return f"{count} steps exceed the {size} diffusion steps of its section (of {steps})"
+    return None
+
+
 def _default_root() -> str:
     return os.environ.get("ADMFLOW_STORAGE_ROOT", "./admflow-store")
 
@@ -312,6 +381,7 @@ class StorageConfig(Section):
         validate_default=True,
         description="local dir, file:// or s3://bucket/prefix (default $ADMFLOW_STORAGE_ROOT)",
     )
+    create_bucket: bool = Field(False, description="create a missing S3 bucket (else an error)")
 
     @field_validator("root")
     @classmethod
@@ -370,7 +440,41 @@ class AdmConfig(Section):
             raise ValueError(
                 "upsampler.unet.learn_sigma must equal upsampler.diffusion.learn_sigma"
             )
+        why = _respacing_error(self.sampling.timestep_respacing, self.diffusion.steps)
+        if why:
+            raise ValueError(f"sampling.timestep_respacing: {why}")
+        self._check_guidance()
+        return self._check_classes()
+
+    def _check_guidance(self) -> None:
+        uses = self.sampling.guidance == "classifier" and any(self.sampling.classifier_scales)
+        if uses and not self.classifier.enabled:
+            raise ValueError(
+                "sampling.classifier_scales: scales > 0 need classifier.enabled=true "
+                "(or sampling.guidance=none)"
+            )
+
+    def _check_classes(self) -> AdmConfig:
+        classes = self.sampling.classes or []
+        limit = self.model.num_classes or (
+            self.classifier.num_classes if self.classifier.enabled else None
+        )
+        if classes and limit is None:
+            raise ValueError("sampling.classes: the model is unconditional and has no classifier")
+        if classes and max(classes) >= limit:
+            raise ValueError(
+                f"sampling.classes: class {max(classes)} is out of range; ids run 0..{limit - 1}"
+            )
         return self
+
+    def check_pipeline(self) -> None:
+        """What the whole pipeline (shard -> train) needs beyond a valid config: a stage on
+        its own may use data and model at different sizes (e.g. shard only)."""
+        if self.data.image_size != self.model.image_size:
+            raise ConfigError(
+                f"data.image_size ({self.data.image_size}) must equal model.image_size "
+                f"({self.model.image_size}): the shards feed the model; set both"
+            )
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections, for cache keys."""
@@ -406,7 +510,16 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
         )
     if str(path) in seen:
         raise ConfigError(f"preset {path} includes itself through 'base:'")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigError(
+            f"preset {path}: YAML syntax error{where}: {problem}; fix the file "
+            "(indent with spaces, not tabs)"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"preset {path} must be a mapping at top level")
     base = raw.pop("base", None)
@@ -445,7 +558,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"unknown key; allowed keys here: {', '.join(parent)}"
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {loc}: {msg}")
+        msg = msg.removeprefix("Value error, ")
+        # Cross-field checks name their fields in the message themselves.
+        lines.append(f"  {msg}" if loc == "<root>" else f"  {loc}: {msg}")
     return "\n".join(lines)
 
 

@@ -202,18 +202,26 @@ def content_hash(uri: str) -> str:
     return h.hexdigest()
 
 
-def ensure_bucket(uri: str) -> None:
-    """Create the S3 bucket of ``uri`` if missing (used by the local stack and tests)."""
+def ensure_bucket(uri: str, create: bool = False) -> None:
+    """Check that the S3 bucket of ``uri`` exists; create it only when asked (a typo'd bucket
+    name must fail, not become a new bucket). Local directories are simply made."""
     if not uri.startswith("s3://"):
         makedirs(uri)
         return
     fs, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
     try:
-        if not fs.exists(bucket):
+        if fs.exists(bucket):
+            return
+        if create:
             fs.mkdir(bucket)
+            return
     except Exception as e:
         raise _describe(uri, e) from e
+    raise StorageError(
+        f"bucket {bucket!r} does not exist at endpoint {os.environ.get(_S3_ENV, 'AWS')}; check "
+        "the name, or let admflow create it with --create-bucket (storage.create_bucket=true)"
+    )
 
 
 def local_path(uri: str) -> str | None:

@@ -28,6 +28,7 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     from tasks import lineage, report
 
     cfg = load_config(preset, overrides or [])
+    cfg.check_pipeline()
     log = get_run_logger()
     parent = lineage.start_parent_run(cfg, "reproduce", flow_run.get_id(), preset, overrides)
 
@@ -52,7 +53,8 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
 
     rows = []
     for scale in cfg.sampling.classifier_scales:
-        clf_key = train_keys["classifier"] if scale and "classifier" in runs else ""
+        guided = cfg.sampling.guided(scale, "classifier" in runs)
+        clf_key = train_keys["classifier"] if guided else ""
         s_key = chain_key(
             "sample",
             cfg,

@@ -101,8 +101,8 @@ def sample(
         cfg,
         diffusion_run["checkpoint"],
         out,
-        classifier=classifier_run["checkpoint"] if classifier_run and classifier_scale else None,
-        classifier_scale=classifier_scale,
+        classifier=classifier_run["checkpoint"] if classifier_run else None,
+        classifier_scale=classifier_scale,  # sample_set asks cfg.sampling.guided
         parent_run_id=parent_run_id,
     )
     return {**result, "uri": out, "classifier_scale": classifier_scale}

@@ -26,7 +26,7 @@ from admflow.config import AdmConfig
 from tasks import sample_io
 from tasks.ray_utils import ensure_ray
 from tasks.sample_ckpt import ResolvedCheckpoint, resolve_checkpoint
-from tasks.sample_plan import SamplerSpec, draw_labels
+from tasks.sample_plan import NonFiniteSampleError, SamplerSpec, draw_labels
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,8 @@ def run_job(
             slot, index = inflight.pop(ref)
             try:
                 images, labels = ray.get(ref)
+            except NonFiniteSampleError as err:  # Ray's error wraps it; raise the cause alone
+                raise NonFiniteSampleError(str(getattr(err, "cause", err))) from None
             except RayActorError as err:
                 pool.replace(slot, err)
                 pending.appendleft(index)
@@ -338,6 +340,9 @@ def sample_set(
     """
     s = cfg.sampling
     use_ema = s.use_ema if use_ema is None else use_ema
+    classes = s.classes if classes is None else classes
+    if not s.guided(classifier_scale, classifier is not None):
+        classifier, classifier_scale = None, 0.0
     ckpt = resolve_checkpoint(checkpoint, use_ema, cfg.training.ema_rate)
     network = _section_json(ckpt, cfg, "model")
     clf = resolve_checkpoint(classifier, use_ema, cfg.training.ema_rate) if classifier else None
@@ -354,7 +359,7 @@ def sample_set(
         torch_threads=cfg.compute.torch_threads,
         device=cfg.compute.device,
         classifier=_section_json(clf, cfg, "classifier") if clf else None,
-        classifier_scale=float(classifier_scale) if clf else 0.0,
+        classifier_scale=float(classifier_scale),
     )
     label_set = _classes(cfg, network["num_classes"], classes, clf is not None)
     job = ShardJob(

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+class NonFiniteSampleError(RuntimeError):
+    """A shard whose images hold NaN/inf: never written, so a diverged model cannot yield a
+    "complete" set of black images."""
+
+
 def draw_labels(seed: int, index: int, rows: int, classes: list[int] | None) -> np.ndarray:
     """Shard ``index``'s class labels, uniform over ``classes`` (-1 everywhere when None)."""
     if not classes:

@@ -22,7 +22,7 @@ from admflow.config import (
     UNetConfig,
     UpsamplerConfig,
 )
-from tasks.sample_plan import SamplerSpec, batch_seed
+from tasks.sample_plan import NonFiniteSampleError, SamplerSpec, batch_seed
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -124,6 +124,9 @@ class ShardSampler:
                 )
             else:
                 out = self.diffusion.p_sample_loop(self._model_fn(), shape, **common)
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).flatten(1).any(1).sum())
+            raise NonFiniteSampleError(f"{bad} of {n} images hold NaN/inf (batch seed {seed})")
         return ((out + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
     def sample(
@@ -143,7 +146,13 @@ class ShardSampler:
             if lr_all is not None:
                 kwargs["low_res"] = lr_all[start : start + bs]
             n = len(y_all[start : start + bs])
-            chunks.append(
-                self._sample_batch(n, kwargs, batch_seed(self.spec.seed, index, b, stream))
-            )
+            try:
+                seed = batch_seed(self.spec.seed, index, b, stream)
+                chunks.append(self._sample_batch(n, kwargs, seed))
+            except NonFiniteSampleError as e:
+                raise NonFiniteSampleError(
+                    f"shard {index}, micro-batch {b}, after "
+                    f"{self.diffusion.num_timesteps} sampling steps: {e}; the model or "
+                    "its sampling settings diverge, so the shard is not written"
+                ) from None
         return torch.cat(chunks).numpy(), np.asarray(labels, dtype=np.int64)

@@ -437,7 +437,7 @@ def shard_dataset(
     size = cfg.data.image_size
     plan = plan_shards(len(source.keys), cfg.data.shard_rows)
     uris = [storage.join(dest, "shards", f"shard-{i:05d}.parquet") for i in range(len(plan))]
-    storage.ensure_bucket(dest)
+    storage.ensure_bucket(dest, create=cfg.storage.create_bucket)
     specs = [shard_spec(source, indices, size) for indices in plan]
     records: dict[int, dict[str, Any]] = {}
     todo = []

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from admflow import storage
-from admflow.config import AdmConfig
+from admflow.config import AdmConfig, ConfigError
 from admflow.tracking import stage_run
 from tasks import train_checkpoint as ckpt
 from tasks.train_checkpoint import latest_checkpoint, list_checkpoints
@@ -87,9 +87,20 @@ def check_data(kind: str, cfg: AdmConfig, manifest: dict) -> None:
         "upsampler": cfg.upsampler.unet.image_size,
     }[kind]
     if manifest["image_size"] != size:
-        raise ValueError(
+        raise ConfigError(
             f"the shards hold {manifest['image_size']}px images but the {kind} model is {size}px; "
             f"re-shard with data.image_size={size} or pick a matching preset"
+        )
+    field, classes = {
+        "diffusion": ("model.num_classes", cfg.model.num_classes),
+        "classifier": ("classifier.num_classes", cfg.classifier.num_classes),
+        "upsampler": ("upsampler.unet.num_classes", cfg.upsampler.unet.num_classes),
+    }[kind]
+    found = manifest.get("num_classes")
+    if found and classes and found > classes:  # labels would index past the embedding
+        raise ConfigError(
+            f"the shards at {manifest.get('uri', 'the data set')} hold labels 0..{found - 1} but "
+            f"{field} is {classes}; set {field}={found} or shard data with fewer classes"
         )
 
 

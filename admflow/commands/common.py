@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 from admflow.config import AdmConfig, list_presets, load_config
 
@@ -24,5 +26,19 @@ def add_config_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> AdmConfig:
-    return load_config(args.config, args.overrides)
+def config_from_args(args: argparse.Namespace, flags: dict[str, str] | None = None) -> AdmConfig:
+    """The preset with --set overrides, then each given flag in ``flags`` (argument name ->
+    dotted config field) as one more override, so a flag is validated like any field."""
+    extra = [
+        f"{field}={json.dumps(getattr(args, name))}"  # JSON is YAML: values keep their type
+        for name, field in (flags or {}).items()
+        if getattr(args, name, None) is not None
+    ]
+    return load_config(args.config, [*args.overrides, *extra])
+
+
+def local_abs(uri: str | None) -> str | None:
+    """A local path made absolute here, at the CLI: Ray workers run in other directories."""
+    if uri is None or ("://" in uri and not uri.startswith("file://")):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))

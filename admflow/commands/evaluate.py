@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
-from admflow.commands.common import add_config_args, config_from_args
+from admflow.commands.common import add_config_args, config_from_args, local_abs
+
+EXTRACTION_FLAGS = {"workers": "evaluation.workers", "inception": "evaluation.inception_weights"}
 
 INPUTS_HELP = """\
 REF and SAMPLES may each be:
@@ -63,15 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tasks.evaluate import EVALUATION_ERRORS, evaluate_sets, format_metrics
 
-    cfg = config_from_args(args)
+    args.inception = local_abs(args.inception)
+    cfg = config_from_args(args, EXTRACTION_FLAGS)
     try:
         metrics = evaluate_sets(
-            cfg,
-            args.ref,
-            args.samples,
-            workers=args.workers,
-            inception=args.inception,
-            log_mlflow=not args.no_mlflow,
+            cfg, local_abs(args.ref), local_abs(args.samples), log_mlflow=not args.no_mlflow
         )
     except EVALUATION_ERRORS as e:
         print(f"admflow evaluate: {e}", file=sys.stderr)

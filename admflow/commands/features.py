@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from admflow.commands.common import add_config_args, config_from_args
-from admflow.commands.evaluate import INPUTS_HELP, add_extraction_args
+from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.commands.evaluate import EXTRACTION_FLAGS, INPUTS_HELP, add_extraction_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,13 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tasks.evaluate import EVALUATION_ERRORS, features_for, save_features
 
-    cfg = config_from_args(args)
+    args.inception = local_abs(args.inception)
+    cfg = config_from_args(args, EXTRACTION_FLAGS)
+    out = local_abs(args.out)
     try:
-        feats, _ = features_for(cfg, args.images, args.workers, args.inception)
+        feats, _ = features_for(cfg, local_abs(args.images))
     except EVALUATION_ERRORS as e:
         print(f"admflow features: {e}", file=sys.stderr)
         return 2
-    save_features(args.out, feats)
+    save_features(out, feats)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(feats.items()) if v.ndim)
-    print(f"wrote {args.out}: {shapes}")
+    print(f"wrote {out}: {shapes}")
     return 0

@@ -35,8 +35,10 @@ def run_reproduce(preset: str, overrides: list[str]) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's ephemeral API server needs longer than its 20 s default on a busy 2-core box.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from admflow.config import load_config
     from flows.reproduce import reproduce
 
+    load_config(preset, overrides).check_pipeline()  # before Prefect and Ray start
     return reproduce(preset=preset, overrides=overrides)
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 
-from admflow.commands.common import add_config_args, config_from_args
+from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.config import ConfigError
 
 EPILOG = """\
 examples:
@@ -83,47 +86,70 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# Flags that set a config field (validated there like any --set override).
+SAMPLING_FLAGS = {
+    "sampler": "sampling.sampler",
+    "steps": "sampling.timestep_respacing",
+    "eta": "sampling.eta",
+    "use_ema": "sampling.use_ema",
+    "batch_size": "sampling.batch_size",
+    "workers": "sampling.workers",
+    "seed": "sampling.seed",
+}
+SAMPLE_FLAGS = {
+    **SAMPLING_FLAGS,
+    "num_samples": "sampling.num_samples",
+    "scales": "sampling.classifier_scales",
+    "class_list": "sampling.classes",
+}
+
+
 def parse_classes(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
         return [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise SystemExit(f"--classes: expected comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"--classes: expected comma-separated integers, got {text!r}") from None
+
+
+@contextlib.contextmanager
+def nonfinite_as_exit():
+    """A diverged model's NaN images: a one-line error (exit 2), no shard written."""
+    from tasks.sample_plan import NonFiniteSampleError
+
+    try:
+        yield
+    except NonFiniteSampleError as e:
+        print(f"admflow: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def common_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
-        use_ema=args.use_ema,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        seed=args.seed,
-        merge=args.merge,
-        max_shards=args.max_shards,
-        progress=not args.no_progress,
-    )
+    return dict(merge=args.merge, max_shards=args.max_shards, progress=not args.no_progress)
 
 
 def run(args: argparse.Namespace) -> int:
     from tasks.sample import sample_set
 
-    cfg = config_from_args(args)
-    scale = args.classifier_scale
-    if scale is None:
-        nonzero = [s for s in cfg.sampling.classifier_scales if s]
-        scale = nonzero[0] if (args.classifier and nonzero) else 0.0
-    result = sample_set(
-        cfg,
-        args.checkpoint,
-        args.out,
-        classifier=args.classifier,
-        classifier_scale=scale,
-        num_samples=args.num_samples,
-        classes=parse_classes(args.classes),
-        **common_kwargs(args),
-    )
+    given = args.classifier_scale is not None
+    args.scales = [args.classifier_scale] if given else None
+    args.class_list = parse_classes(args.classes)
+    cfg = config_from_args(args, SAMPLE_FLAGS)
+    scales = cfg.sampling.classifier_scales
+    nonzero = [s for s in scales if s]
+    # An explicit scale is used as given; by default a classifier gets the preset's first
+    # non-zero scale. Whether that means guidance is decided by cfg.sampling.guided.
+    scale = scales[0] if given else (nonzero[0] if args.classifier and nonzero else 0.0)
+    cfg.sampling.guided(scale, args.classifier is not None)  # fail here, before any start-up
+    with nonfinite_as_exit():
+        result = sample_set(
+            cfg,
+            local_abs(args.checkpoint),
+            local_abs(args.out),
+            classifier=local_abs(args.classifier),
+            classifier_scale=scale,
+            **common_kwargs(args),
+        )
     print(json.dumps(result, indent=2, default=str))
     return 0 if result["complete"] or args.max_shards else 1

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from admflow.commands.common import add_config_args, config_from_args
+from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.storage import StorageError
+
+SHARD_FLAGS = {
+    "image_size": "data.image_size",
+    "shard_rows": "data.shard_rows",
+    "workers": "compute.num_workers",
+    "create_bucket": "storage.create_bucket",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, help="parallel shard tasks (default: compute.num_workers)"
     )
     p.add_argument(
+        "--create-bucket",
+        action="store_true",
+        default=None,
+        help="create DEST's S3 bucket if it does not exist (default: error naming the bucket)",
+    )
+    p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -41,15 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tasks.shard import ShardError, shard_dataset
 
-    extra = []
-    if args.image_size:
-        extra.append(f"data.image_size={args.image_size}")
-    if args.shard_rows:
-        extra.append(f"data.shard_rows={args.shard_rows}")
-    args.overrides = [*args.overrides, *extra]
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, SHARD_FLAGS)
+    src = args.src if args.src == "demo" else local_abs(args.src)
+    dest = local_abs(args.dest)
+    if os.path.isfile(dest):
+        raise StorageError(f"shard destination {dest} is a file; pass a directory")
     try:
-        m = shard_dataset(cfg, args.src, args.dest, workers=args.workers, progress=args.progress)
+        m = shard_dataset(cfg, src, dest, progress=args.progress)
     except ShardError as e:
         print(f"admflow shard: {e}", file=sys.stderr)
         return 2
@@ -57,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
         f"{m['num_images']} images ({m['num_classes'] or 'no'} classes, {m['image_size']}px) in "
         f"{len(m['shards'])} shards; {len(m['written'])} written, {len(m['skipped'])} skipped"
     )
-    print(f"manifest: {args.dest.rstrip('/')}/manifest.json")
+    print(f"manifest: {dest.rstrip('/')}/manifest.json")
     return 0

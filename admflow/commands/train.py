@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from admflow.commands.common import add_config_args, config_from_args
+from admflow.commands.common import add_config_args, config_from_args, local_abs
 
 DESCRIPTION = """\
 Train one model of the ADM pipeline on Ray Train (cfg.compute: workers, CPUs, GPU).
@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     run_name = args.run_name or f"{args.kind}-{cfg.name}"
     try:
-        out = train(args.kind, cfg, args.data, run_name, max_failures=args.max_failures)
+        out = train(args.kind, cfg, local_abs(args.data), run_name, max_failures=args.max_failures)
     except NonFiniteLossError as e:
         print(f"admflow train: {e}")
         return 1

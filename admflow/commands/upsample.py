@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from admflow.commands.common import add_config_args, config_from_args
-from admflow.commands.sample import add_sampling_args, common_kwargs
+from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.commands.sample import (
+    SAMPLING_FLAGS,
+    add_sampling_args,
+    common_kwargs,
+    nonfinite_as_exit,
+)
 
 EPILOG = """\
 example:
@@ -45,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tasks.sample import upsample_set
 
-    cfg = config_from_args(args)
-    result = upsample_set(cfg, args.base, args.checkpoint, args.out, **common_kwargs(args))
+    cfg = config_from_args(args, SAMPLING_FLAGS)
+    base, ckpt, out = (local_abs(u) for u in (args.base, args.checkpoint, args.out))
+    with nonfinite_as_exit():
+        result = upsample_set(cfg, base, ckpt, out, **common_kwargs(args))
     print(json.dumps(result, indent=2, default=str))
     return 0 if result["complete"] or args.max_shards else 1
