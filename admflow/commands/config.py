@@ -20,6 +20,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=_show)
     lst = csub.add_parser("list", help="list the presets in configs/ with their descriptions")
     lst.set_defaults(func=_list)
+    ff = csub.add_parser(
+        "from-flags",
+        help="turn guided-diffusion README flags into a preset (YAML on stdout)",
+        description=(
+            "Build a preset from guided-diffusion flags (MODEL_FLAGS, CLASSIFIER_FLAGS, "
+            "DIFFUSION_FLAGS, SAMPLE_FLAGS), starting from guided-diffusion's defaults. "
+            "With --large_size/--small_size the flags describe the upsampler; its model "
+            "section is then the same flags at the small size: put `base: <preset>` in the "
+            "file to take the real base model instead."
+        ),
+    )
+    ff.add_argument("flags", help='one quoted string, e.g. "$MODEL_FLAGS $CLASSIFIER_FLAGS"')
+    ff.add_argument("--name", default="from-flags", help="the preset's name")
+    ff.set_defaults(func=_from_flags)
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -30,4 +44,20 @@ def _show(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     for name in list_presets():
         print(f"{name:20s} {load_config(name).description}")
+    return 0
+
+
+def _from_flags(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    import yaml
+
+    from admflow.flags import preset_from_flags
+
+    preset, ignored = preset_from_flags(args.flags, name=args.name)
+    if ignored:
+        print(f"ignored (not part of a preset): --{', --'.join(ignored)}", file=sys.stderr)
+    plain = json.loads(json.dumps(preset))  # no YAML anchors for lists the sections share
+    print(yaml.safe_dump(plain, sort_keys=False), end="")
     return 0
