@@ -95,6 +95,9 @@ class UNetConfig(Section):
     channel_mult: list[float] | None = None
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     num_classes: int | None = Field(None, gt=0, description="null: unconditional")
+    null_class: bool = Field(
+        False, description="one more class embedding row, label num_classes = ∅ (for CFG)"
+    )
     learn_sigma: bool = True
     use_checkpoint: bool = False
     use_fp16: bool = False
@@ -147,7 +150,9 @@ class UNetConfig(Section):
             attention_resolutions=tuple(self.image_size // r for r in self.attention_resolutions),
             dropout=self.dropout,
             channel_mult=self.resolved_channel_mult(),
-            num_classes=self.num_classes,
+            # the null label ∅ of classifier-free guidance is one more embedding row; without
+            # it the tree is the released one, so released checkpoints still load
+            num_classes=self.num_classes + 1 if self.null_class else self.num_classes,
             use_checkpoint=self.use_checkpoint,
             use_fp16=self.use_fp16,
             num_heads=self.num_heads,
@@ -263,6 +268,9 @@ class TrainingConfig(Section):
     classifier_weight_decay: float = Field(0.05, ge=0)
     classifier_noised: bool = True
     upsampler_steps: int = Field(200, gt=0)
+    label_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="P(label -> null class ∅): classifier-free guidance"
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -282,12 +290,21 @@ class SamplingConfig(Section):
     num_samples: int = Field(200, gt=0)
     batch_size: int = Field(32, gt=0)
     shard_size: int = Field(32, gt=0, description="images per output shard")
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpm++2m", "unipc"] = "ddim"
+    solver_steps: int | None = Field(
+        None, ge=3, description="dpm++2m/unipc: evaluations taken from the respaced steps (all)"
+    )
+    step_schedule: Literal["time", "logsnr"] = Field(
+        "time", description="dpm++2m/unipc grid: uniform in time or in log-SNR"
+    )
     timestep_respacing: str = Field("ddim25", description="'250', 'ddim25' or '10,15,20'")
     eta: float = Field(0.0, ge=0.0)
-    guidance: Literal["classifier", "none"] = Field(
-        "classifier", description="classifier: scales > 0 follow the noisy classifier; none"
+    guidance: Literal["classifier", "free", "none"] = Field(
+        "classifier",
+        description="classifier: scales > 0 follow the noisy classifier; free: classifier-free "
+        "with weight cfg_scale (model.null_class); none",
     )
+    cfg_scale: float = Field(0.0, ge=0.0, description="w of ε̂ = (1+w)ε(x,y) − wε(x,∅)")
     classifier_scales: list[float] = [0.0, 1.0]
     classes: list[int] | None = Field(None, description="class ids to draw labels from")
     use_ema: bool = True
@@ -313,6 +330,8 @@ class SamplingConfig(Section):
     def guided(self, scale: float, has_classifier: bool) -> bool:
         """The one rule for whether a sample set follows a guide: every stage asks here.
         (A new kind of guidance is a new ``guidance`` value and a branch in this method.)"""
+        if self.guidance == "free":  # the model guides itself (free_scale); no classifier
+            return False
         if self.guidance == "none" or scale == 0:
             return False
         if not has_classifier:
@@ -321,6 +340,10 @@ class SamplingConfig(Section):
                 f"(or use scale 0 for unguided samples)"
             )
         return True
+
+    def free_scale(self) -> float:
+        """w of classifier-free guidance; 0 when sampling.guidance is not "free"."""
+        return self.cfg_scale if self.guidance == "free" else 0.0
 
     @field_validator("timestep_respacing", mode="before")
     @classmethod
@@ -369,6 +392,12 @@ def _respacing_error(respacing: str, steps: int) -> str | None:
         if count > size + (1 if i < extra else 0):
             return f"{count} steps exceed the {size} diffusion steps of its section (of {steps})"
     return None
+
+
+def _respaced_count(respacing: str, steps: int) -> int:
+    """How many timesteps a (valid) respacing keeps."""
+    text = respacing.strip().removeprefix("ddim")
+    return sum(int(c) for c in text.split(",") if c.strip()) if text else steps
 
 
 def _default_root() -> str:
@@ -447,11 +476,34 @@ class AdmConfig(Section):
         return self._check_classes()
 
     def _check_guidance(self) -> None:
+        self._check_free_guidance()
         uses = self.sampling.guidance == "classifier" and any(self.sampling.classifier_scales)
         if uses and not self.classifier.enabled:
             raise ValueError(
                 "sampling.classifier_scales: scales > 0 need classifier.enabled=true "
                 "(or sampling.guidance=none)"
+            )
+
+    def _check_free_guidance(self) -> None:
+        """Classifier-free guidance needs a conditional model with the null class ∅."""
+        if self.training.label_dropout > 0 and not self.model.null_class:
+            raise ValueError(
+                "training.label_dropout > 0 needs model.null_class=true (the label ∅ it trains)"
+            )
+        if self.sampling.guidance == "free" and not self.model.null_class:
+            raise ValueError(
+                "sampling.guidance=free needs a model trained with label dropout: set "
+                "model.null_class=true and training.label_dropout (e.g. 0.1)"
+            )
+        if self.model.null_class and self.model.num_classes is None:
+            raise ValueError("model.null_class needs model.num_classes (a conditional model)")
+        n = self.sampling.solver_steps
+        have = _respaced_count(self.sampling.timestep_respacing, self.diffusion.steps)
+        if n is not None and self.sampling.sampler in ("dpm++2m", "unipc") and n > have:
+            raise ValueError(
+                f"sampling.solver_steps: {n} exceeds the {have} steps of "
+                f"timestep_respacing {self.sampling.timestep_respacing!r}; raise the respacing "
+                "(e.g. '' for all steps) or lower solver_steps"
             )
 
     def _check_classes(self) -> AdmConfig:

@@ -16,6 +16,7 @@ from torch import nn
 from admflow.config import AdmConfig
 from models.build import build_classifier, build_unet, build_upsampler
 from models.diffusion_factory import create_diffusion
+from models.guidance import drop_labels
 from models.resample import ScheduleSampler, UniformSampler, create_named_schedule_sampler
 
 KINDS = ("diffusion", "classifier", "upsampler")
@@ -76,7 +77,11 @@ class Job:
             if self.cfg.upsampler.unet.num_classes is not None:
                 kwargs["y"] = y
         elif self.cfg.model.num_classes is not None:
-            kwargs["y"] = y  # class dropout off: every example keeps its label
+            # classifier-free guidance: some labels become the null class ∅, drawn from the
+            # step's generator so a resumed run drops the same ones (0: every label kept)
+            kwargs["y"] = drop_labels(
+                y, self.cfg.training.label_dropout, self.cfg.model.num_classes, generator
+            )
         return self.diffusion.training_losses(model, x, t, model_kwargs=kwargs, generator=generator)
 
     def _classifier_losses(self, model, x, y, t, generator) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from models.gaussian_diffusion import ModelVarType
 from models.guidance import classifier_free, cond_fn_from_classifier, drop_labels
 from models.solvers import FastSolver, make_sample_loop, solver_timesteps
 from tests.test_diffusion import GaussianDataEps, bright_dark_classifier, make_diffusion, p_target
+from tests.test_train import assert_same_params, local_run, one_torch_thread, shards, small_cfg  # noqa: F401
 
 MEAN, STD = 0.2, 0.4
 SCHEDULE = "linear"
@@ -169,3 +170,24 @@ def test_label_dropout_is_a_function_of_the_step_seed():
     assert 0.15 < is_null.float().mean().item() < 0.25
     assert torch.equal(a[~is_null], y[~is_null])
     assert torch.equal(drop_labels(y, 0.0, 10, torch.Generator()), y)
+
+
+def test_cfg_training_has_a_null_class_and_resumes_bit_identically(shards, tmp_path):  # noqa: F811
+    """Label dropout in the real loop: the null row ∅ is trained, and a run cut at step 3 and
+    resumed from step 2 ends exactly where the uninterrupted run ends."""
+    over = ["training.steps=4", "training.checkpoint_every=2", "training.batch_size=8"]
+    cfg = small_cfg(tmp_path, *over, "model.null_class=true", "training.label_dropout=0.5")
+    whole, _ = local_run(cfg, "diffusion", shards, "whole")
+    with pytest.raises(RuntimeError, match="injected fault at step 3"):
+        local_run(cfg, "diffusion", shards, "cut", fail_at_step=3)
+    resumed, _ = local_run(cfg, "diffusion", shards, "cut")
+    assert resumed.start_step == 2
+    assert_same_params(whole.module.state_dict(), resumed.module.state_dict())
+    keep = small_cfg(tmp_path, *over, "model.null_class=true")
+    kept, _ = local_run(keep, "diffusion", shards, "kept")
+    null_row = whole.module.label_emb.weight.shape[0] - 1
+    assert null_row == 10  # num_classes real rows, then ∅
+    # without dropout ∅ never occurs and its row keeps its initial value; with it, it learns
+    assert not torch.equal(
+        whole.module.label_emb.weight[null_row], kept.module.label_emb.weight[null_row]
+    )
