@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from admflow import storage
-from admflow.config import AdmConfig
+from admflow.config import AdmConfig, ConfigError
 from tasks import sample_io
 from tasks.ray_utils import ensure_ray
 from tasks.sample_ckpt import ResolvedCheckpoint, resolve_checkpoint
-from tasks.sample_plan import NonFiniteSampleError, SamplerSpec, draw_labels
+from tasks.sample_plan import LATER_DEFAULTS, NonFiniteSampleError, SamplerSpec, draw_labels
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,12 @@ class ShardJob:
 
     def fingerprint(self) -> str:
         """Identity of the set's contents: changes iff some image would change."""
-        spec = {k: v for k, v in asdict(self.spec).items() if k not in ("torch_threads", "device")}
+        spec = {
+            k: v
+            for k, v in asdict(self.spec).items()
+            if k not in ("torch_threads", "device")
+            and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])
+        }
         keep = ("weights_sha256", "classifier_sha256", "classes", "base_fingerprint")
         payload = {
             "spec": spec,
@@ -360,7 +365,15 @@ def sample_set(
         device=cfg.compute.device,
         classifier=_section_json(clf, cfg, "classifier") if clf else None,
         classifier_scale=float(classifier_scale),
+        solver_steps=s.solver_steps,
+        step_schedule=s.step_schedule,
+        cfg_scale=s.free_scale(),
     )
+    if spec.cfg_scale and not network.get("null_class"):
+        raise ConfigError(
+            f"sampling.guidance=free: {checkpoint} has no null class (it was trained without "
+            "label dropout); use sampling.guidance=classifier or none"
+        )
     label_set = _classes(cfg, network["num_classes"], classes, clf is not None)
     job = ShardJob(
         out=out,
@@ -376,6 +389,8 @@ def sample_set(
             "steps": spec.respacing or str(spec.diffusion["steps"]),
             "eta": spec.eta,
             "classifier_scale": spec.classifier_scale,
+            "guidance": s.guidance,
+            "cfg_scale": spec.cfg_scale,
             "checkpoint": checkpoint,
             "weights": ckpt.weights,
             "checkpoint_step": ckpt.step,
@@ -466,6 +481,8 @@ def upsample_set(
         batch_size=batch_size or s.batch_size,
         torch_threads=cfg.compute.torch_threads,
         device=cfg.compute.device,
+        solver_steps=s.solver_steps,
+        step_schedule=s.step_schedule,
     )
     n = base_manifest["num_samples"]
     base_set = _BaseSet(base, base_manifest, s.shard_size)

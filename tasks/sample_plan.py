@@ -32,6 +32,11 @@ def batch_seed(seed: int, index: int, batch: int, stream: int = 1) -> int:
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
+# Fields added after sample sets were first written: left out of a set's fingerprint while
+# at these defaults, so existing sets keep their identity (and resume).
+LATER_DEFAULTS = {"solver_steps": None, "step_schedule": "time", "cfg_scale": 0.0}
+
+
 @dataclass
 class SamplerSpec:
     """What an actor needs to build its networks and sample (plain data, cheap to ship)."""
@@ -49,4 +54,7 @@ class SamplerSpec:
     device: str = "auto"
     classifier: dict | None = None  # ClassifierConfig as JSON, when guiding
     classifier_scale: float = 0.0
+    solver_steps: int | None = None  # dpm++2m/unipc evaluations (None: every respaced step)
+    step_schedule: str = "time"  # dpm++2m/unipc grid: "time" or "logsnr"
+    cfg_scale: float = 0.0  # w of classifier-free guidance (0: the conditional model alone)
     extra: dict = field(default_factory=dict)

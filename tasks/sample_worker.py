@@ -22,6 +22,7 @@ from admflow.config import (
     UNetConfig,
     UpsamplerConfig,
 )
+from models.solvers import make_sample_loop
 from tasks.sample_plan import NonFiniteSampleError, SamplerSpec, batch_seed
 
 
@@ -92,6 +93,10 @@ class ShardSampler:
             from models.guidance import drop_class_labels
 
             return drop_class_labels(self.model)
+        if self.spec.cfg_scale > 0:  # classifier-free guidance: ∅ is label num_classes
+            from models.guidance import classifier_free
+
+            return classifier_free(self.model, self.spec.cfg_scale, self.net_cfg.num_classes)
         return self.model
 
     def _low_res(self, images: np.ndarray) -> torch.Tensor:
@@ -117,13 +122,15 @@ class ShardSampler:
             device=self.device,
             generator=gen,
         )
+        loop = make_sample_loop(
+            self.diffusion,
+            self.spec.sampler,
+            eta=self.spec.eta,
+            steps=self.spec.solver_steps,
+            schedule=self.spec.step_schedule,
+        )
         with torch.no_grad():
-            if self.spec.sampler == "ddim":
-                out = self.diffusion.ddim_sample_loop(
-                    self._model_fn(), shape, eta=self.spec.eta, **common
-                )
-            else:
-                out = self.diffusion.p_sample_loop(self._model_fn(), shape, **common)
+            out = loop(self._model_fn(), shape, **common)
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).flatten(1).any(1).sum())
             raise NonFiniteSampleError(f"{bad} of {n} images hold NaN/inf (batch seed {seed})")

@@ -191,3 +191,53 @@ def test_cfg_training_has_a_null_class_and_resumes_bit_identically(shards, tmp_p
     assert not torch.equal(
         whole.module.label_emb.weight[null_row], kept.module.label_emb.weight[null_row]
     )
+
+
+def test_sample_worker_runs_each_sampler_and_free_guidance(tmp_path):
+    """The sample stage's worker (no Ray): every sampler name and CFG reach the network."""
+    import io
+
+    from admflow.config import load_config
+    from models.build import build_unet
+    from tasks.sample_plan import SamplerSpec
+    from tasks.sample_worker import ShardSampler
+
+    cfg = small_cfg(tmp_path, "model.null_class=true")
+    torch.manual_seed(0)
+    net = build_unet(cfg.model)
+    with torch.no_grad():
+        for p in net.out.parameters():  # the released zero-init head would make ε ≡ 0
+            p.normal_(0, 0.05)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    base = dict(
+        kind="base",
+        network=cfg.model.model_dump(mode="json"),
+        diffusion=cfg.diffusion.model_dump(mode="json"),
+        respacing="10",
+        batch_size=4,
+        device="cpu",
+    )
+    labels = np.array([1, 2, 3, 4])
+    for sampler, extra, calls in [
+        ("ddim", {}, 10),
+        ("dpm++2m", {"solver_steps": 5}, 5),
+        ("unipc", {"solver_steps": 5, "step_schedule": "logsnr"}, 5),
+        ("unipc", {"solver_steps": 5, "cfg_scale": 3.0}, 10),
+    ]:
+        worker = ShardSampler(SamplerSpec(sampler=sampler, **extra, **base), buf.getvalue(), None)
+        seen: list[torch.Tensor] = []
+        net_fn = worker.model
+
+        def spy(x, t, y=None, _net=net_fn, _seen=seen):
+            _seen.append(y.clone())
+            return _net(x, t, y=y)
+
+        worker.model = spy
+        imgs, labs = worker.sample(0, labels)
+        assert imgs.shape == (4, 16, 16, 3) and imgs.dtype == np.uint8
+        np.testing.assert_array_equal(labs, labels)
+        assert len(seen) == calls  # network evaluations: steps (x2 with classifier-free)
+        nulls = sum(bool((y == 10).all()) for y in seen)
+        assert nulls == (calls // 2 if "cfg_scale" in extra else 0)  # ∅ = num_classes
+    assert load_config("tiny", ["sampling.sampler=dpm++2m"]).sampling.sampler == "dpm++2m"

@@ -25,7 +25,22 @@ same command skips finished shards; shard i depends only on the config, seed and
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Options shared by `sample` and `upsample` (defaults come from the preset's sampling)."""
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="reverse process (default: preset)")
+    p.add_argument(
+        "--sampler",
+        choices=["ddpm", "ddim", "dpm++2m", "unipc"],
+        help="reverse process: ancestral DDPM, DDIM, or the few-step ODE solvers (default: preset)",
+    )
+    p.add_argument(
+        "--solver-steps",
+        type=int,
+        metavar="N",
+        help="dpm++2m/unipc: network evaluations, taken from the --steps timesteps (default: all)",
+    )
+    p.add_argument(
+        "--step-schedule",
+        choices=["time", "logsnr"],
+        help="dpm++2m/unipc: steps uniform in time or in log-SNR (default: preset)",
+    )
     p.add_argument(
         "--steps",
         metavar="RESPACING",
@@ -82,6 +97,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="LIST",
         help="comma list of class ids to draw labels from (default: all classes, uniformly)",
     )
+    p.add_argument(
+        "--guidance",
+        choices=["classifier", "free", "none"],
+        help="classifier (with --classifier), free (classifier-free, weight --cfg-scale) or none",
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        metavar="W",
+        help="classifier-free weight w: (1+w)·eps(x,y) - w·eps(x,null) (with --guidance free)",
+    )
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -95,12 +121,16 @@ SAMPLING_FLAGS = {
     "batch_size": "sampling.batch_size",
     "workers": "sampling.workers",
     "seed": "sampling.seed",
+    "solver_steps": "sampling.solver_steps",
+    "step_schedule": "sampling.step_schedule",
 }
 SAMPLE_FLAGS = {
     **SAMPLING_FLAGS,
     "num_samples": "sampling.num_samples",
     "scales": "sampling.classifier_scales",
     "class_list": "sampling.classes",
+    "guidance": "sampling.guidance",
+    "cfg_scale": "sampling.cfg_scale",
 }
 
 
