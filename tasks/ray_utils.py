@@ -52,3 +52,15 @@ def _init(ray: Any, cfg: AdmConfig) -> None:
             logging_level=logging.ERROR,
             log_to_driver=False,
         )
+        _end_with_driver(ray)
+
+
+def _end_with_driver(ray: Any) -> None:
+    """A local session ends with this process even when it is SIGKILLed: Ray's agents
+    would otherwise outlive it (see tasks.ray_reaper)."""
+    from tasks import ray_reaper
+
+    node = getattr(ray._private.worker, "_global_node", None)  # the local node's processes
+    if node is None:
+        return
+    ray_reaper.start([proc.pid for _kind, proc in node.live_processes()])
