@@ -419,6 +419,55 @@ def test_cond_fn_is_scaled_log_prob_gradient():
     assert not x.requires_grad
 
 
+def constant_gradient(shape, scale, seed=11):
+    """A cond_fn whose s∇_x log p_φ(y | x_t) is the known constant s·c (c varies per pixel)."""
+    c = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def cond_fn(x, t, y=None):
+        return scale * c
+
+    return cond_fn, c
+
+
+def test_condition_mean_shifts_the_ddpm_mean_by_sigma_s_c():
+    # Σ_t = β_t (FIXED_LARGE) written from the schedule here, not read back from the diffusion.
+    d = make_diffusion(steps=T, var_type=ModelVarType.FIXED_LARGE)
+    betas = get_named_beta_schedule("linear", T)
+    model = GaussianDataEps(d.alphas_cumprod, mean=0.1, std=0.5)
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.tensor([1, 7, 30, T - 1])
+    s = 3.0
+    cond_fn, c = constant_gradient(x.shape, s)
+    kw = dict(clip_denoised=False, model_kwargs={"y": torch.zeros(4, dtype=torch.long)})
+    model = drop_class_labels(model)
+    plain = d.p_sample(model, x, t, noise=noise, **kw)["sample"]
+    guided = d.p_sample(model, x, t, cond_fn=cond_fn, noise=noise, **kw)["sample"]
+    sigma = torch.as_tensor(betas[t.numpy()])[:, None, None, None]
+    torch.testing.assert_close(guided - plain, sigma * s * c, rtol=1e-9, atol=1e-12)
+
+
+def test_condition_score_shifts_ddim_eps_by_sqrt_one_minus_alpha_bar_s_c():
+    d = make_diffusion(steps=T)
+    abar = np.cumprod(1 - get_named_beta_schedule("linear", T))
+    model = GaussianDataEps(d.alphas_cumprod, mean=0.1, std=0.5)
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([1, 7, 30, T - 1])
+    s = 3.0
+    cond_fn, c = constant_gradient(x.shape, s)
+    a, a_prev = (torch.as_tensor(v)[:, None, None, None] for v in (abar[t], abar[t - 1]))
+    eps = model(x, t)
+    out = d.p_mean_variance(model, x, t, clip_denoised=False)
+    guided = d.condition_score(cond_fn, out, x, t)
+    eps_hat = eps - (1 - a).sqrt() * s * c
+    torch.testing.assert_close(guided["eps"], eps_hat, rtol=1e-9, atol=1e-12)
+    x0_hat = (x - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    torch.testing.assert_close(guided["pred_xstart"], x0_hat, rtol=1e-9, atol=1e-12)
+    # the whole DDIM step (η = 0) with the guided ε̂: √ᾱ_{t−1} x̂_0 + √(1−ᾱ_{t−1}) ε̂
+    step = d.ddim_sample(model, x, t, clip_denoised=False, cond_fn=cond_fn)["sample"]
+    torch.testing.assert_close(step, a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps_hat)
+
+
 # ----------------------------------------------------------------------------- training losses
 
 
@@ -444,6 +493,79 @@ def test_training_losses_finite(mean_type, var_type, loss_type):
         assert terms[k].shape == (4,) and torch.isfinite(terms[k]).all()
     terms["loss"].mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def _posterior(x0, x_t, t, betas):
+    """q(x_{t−1} | x_t, x_0) from the schedule (DDPM eq. 7): mean and variance, (B,1,1,1)."""
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    col = lambda v: torch.as_tensor(v[t.numpy()])[:, None, None, None]  # noqa: E731
+    b, a, a_prev = col(betas), col(abar), col(abar_prev)
+    mean = b * a_prev.sqrt() / (1 - a) * x0 + (1 - a_prev) * (1 - b).sqrt() / (1 - a) * x_t
+    return mean, b * (1 - a_prev) / (1 - a)
+
+
+def linear_two_head(x, t):
+    """ε̂ = 0.5 x − 0.2 and v = 0.3: a fixed, known network output for LEARNED_RANGE."""
+    return torch.cat([0.5 * x - 0.2, torch.full_like(x, 0.3)], dim=1)
+
+
+def test_vb_terms_are_the_kl_in_bits_and_the_discretised_decoder_nll():
+    betas = get_named_beta_schedule("linear", T)
+    d = make_diffusion(steps=T, var_type=ModelVarType.LEARNED_RANGE, loss_type=LossType.KL)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 256, (4, 3, 4, 4), generator=g).double() / 127.5 - 1  # 8-bit grid
+    x0[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])  # both open-ended edge bins
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 3, 20, T - 1])
+    vb = d.training_losses(linear_two_head, x0, t, noise=noise)["vb"]
+
+    abar = torch.as_tensor(np.cumprod(1 - betas))[t][:, None, None, None]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    x0_hat = (x_t - (1 - abar).sqrt() * (0.5 * x_t - 0.2)) / abar.sqrt()
+    true_mean, true_var = _posterior(x0, x_t, t, betas)
+    model_mean, _ = _posterior(x0_hat, x_t, t, betas)
+    # IDDPM eq. 15 with v = 0.3; β̃ at t = 0 is clipped to β̃ of step 1
+    abar_all = np.cumprod(1 - betas)
+    post_var = betas * (1 - np.append(1.0, abar_all[:-1])) / (1 - abar_all)
+    low = torch.as_tensor(np.log(np.append(post_var[1], post_var[1:]))[t.numpy()])
+    high = torch.as_tensor(np.log(betas)[t.numpy()])
+    model_sd = (0.5 * (0.65 * high + 0.35 * low)).exp()[:, None, None, None]
+
+    kl = torch.distributions.kl_divergence(  # t > 0 only: at t = 0 q is a point mass
+        torch.distributions.Normal(true_mean[1:], true_var[1:].sqrt()),
+        torch.distributions.Normal(model_mean[1:], model_sd[1:]),
+    )
+    kl_bits = kl.mean(dim=(1, 2, 3)) / math.log(2)
+    torch.testing.assert_close(vb[1:], kl_bits, rtol=1e-9, atol=1e-12)
+
+    # t = 0: −log2 of the Gaussian mass of x_0's bin (edges open), with the exact normal CDF
+    cdf = torch.distributions.Normal(model_mean[:1], model_sd[:1]).cdf
+    x = x0[:1]
+    upper = torch.where(x > 0.999, torch.ones_like(x), cdf(x + 1 / 255))
+    lower = torch.where(x < -0.999, torch.zeros_like(x), cdf(x - 1 / 255))
+    nll_bits = -(upper - lower).log().mean() / math.log(2)
+    # the loss uses the tanh approximation of Φ (~1e-4 absolute): a relative 1e-3 here
+    assert vb[0].item() == pytest.approx(nll_bits.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("mean_type", [ModelMeanType.START_X, ModelMeanType.PREVIOUS_X])
+def test_mse_targets_are_x0_and_the_posterior_mean(mean_type):
+    betas = get_named_beta_schedule("linear", T)
+    d = make_diffusion(steps=T, mean_type=mean_type, var_type=ModelVarType.FIXED_LARGE)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(4, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 5, 25, T - 1])
+
+    def net(x, t):
+        return 0.7 * x + 0.05
+
+    mse = d.training_losses(net, x0, t, noise=noise)["mse"]
+    abar = torch.as_tensor(np.cumprod(1 - betas))[t][:, None, None, None]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    target = x0 if mean_type == ModelMeanType.START_X else _posterior(x0, x_t, t, betas)[0]
+    torch.testing.assert_close(mse, ((net(x_t, t) - target) ** 2).mean(dim=(1, 2, 3)))
 
 
 def test_hybrid_loss_vb_term_does_not_backprop_into_mean():
