@@ -98,14 +98,18 @@ def frechet_distance(
             f"statistics of different dimension: mu {mu1.shape} vs {mu2.shape}, "
             f"sigma {sigma1.shape} vs {sigma2.shape}"
         )
+    _finite(0.0, mu1, sigma1, mu2, sigma2)  # LAPACK spins for minutes on inf, then fails
     diff = mu1 - mu2
     if method == "eigh":
-        return float(
+        return _finite(
             diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt(sigma1, sigma2)
         )
     if method != "sqrtm":
         raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
-    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))  # same result as disp=False
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = sigma1.dot(sigma2)
+    _finite(0.0, product, diff)  # scipy's sqrtm would raise a bare ValueError on inf entries
+    covmean = scipy.linalg.sqrtm(product)  # same result as disp=False
     if not np.isfinite(covmean).all():
         warnings.warn(f"singular covariance product; adding {eps} to the diagonals", stacklevel=2)
         offset = np.eye(sigma1.shape[0]) * eps
@@ -114,7 +118,18 @@ def frechet_distance(
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise MetricError(f"sqrtm has an imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return _finite(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _finite(*values: np.ndarray | float) -> float:
+    """``float`` of the first value once every value is known to be finite (float64 overflow
+    makes the distance meaningless: fail with a message instead of returning nan or inf)."""
+    if not all(np.isfinite(v).all() for v in values):
+        raise MetricError(
+            "the Frechet distance does not converge: the feature statistics overflow float64 "
+            "(features far outside Inception's range?); check the feature files"
+        )
+    return float(np.sum(values[0])) if np.ndim(values[0]) == 0 else 0.0
 
 
 def _trace_sqrt(sigma1: np.ndarray, sigma2: np.ndarray) -> float:

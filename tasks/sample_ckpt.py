@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 
 from admflow import storage
@@ -29,8 +30,27 @@ class ResolvedCheckpoint:
         return "admflow" if self.config is not None else "openai"
 
 
+def check_weights_file(uri: str) -> str:
+    """A torch checkpoint is a complete zip archive (or, from torch < 1.6, a pickle): random
+    bytes or a truncated copy fail here, on the driver, before any worker starts."""
+    with storage.open_read(uri) as f:
+        head = f.read(2)
+        f.seek(0)
+        if head == b"\x80\x02" or zipfile.is_zipfile(f):
+            return uri
+    raise storage.StorageError(
+        f"checkpoint {uri} is not a torch checkpoint (corrupt or truncated); copy it again"
+    )
+
+
 def _read_meta(uri: str) -> tuple[AdmConfig | None, int | None]:
-    meta = storage.read_json(uri)
+    try:
+        meta = storage.read_json(uri)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise storage.StorageError(
+            f"checkpoint metadata {uri} is not valid JSON ({e}); copy the checkpoint again or "
+            "pass its .pt file with a matching --config"
+        ) from None
     raw = meta.get("config")
     if isinstance(raw, str):
         raw = json.loads(raw)
@@ -61,11 +81,18 @@ def resolve_checkpoint(
     rates = ema_rates or []
     if storage.exists(storage.join(uri, "meta.json")):
         cfg, step = _read_meta(storage.join(uri, "meta.json"))
-        return ResolvedCheckpoint(uri, _pick_weights(uri, use_ema, rates), cfg, step)
+        weights = check_weights_file(_pick_weights(uri, use_ema, rates))
+        return ResolvedCheckpoint(uri, weights, cfg, step)
     if not storage.exists(uri):
         raise storage.StorageError(f"checkpoint {uri} not found")
+    fs, path = storage.filesystem(uri)
+    if fs.isdir(path):
+        raise storage.StorageError(
+            f"checkpoint {uri} is a directory without meta.json; pass a checkpoint directory "
+            "(model.pt, meta.json) or a .pt file"
+        )
     parent_meta = storage.join(uri.rsplit("/", 1)[0], "meta.json") if "/" in uri else "meta.json"
     if storage.exists(parent_meta):
         cfg, step = _read_meta(parent_meta)
-        return ResolvedCheckpoint(uri, uri, cfg, step)
-    return ResolvedCheckpoint(uri, uri, None)
+        return ResolvedCheckpoint(uri, check_weights_file(uri), cfg, step)
+    return ResolvedCheckpoint(uri, check_weights_file(uri), None)
