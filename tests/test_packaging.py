@@ -98,3 +98,5 @@ def test_presets_ship_in_the_wheel(wheel, tmp_path):
         timeout=120,
     )
     assert "imagenet64" in listed.stdout and "lsun-bedroom" in listed.stdout
+    with zipfile.ZipFile(wheel) as z:  # sub-folders too (the paper's row registry)
+        assert "admflow/presets/paper/rows.yaml" in z.namelist()
