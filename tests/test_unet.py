@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from admflow.config import list_presets, load_config
 from models.build import build_classifier, build_network, build_unet, build_upsampler
@@ -16,7 +17,8 @@ from models.checkpoints import (
     load_openai_checkpoint,
 )
 from models.nn import GroupNorm32, count_parameters, timestep_embedding
-from models.unet import AttentionBlock, ResBlock, qkv_attention
+from models.precision import autocast
+from models.unet import AttentionBlock, ResBlock, UNetModel, qkv_attention
 
 # Parameter counts of the released models (paper's hyperparameter table / released .pt files).
 RELEASED_UNET_PARAMS = {
@@ -280,12 +282,17 @@ def test_upsampler_concatenates_bilinear_low_res():
     up = randomize(build_upsampler(cfg.upsampler)).eval()
     assert up.input_blocks[0][0].in_channels == 6
     x, t, y = tiny_inputs()
-    low = torch.randn(2, 3, 16, 16)
+    low = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out = up(x, t, low_res=low, y=y)
-        other = up(x, t, low_res=low + 1, y=y)
+        # the released order: [x_t, bilinear(low_res)] (half-pixel centres, no corner alignment)
+        bilinear = F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+        expected = UNetModel.forward(up, torch.cat([x, bilinear], dim=1), t, y)
+        nearest = F.interpolate(low, size=(32, 32), mode="nearest")
+        wrong = UNetModel.forward(up, torch.cat([x, nearest], dim=1), t, y)
     assert out.shape == (2, 6, 32, 32)
-    assert (out - other).abs().mean() > 1e-4
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert (out - wrong).abs().max() > 1e-3  # the comparison can tell the two apart
     with pytest.raises(ValueError, match="low_res"):
         up(x, t, y=y)
 
@@ -337,13 +344,30 @@ def test_tampered_checkpoint_reports_every_problem(tmp_path):
 # ---------------------------------------------------------------------------- precision
 
 
-def test_bf16_autocast_close_to_fp32():
+def record_output_dtypes(modules: dict[str, torch.nn.Module]) -> dict[str, torch.dtype]:
+    """Forward hooks that keep the dtype each module's output had (the last call)."""
+    seen: dict[str, torch.dtype] = {}
+    for name, module in modules.items():
+        module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+    return seen
+
+
+def test_bf16_autocast_runs_in_bf16_and_stays_close_to_fp32():
     model = randomize(build_unet(load_config("tiny").model)).eval()
     x, t, y = tiny_inputs()
+    dtypes = record_output_dtypes(
+        {
+            "first conv": model.input_blocks[0][0],
+            "res block conv": model.input_blocks[1][0].in_layers[2],
+            "attention qkv": model.middle_block[1].qkv,
+        }
+    )
     with torch.no_grad():
         ref = model(x, t, y)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert set(dtypes.values()) == {torch.float32}
+        with autocast("bf16", "cpu"):  # the training loop's and sampler's context
             low = model(x, t, y)
+    assert dtypes == dict.fromkeys(dtypes, torch.bfloat16), dtypes  # it really ran in bf16
     assert low.dtype in (torch.bfloat16, torch.float32)
     rel = (low.float() - ref).abs().max() / ref.abs().max()
     assert rel < 0.05, rel
