@@ -57,4 +57,5 @@ class SamplerSpec:
     solver_steps: int | None = None  # dpm++2m/unipc evaluations (None: every respaced step)
     step_schedule: str = "time"  # dpm++2m/unipc grid: "time" or "logsnr"
     cfg_scale: float = 0.0  # w of classifier-free guidance (0: the conditional model alone)
+    compile: bool = False  # torch.compile the diffusion network (sampling.compile)
     extra: dict = field(default_factory=dict)

@@ -22,6 +22,7 @@ from admflow.config import (
     UNetConfig,
     UpsamplerConfig,
 )
+from models.fast import InferencePlan, apply_plan, plan_inference
 from models.solvers import make_sample_loop
 from tasks.sample_plan import NonFiniteSampleError, SamplerSpec, batch_seed
 
@@ -38,14 +39,12 @@ def _load_state(data: bytes) -> dict[str, torch.Tensor]:
     return read_state_dict(io.BytesIO(data))
 
 
-def _prepare(model: torch.nn.Module, use_fp16: bool, device: torch.device) -> torch.nn.Module:
-    model.to(device)
-    if use_fp16 and device.type == "cuda":
+def _prepare_classifier(model: torch.nn.Module, plan: InferencePlan) -> torch.nn.Module:
+    """The classifier stays an ordinary module: guidance differentiates through it."""
+    model.to(plan.device)
+    if plan.precision == "fp16":
         model.convert_to_fp16()  # type: ignore[operator]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 class ShardSampler:
@@ -68,7 +67,10 @@ class ShardSampler:
             self.net_cfg = UNetConfig.model_validate(spec.network)
             model = build_unet(self.net_cfg, device="meta")
         load_state_dict_strict(model, _load_state(model_bytes), source="diffusion checkpoint")
-        self.model = _prepare(model, self.net_cfg.use_fp16, self.device)
+        # The production fast path (models.fast): same outputs in float32, see plan_inference.
+        self.plan = plan_inference(self.device, self.net_cfg.use_fp16, spec.compile)
+        self.model = apply_plan(self.plan, model)
+        del model
         self.diffusion = create_diffusion(
             DiffusionConfig.model_validate(spec.diffusion), timestep_respacing=spec.respacing
         )
@@ -82,11 +84,18 @@ class ShardSampler:
             load_state_dict_strict(
                 clf, _load_state(classifier_bytes), source="classifier checkpoint"
             )
-            self.classifier = _prepare(clf, ccfg.use_fp16, self.device)
+            clf_plan = plan_inference(self.device, ccfg.use_fp16)
+            self.classifier = _prepare_classifier(clf, clf_plan)
             self.cond_fn = cond_fn_from_classifier(self.classifier, spec.classifier_scale)
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
+        return {
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "precision": self.plan.precision,
+            "compile": self.plan.compile,
+        }
 
     def _model_fn(self):
         if self.net_cfg.num_classes is None:

@@ -97,4 +97,4 @@ def test_bf16_ddim_samples_close_to_fp32(tiny):
 
 def test_bad_precision(tiny):
     with pytest.raises(ValueError, match="precision"):
-        prepare_for_inference(tiny[1], "fp16")  # type: ignore[arg-type]
+        prepare_for_inference(tiny[1], "fp8")  # type: ignore[arg-type]
