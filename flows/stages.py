@@ -17,6 +17,7 @@ from prefect import task
 
 from admflow.config import AdmConfig
 from admflow.storage import join
+from admflow.version import code_version
 
 # Transient storage/network errors get retried with backoff.
 RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5)
@@ -25,6 +26,7 @@ RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5)
 def chain_key(stage: str, cfg: AdmConfig, sections: tuple[str, ...], *upstream: str, **extra: Any):
     payload = {
         "stage": stage,
+        "code": code_version(),  # another admflow or other math under models/: a new key
         "sections": {s: _section(cfg, s) for s in sections},
         "root": cfg.storage.root,
         "upstream": list(upstream),

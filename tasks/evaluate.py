@@ -22,6 +22,7 @@ import torch
 
 from admflow import storage
 from admflow.config import AdmConfig
+from admflow.version import code_version
 from models import inception as inc
 from models import metrics as M
 from tasks.eval_io import (
@@ -192,6 +193,7 @@ def _cache_key(cfg: AdmConfig, info: dict, inception: str | None) -> str:
         f"default:{inc.DEFAULT_SHA1}" if inception is None else storage.content_hash(inception)
     )
     payload = {"v": CACHE_VERSION, "kind": info["kind"], "id": info["identity"], "w": weights}
+    payload["code"] = code_version()  # the Inception port and feature code live in models/
     if info["kind"] == "shards":
         payload["keep"] = cfg.evaluation.reference_images
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

@@ -298,3 +298,29 @@ def test_shard_flag_create_bucket_sets_the_config_field():
 def test_json_flags_keep_their_type():
     cfg = load_config("tiny", ["sampling.timestep_respacing=" + json.dumps("10,15")])
     assert cfg.sampling.timestep_respacing == "10,15"
+
+
+# ------------------------------------------------------------- 14: cache keys carry the code
+
+
+def test_code_version_follows_the_math_under_models(tmp_path):
+    import shutil
+
+    from admflow.version import code_version, package_version, sources_hash
+
+    copy = tmp_path / "models"
+    shutil.copytree(REPO / "models", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert sources_hash(copy) == sources_hash(REPO / "models")
+    with open(copy / "respace.py", "a") as f:
+        f.write("\n# a changed line of math\n")
+    assert sources_hash(copy) != sources_hash(REPO / "models")
+    assert code_version() == f"{package_version()}+models.{sources_hash(REPO / 'models')}"
+
+
+def test_every_stage_key_changes_with_the_code(monkeypatch):
+    from flows import stages
+
+    cfg = load_config("tiny")
+    before = stages.chain_key("train", cfg, ("model",), "upstream")
+    monkeypatch.setattr(stages, "code_version", lambda: "0.2.0+models.000000000000")
+    assert stages.chain_key("train", cfg, ("model",), "upstream") != before
