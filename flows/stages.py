@@ -83,6 +83,8 @@ def train(cfg: AdmConfig, kind: str, data: dict, cache_key: str, parent_run_id: 
 def reference(cfg: AdmConfig, data: dict, cache_key: str) -> dict:
     from tasks.evaluate import build_reference
 
+    if cfg.evaluation.reference:  # e.g. the paper's reference batch, instead of our shards
+        return {"uri": cfg.evaluation.reference}
     uri = build_reference(cfg, data["uri"])
     return {"uri": uri}
 

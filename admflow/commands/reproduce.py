@@ -6,6 +6,7 @@ import argparse
 import os
 
 from admflow.commands.common import add_config_args
+from admflow.config import AdmConfig, ConfigError, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +27,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_reference(load_config(args.config, args.overrides))
     result = run_reproduce(args.config, args.overrides)
     print_summary(result)
     return 0
+
+
+def check_reference(cfg: AdmConfig) -> None:
+    """A given evaluation.reference must be readable before hours of training start."""
+    if not cfg.evaluation.reference:
+        return
+    from tasks.eval_io import EvaluationInputError, describe
+
+    try:
+        describe(cfg.evaluation.reference)
+    except EvaluationInputError as e:
+        raise ConfigError(
+            f"evaluation.reference: {e} (give a reference batch .npz, a feature file, or a "
+            "sample set / shard folder)"
+        ) from None
 
 
 def run_reproduce(preset: str, overrides: list[str]) -> dict:
@@ -43,7 +60,7 @@ def run_reproduce(preset: str, overrides: list[str]) -> dict:
 
 
 def print_summary(result: dict) -> None:
-    print("\n" + result["table"])
+    print("\n" + result.get("report", result["table"]))
     for uri in result.get("grids", []):
         print(f"sample grid:  {uri}")
     for uri in result.get("report_uris", []):

@@ -1,0 +1,38 @@
+"""`evaluation.reference`: when set, reproduce scores against it instead of building a reference
+from the training shards; an unreadable one fails before anything starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from admflow.config import load_config
+
+
+def test_reference_stage_uses_the_given_batch(tmp_path):
+    from flows import stages
+
+    ref = tmp_path / "VIRTUAL_tiny.npz"
+    np.savez(ref, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    cfg = load_config("tiny", [f"evaluation.reference={ref}", f"storage.root={tmp_path}"])
+    no_shards = {"uri": str(tmp_path / "never-sharded")}  # would fail if it were read
+    assert stages.reference.fn(cfg, no_shards, cache_key="k") == {"uri": str(ref)}
+
+
+def test_reproduce_rejects_a_missing_reference_before_starting(tmp_path, capsys):
+    from admflow.cli import main
+
+    missing = tmp_path / "VIRTUAL_imagenet64_labeled.npz"
+    assert main(["reproduce", "--set", f"evaluation.reference={missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "evaluation.reference" in err and str(missing) in err
+
+
+def test_reproduce_rejects_a_non_batch_reference(tmp_path):
+    from admflow.commands.reproduce import check_reference
+    from admflow.config import ConfigError
+
+    bad = tmp_path / "ref.npz"
+    np.savez(bad, something=np.zeros(3))
+    with pytest.raises(ConfigError, match="neither arr_0"):
+        check_reference(load_config("tiny", [f"evaluation.reference={bad}"]))
