@@ -19,6 +19,7 @@ set by global row index; training then skips those rows.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,18 +173,37 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
 
 
+MIN_CROP_FRAC = 0.8  # guided-diffusion's classifier crops 80-100% of the image side
+
+
 def augment(
-    images: np.ndarray, rng: np.random.Generator, *, flip: bool, crop_pad: int = 0
+    images: np.ndarray, rng: np.random.Generator, *, flip: bool, random_crop: bool = False
 ) -> np.ndarray:
-    """Random horizontal flips and (for ``crop_pad`` > 0) reflect-pad-and-crop, NCHW."""
-    out = images.copy()
+    """NCHW images: (``random_crop``) the paper's scale-and-crop, then random horizontal flips."""
+    out = scale_and_crop(images, rng) if random_crop else images.copy()
     if flip:
         mask = rng.random(len(out)) < 0.5
         out[mask] = out[mask][..., ::-1]
-    if crop_pad:
-        n, _, h, w = out.shape
-        p = crop_pad
-        padded = np.pad(out, ((0, 0), (0, 0), (p, p), (p, p)), mode="reflect")
-        dy, dx = rng.integers(0, 2 * p + 1, size=(2, n))
-        out = np.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
     return np.ascontiguousarray(out)
+
+
+def scale_and_crop(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The classifier's augmentation in ADM: each image's side is scaled (bicubic) to an
+    integer S drawn uniformly from [n, ceil(n / 0.8)] and a random n x n window is cut, so
+    the window covers n/S, 80-100%, of the side. Our shards already hold n x n images, so
+    the scaling goes up from n rather than down from the source image."""
+    n = images.shape[-1]
+    sides = rng.integers(n, math.ceil(n / MIN_CROP_FRAC) + 1, size=len(images))
+    out = np.empty_like(images)
+    for i, side in enumerate(sides):
+        img = images[i]
+        if side > n:
+            img = np.stack([_bicubic(channel, int(side)) for channel in img])
+        top, left = rng.integers(0, side - n + 1, size=2)
+        out[i] = img[:, top : top + n, left : left + n]
+    return out
+
+
+def _bicubic(channel: np.ndarray, side: int) -> np.ndarray:
+    image = Image.fromarray(channel.astype(np.float32))  # mode "F": float bicubic
+    return np.asarray(image.resize((side, side), resample=Image.Resampling.BICUBIC))

@@ -31,7 +31,7 @@ class Job:
     weight_decay: float
     ema_rates: list[float]
     flip: bool
-    crop_pad: int = 0
+    random_crop: bool = False  # the classifier's 80-100% scale-and-crop (ADM)
     holdout_every: int = 0
     anneal_lr: bool = False
     terms: tuple[str, ...] = ("loss", "mse", "vb")
@@ -125,7 +125,7 @@ def make_job(kind: str, cfg: AdmConfig) -> Job:
             weight_decay=t.classifier_weight_decay,
             ema_rates=[],
             flip=True,
-            crop_pad=max(1, cfg.classifier.image_size // 16),
+            random_crop=True,
             holdout_every=10,
             anneal_lr=True,
             terms=("loss", "top1", "top5"),

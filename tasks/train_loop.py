@@ -327,7 +327,9 @@ class Trainer:
         )
         images, labels = self.stream.read(positions)
         rng = np.random.default_rng(step_seed(self.seed, step, self.session.rank, 1))
-        x = augment(to_model_input(images), rng, flip=self.job.flip, crop_pad=self.job.crop_pad)
+        x = augment(
+            to_model_input(images), rng, flip=self.job.flip, random_crop=self.job.random_crop
+        )
         xt = torch.from_numpy(x).to(self.device)
         if self.cfg.training.channels_last:
             xt = xt.contiguous(memory_format=torch.channels_last)

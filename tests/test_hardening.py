@@ -324,3 +324,27 @@ def test_every_stage_key_changes_with_the_code(monkeypatch):
     before = stages.chain_key("train", cfg, ("model",), "upstream")
     monkeypatch.setattr(stages, "code_version", lambda: "0.2.0+models.000000000000")
     assert stages.chain_key("train", cfg, ("model",), "upstream") != before
+
+
+# ------------------------------------------------------------- 16: the classifier's crops
+
+
+def test_classifier_augmentation_crops_80_to_100_percent_and_flips():
+    from tasks.train_data import augment
+    from tasks.train_jobs import make_job
+
+    assert make_job("classifier", load_config("tiny")).random_crop
+    n = 32
+    ramp = np.broadcast_to(np.linspace(-1, 1, n, dtype=np.float32), (400, 3, n, n)).copy()
+    out = augment(ramp, np.random.default_rng(0), flip=True, random_crop=True)
+    assert out.shape == ramp.shape
+    row = out[:, 0, n // 2]
+    flipped = row[:, 0] > row[:, -1]
+    assert 0.4 < flipped.mean() < 0.6
+    row = np.where(flipped[:, None], row[:, ::-1], row)
+    # Each window is a zoom of the ramp: monotonic (no reflect padding) and spanning n/S of
+    # it, with S uniform over 32..40: from 80% to all of the side.
+    assert (np.diff(row[:, 1:-1], axis=1) > 0).all()
+    span = (row[:, -2] - row[:, 1]) / (ramp[0, 0, 0, -2] - ramp[0, 0, 0, 1])
+    assert span.min() > 0.78 and span.max() > 0.999
+    assert 0.05 < (span > 0.999).mean() < 0.2  # S == n: the whole image, 1 draw in 9
