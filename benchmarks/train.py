@@ -37,7 +37,7 @@ BASE = ["training.batch_size=16", "training.ema_rate=[0.9999]"]
 
 
 def build_demo_shards(dest: str, per_class: int = 16, size: int = 32) -> str:
-    """A small shard set (HELPERS.md format) rendered from the demo shapes."""
+    """A small shard set (docs/ARCHITECTURE.md format) rendered from the demo shapes."""
     images, labels, keys = [], [], []
     for c, name in enumerate(CLASS_NAMES):
         for i in range(per_class):

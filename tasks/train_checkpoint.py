@@ -1,4 +1,4 @@
-"""Training checkpoints: the directory format of docs/HELPERS.md, written atomically.
+"""Training checkpoints: the directory format of docs/ARCHITECTURE.md, written atomically.
 
 A checkpoint is a directory holding ``model.pt`` (state dict, released key layout), one
 ``ema_<rate>.pt`` per EMA rate, ``state.pt`` (optimizer, loss scaler, step, schedule sampler,

@@ -66,7 +66,7 @@ def _png(img: np.ndarray) -> bytes:
 
 
 def build_shards(dest: str, per_class: int, size: int = 16, shard_rows: int = 100, easy=False):
-    """A shard set in the HELPERS.md format: demo shapes, or (easy) class-coloured fields."""
+    """A shard set in the format of docs/ARCHITECTURE.md: demo shapes, or (easy) class-coloured fields."""
     rng = np.random.default_rng(0)
     rows = []
     for c in range(10):
