@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from admflow.config import ConfigError
     from admflow.storage import StorageError
+    from admflow.tracking import TrackingError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, StorageError) as e:
+    except (ConfigError, StorageError, TrackingError) as e:
         # One line: a multi-line config report becomes "invalid config (...): a; b".
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")

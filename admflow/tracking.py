@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 from admflow.config import AdmConfig
 from admflow.storage import is_remote, local_path
 
+_HEALTH_TIMEOUT_S = 5.0
 _SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
 
 
@@ -31,6 +35,42 @@ def resolve_tracking_uri(cfg: AdmConfig) -> str:
     return f"sqlite:///{(base / 'mlflow.db').resolve()}"
 
 
+class TrackingError(RuntimeError):
+    """An MLflow tracking store that cannot be used; the message names it and the fix."""
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` without a password, for messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_tracking(cfg: AdmConfig) -> str:
+    """The tracking URI, once it is known to answer: a few seconds at most, instead of
+    MLflow's minutes of retries after the expensive work is done. Returns the URI."""
+    uri = resolve_tracking_uri(cfg)
+    fix = "start it, or set tracking.tracking_uri / MLFLOW_TRACKING_URI to a running store"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=_HEALTH_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered: reachable (e.g. a proxy without /health)
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(
+                f"MLflow tracking store {shown_uri(uri)} is unreachable ({reason}); {fix}"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        directory = os.path.dirname(uri[len("sqlite:///") :]) or "."
+        if not os.access(directory, os.W_OK):
+            raise TrackingError(f"MLflow tracking store {uri}: cannot write in {directory}; {fix}")
+    return uri
+
+
 def _artifact_location(cfg: AdmConfig, tracking_uri: str) -> str | None:
     if tracking_uri.startswith(("http://", "https://")):
         return None  # the server decides (e.g. --artifacts-destination s3://...)
@@ -43,7 +83,7 @@ def setup_mlflow(cfg: AdmConfig) -> str:
     """Point mlflow at the configured store and experiment; returns the experiment id."""
     import mlflow
 
-    uri = resolve_tracking_uri(cfg)
+    uri = check_tracking(cfg)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:

@@ -10,6 +10,7 @@ from prefect.runtime import flow_run
 
 from admflow.config import AdmConfig, load_config
 from flows import stages
+from flows.hooks import PARENT_RUN_HOOKS
 from flows.stages import chain_key
 
 DIFFUSION_SECTIONS = ("data", "model", "diffusion", "training")
@@ -22,7 +23,7 @@ def _sampling_key(cfg: AdmConfig) -> dict:
     return cfg.sampling.model_dump(mode="json", exclude={"classifier_scales", "workers"})
 
 
-@flow(name="reproduce", log_prints=True)
+@flow(name="reproduce", log_prints=True, **PARENT_RUN_HOOKS)
 def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the paper's pipeline for one preset; returns the metrics rows and report paths."""
     from tasks import lineage, report

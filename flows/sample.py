@@ -4,13 +4,15 @@ the path to the paper's tables without training."""
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from admflow.config import load_config
 from flows import stages
+from flows.hooks import PARENT_RUN_HOOKS
 from flows.stages import chain_key
 
 
-@flow(name="sample", log_prints=True)
+@flow(name="sample", log_prints=True, **PARENT_RUN_HOOKS)
 def sample_released(
     preset: str,
     checkpoint: str,
@@ -34,7 +36,9 @@ def sample_released(
     cfg.sampling.guided(scale, classifier is not None)  # a scale without a classifier: fail now
     log = get_run_logger()
     own_parent = parent_run_id is None
-    parent = parent_run_id or lineage.start_parent_run(cfg, "sample", None, preset, overrides)
+    parent = parent_run_id or lineage.start_parent_run(
+        cfg, "sample", flow_run.get_id(), preset, overrides
+    )
     diffusion = {"checkpoint": checkpoint, "cache_key": checkpoint}
     clf = {"checkpoint": classifier} if classifier else None
     s_key = chain_key("sample", cfg, ("sampling",), checkpoint, classifier or "", scale=scale)

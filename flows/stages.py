@@ -18,9 +18,12 @@ from prefect import task
 from admflow.config import AdmConfig
 from admflow.storage import join
 from admflow.version import code_version
+from flows.hooks import transient
 
 # Transient storage/network errors get retried with backoff.
-RETRY = dict(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5)
+RETRY = dict(
+    retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5, retry_condition_fn=transient
+)
 
 
 def chain_key(stage: str, cfg: AdmConfig, sections: tuple[str, ...], *upstream: str, **extra: Any):

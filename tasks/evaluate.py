@@ -316,6 +316,10 @@ def evaluate_sets(
     Returns the metrics (``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall``)
     plus ``mlflow_run_id`` (None when not logged) and the feature-file URIs used.
     """
+    if log_mlflow:  # an unreachable store fails now, not after the features
+        from admflow.tracking import check_tracking
+
+        check_tracking(cfg)
     ref_feats, ref_fu = features_for(cfg, ref, workers, inception)
     smp_feats, smp_fu = features_for(cfg, samples, workers, inception)
     metrics: dict[str, Any] = compute_metrics(ref_feats, smp_feats, cfg.evaluation.fid_method)

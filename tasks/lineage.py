@@ -133,3 +133,21 @@ def _manifest_dataset(manifest: dict, data_uri: str):
     return mlflow.data.from_pandas(  # type: ignore[attr-defined]
         rows, source=data_uri, name=f"shards-{manifest['image_size']}px-{fingerprint[:8]}"
     )
+
+
+def close_parent_runs(cfg: AdmConfig, flow_run_id: str, status: str) -> list[str]:
+    """End the still-RUNNING parent runs of a Prefect flow run with ``status`` (FAILED,
+    KILLED), so that a flow that died does not stay RUNNING in MLflow; returns their ids."""
+    import mlflow
+
+    experiment_id = setup_mlflow(cfg)
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}' and "
+        "attributes.status = 'RUNNING'",
+    )
+    parents = [r.info.run_id for r in runs if "admflow.flow" in r.data.tags]
+    for run_id in parents:
+        client.set_terminated(run_id, status)
+    return parents
