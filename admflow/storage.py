@@ -69,18 +69,9 @@ def pyarrow_filesystem(uri: str):
 
     fs, path = filesystem(uri)
     if uri.startswith("s3://"):
-        import s3fs
-
-        # Bind the credentials too: the filesystem is pickled into Ray tasks whose worker
-        # processes may have started before the driver's AWS environment was set. Unset
-        # variables stay None, so s3fs falls back to its usual credential chain.
-        env = os.environ.get
-        fs = s3fs.S3FileSystem(
-            key=env("AWS_ACCESS_KEY_ID"),
-            secret=env("AWS_SECRET_ACCESS_KEY"),
-            token=env("AWS_SESSION_TOKEN"),
-            **_s3_options(),
-        )
+        # Only the endpoint is bound: this object is pickled into Ray (object store, Train
+        # run state), so no credentials in it; each process finds its own through the usual
+        # AWS chain (environment, credentials file, instance role).
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
     return pafs.LocalFileSystem(), path
 

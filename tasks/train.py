@@ -42,16 +42,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Storage endpoint settings the workers need to read shards and write checkpoints.
+# Where the object store is (no secrets): the workers need it to read shards and write
+# checkpoints. Credentials never go through Ray (its runtime env is logged in plain text):
+# workers of the local Ray that admflow starts inherit them from the driver's environment,
+# the nodes of a cluster hold their own (environment or ~/.aws/credentials, see README).
 _FORWARD_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "MLFLOW_S3_ENDPOINT_URL",
-    "MLFLOW_TRACKING_TOKEN",
 )
 
 

@@ -348,3 +348,33 @@ def test_classifier_augmentation_crops_80_to_100_percent_and_flips():
     span = (row[:, -2] - row[:, 1]) / (ramp[0, 0, 0, -2] - ramp[0, 0, 0, 1])
     assert span.min() > 0.78 and span.max() > 0.999
     assert 0.05 < (span > 0.999).mean() < 0.2  # S == n: the whole image, 1 draw in 9
+
+
+# ------------------------------------------------------------- 1: no secret pickled into Ray
+
+
+def test_filesystem_handed_to_ray_carries_no_credentials(monkeypatch):
+    import pickle
+
+    from admflow import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "plantedkeyid")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "PLANTEDsecretForPickle")
+    fs, path = storage.pyarrow_filesystem("s3://bucket/runs")
+    blob = pickle.dumps(fs)
+    assert b"PLANTEDsecretForPickle" not in blob and b"plantedkeyid" not in blob
+    assert b"http://127.0.0.1:9" in blob and path == "bucket/runs"
+
+
+# ------------------------------------------------------------- 18: the docs
+
+
+def test_docs_speak_of_the_project_only():
+    assert not (REPO / "docs" / "HELPERS.md").exists()
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    for section in ("Layers and import rules", "Data formats", "Adding a preset", "Tests"):
+        assert f"## {section}" in text
+    for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        body = doc.read_text().lower()
+        assert "/work/" not in body and " agent" not in body, doc
