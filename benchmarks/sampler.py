@@ -1,8 +1,10 @@
 """DDIM sampling speed of the bench-32 ADM UNet on CPU: plain network vs models.fast paths.
 
 Prints one JSON object. Every figure is measured in this run on this machine: images/s for
-DDIM-25 at batch 16 (2 threads) with the plain network (fp32, NCHW, eager, no fusion) and with
-the tuned fp32 and bf16 paths of :func:`models.fast.prepare_for_inference`; FLOPs per forward
+DDIM-25 at batch 16 (2 threads) with the plain network (fp32, NCHW, eager, no fusion), with
+the network the sampling actors run (``fp32``: a ``ShardSampler`` built from checkpoint bytes,
+so the fast path that plan_inference picks for the CPU) and the bf16 path of
+:func:`models.fast.prepare_for_inference`; FLOPs per forward
 (FlopCounterMode); the machine's own fp32/bf16 dense-matmul rates (a large torch.matmul); and
 how close bf16 samples are to fp32 ones from the same noise. Repeats are interleaved across the
 variants so that load from other processes hits them alike; the best repeat is reported (the
@@ -15,6 +17,7 @@ torch.compile variants (bf16 only where native) (compile time reported separatel
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import statistics
@@ -29,6 +32,8 @@ from admflow.config import load_config
 from models.build import build_unet
 from models.diffusion_factory import create_diffusion
 from models.fast import native_bf16, prepare_for_inference
+from tasks.sample_plan import SamplerSpec
+from tasks.sample_worker import ShardSampler
 
 Model = Callable[..., torch.Tensor]
 
@@ -52,6 +57,20 @@ def give_zero_modules_weights(model: torch.nn.Module, seed: int = 0) -> None:
         for p in model.parameters():
             if p.ndim > 1 and not p.any():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def actor_sampler(cfg: Any, net: torch.nn.Module, threads: int) -> ShardSampler:
+    """The sampling actor's object, built as on Ray: from checkpoint bytes and a SamplerSpec."""
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    spec = SamplerSpec(
+        kind="base",
+        network=cfg.model.model_dump(mode="json"),
+        diffusion=cfg.diffusion.model_dump(mode="json"),
+        device="cpu",
+        torch_threads=threads,
+    )
+    return ShardSampler(spec, buf.getvalue(), None)
 
 
 def flops_per_forward(model: Model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> int:
@@ -107,9 +126,10 @@ def main() -> None:
     rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
     flops = flops_per_forward(net, noise, t, y)
 
+    actor = actor_sampler(cfg, net, args.threads)
     variants: dict[str, Model] = {
         "plain": net,
-        "fp32": prepare_for_inference(net, "fp32", channels_last=True),
+        "fp32": actor.model,  # exactly the network the Ray sampling actors run
         "bf16": prepare_for_inference(net, "bf16", channels_last=True),
     }
     compile_s: dict[str, float] = {}
@@ -149,6 +169,7 @@ def main() -> None:
         "bf16_peak_fraction": gflops("bf16") / rates["bf16"],
         "fp32_peak_fraction": gflops("fp32") / rates["fp32"],
         "native_bf16": native_bf16("cpu"),
+        "fp32_path": f"ShardSampler.model ({type(actor.model).__name__}, {actor.info()})",
         "preset": "bench-32",
         "sampler": f"ddim{steps}",
         "batch": args.batch,
