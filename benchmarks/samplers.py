@@ -1,0 +1,359 @@
+"""Sampler leaderboard: FID (and a judge's class accuracy) against network evaluations.
+
+For one trained model, every sampler (ddpm, ddim, dpm++2m, unipc) runs at each NFE budget
+(default 5, 10, 15, 25, 50), unguided and guided (the noisy classifier at the preset's scale,
+or classifier-free guidance for a model trained with label dropout), all from the same x_T
+and labels. Each set is scored with the project's evaluator pieces (models.inception
+features, models.metrics FID) against the reference features of the training data.
+
+Prints one JSON object:
+  fid_by_sampler_nfe       {sampler: {nfe: FID}}; guided sets are named e.g. "unipc+classifier2"
+  best_at_10_vs_ddim_25    min over the solvers of FID@10 / DDIM FID@25 (< 1: better), unguided
+  best_at_5_vs_ddim_15     the same at 5 vs 15; "…_guided" variants for the guided sets
+  accuracy_by_sampler_nfe  the judge's top-1 on the target labels (with --judge)
+  seconds_per_image        sampling time per image and set (this machine, this load)
+and writes OUT/samplers.json and OUT/fid_vs_nfe.png; both go to MLflow when a tracking URI is
+configured (tracking.tracking_uri or $MLFLOW_TRACKING_URI).
+
+Defaults find the demo's latest runs under the store (storage.root, ./admflow-store):
+
+    python benchmarks/samplers.py --num-samples 100
+    python benchmarks/samplers.py --checkpoint STORE/runs/diffusion-…/checkpoints/step-000200 \\
+        --classifier … --reference STORE/data/… --nfes 5,10 --samplers ddim,unipc --num-samples 16
+
+``--judge module:function`` plugs in a classifier of clean images: function(uint8 NHWC array)
+-> predicted class ids. FID from a few hundred images is biased upwards (compare sets of the
+same size only); the number of images is in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from admflow import storage  # noqa: E402
+from admflow.config import AdmConfig, load_config  # noqa: E402
+from models.solvers import SOLVERS, FastSolver  # noqa: E402
+
+SAMPLERS = ("ddpm", "ddim", *SOLVERS)
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def latest_run_checkpoint(root: str, kind: str) -> str | None:
+    """The newest checkpoint of the newest ``kind`` run under ``root``/runs (or None)."""
+    from tasks.train_checkpoint import checkpoints_uri, latest_checkpoint
+
+    runs_dir = storage.join(root, "runs")
+    if not storage.exists(runs_dir):
+        return None
+    fs, path = storage.filesystem(runs_dir)
+    runs = [p for p in fs.ls(path, detail=True) if p["name"].rsplit("/", 1)[-1].startswith(kind)]
+    for run in sorted(runs, key=lambda p: p.get("mtime") or p.get("created") or 0, reverse=True):
+        found = latest_checkpoint(checkpoints_uri(_uri(runs_dir, run["name"])))
+        if found:
+            return found
+    return None
+
+
+def _uri(base: str, name: str) -> str:
+    return storage.join(base, name.rsplit("/", 1)[-1])
+
+
+def default_reference(root: str) -> str | None:
+    """The newest shard set under ``root``/data (the training images)."""
+    data = storage.join(root, "data")
+    if not storage.exists(data):
+        return None
+    fs, path = storage.filesystem(data)
+    sets = sorted(fs.ls(path, detail=True), key=lambda p: p.get("mtime") or 0, reverse=True)
+    return _uri(data, sets[0]["name"]) if sets else None
+
+
+def load_network(uri: str, cfg: AdmConfig, kind: str, device: torch.device) -> tuple[Any, Any]:
+    """(network, its config section) from one of our checkpoints or a released .pt."""
+    from models.build import build_classifier, build_unet
+    from models.checkpoints import load_state_dict_strict, read_state_dict
+    from tasks.sample_ckpt import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(uri, cfg.sampling.use_ema, cfg.training.ema_rate)
+    source = ckpt.config or cfg
+    section = source.model if kind == "model" else source.classifier
+    build = build_unet if kind == "model" else build_classifier
+    net = build(section, device="meta")
+    with storage.open_read(ckpt.weights) as f:
+        load_state_dict_strict(net, read_state_dict(f), source=f"{kind} checkpoint {uri}")
+    return net.to(device).eval().requires_grad_(False), source
+
+
+def load_judge(spec: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
+    if not spec:
+        return None
+    module, _, attr = spec.partition(":")
+    if not attr:
+        raise SystemExit(f"--judge: expected module:function, got {spec!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def sample_loop(cfg: AdmConfig, sampler: str, nfe: int, schedule: str) -> Callable[..., Any]:
+    """The loop of ``sampler`` costing ``nfe`` network evaluations per image."""
+    from models.diffusion_factory import create_diffusion
+
+    if sampler in SOLVERS:
+        return FastSolver(create_diffusion(cfg.diffusion), sampler, nfe, schedule).sample_loop
+    try:  # ADM's DDIM stride where it exists, else evenly spaced steps
+        diffusion = create_diffusion(cfg.diffusion, f"ddim{nfe}" if sampler == "ddim" else "")
+        if sampler == "ddpm" or diffusion.num_timesteps != nfe:
+            raise ValueError
+    except ValueError:
+        diffusion = create_diffusion(cfg.diffusion, str(nfe))
+    return diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+
+
+def draw_set(loop, model, labels, noise, cond_fn, batch: int) -> np.ndarray:
+    out = []
+    for lo in range(0, len(labels), batch):
+        y = labels[lo : lo + batch]
+        x = loop(
+            model,
+            tuple(noise[lo : lo + batch].shape),
+            noise=noise[lo : lo + batch],
+            cond_fn=cond_fn,
+            model_kwargs={"y": y},
+            generator=torch.Generator().manual_seed(lo),  # DDPM's step noise
+        )
+        out.append(((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+    return torch.cat(out).numpy()
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    def __init__(self, cfg: AdmConfig, reference: str, device: torch.device):
+        from models.inception import load_inception
+        from tasks.evaluate import features_for
+
+        feats, self.reference_features = features_for(cfg, reference, workers=0)
+        from tasks.evaluate import _stats
+
+        self.ref_stats = _stats(feats, "pool", "mu", "sigma")
+        self.inception = load_inception(cfg.evaluation.inception_weights, device)
+        self.method = cfg.evaluation.fid_method
+        self.batch = cfg.evaluation.batch_size
+
+    def fid(self, images: np.ndarray) -> float:
+        from models.metrics import feature_statistics, frechet_distance
+
+        pool = np.concatenate(
+            [
+                self.inception.features(images[i : i + self.batch])["pool"]
+                for i in range(0, len(images), self.batch)
+            ]
+        )
+        return frechet_distance(
+            *feature_statistics(pool.astype(np.float64)), *self.ref_stats, method=self.method
+        )
+
+
+def ratio(table: dict, keys: list[str], nfe: int, base_key: str, base_nfe: int) -> float | None:
+    best = [table[k][nfe] for k in keys if nfe in table.get(k, {})]
+    base = table.get(base_key, {}).get(base_nfe)
+    return min(best) / base if best and base else None
+
+
+def summary(fids: dict, guided_suffix: str | None) -> dict[str, float | None]:
+    out = {}
+    for suffix, name in [("", ""), (guided_suffix, "_guided")]:
+        if suffix is None:
+            continue
+        solvers = [f"{s}{suffix}" for s in SOLVERS]
+        out[f"best_at_10_vs_ddim_25{name}"] = ratio(fids, solvers, 10, f"ddim{suffix}", 25)
+        out[f"best_at_5_vs_ddim_15{name}"] = ratio(fids, solvers, 5, f"ddim{suffix}", 15)
+    return out
+
+
+def plot(fids: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, by_nfe in fids.items():
+        nfes = sorted(by_nfe)
+        ax.plot(nfes, [by_nfe[n] for n in nfes], marker="o", label=name)
+    ax.set(xlabel="network evaluations (NFE)", ylabel="FID", title=title, xscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_mlflow(cfg: AdmConfig, result: dict, files: list[str]) -> str | None:
+    if not (cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        return None
+    import mlflow
+
+    from admflow.tracking import stage_run
+
+    with stage_run(cfg, "sampler-leaderboard", sections=("sampling",)) as run:
+        for name, by_nfe in result["fid_by_sampler_nfe"].items():
+            for nfe, fid in by_nfe.items():
+                mlflow.log_metric(f"fid.{name.replace('+', '.')}", fid, step=int(nfe))
+        for k, v in result.items():
+            if k.startswith("best_at") and v is not None:
+                mlflow.log_metric(k, v)
+        for f in files:
+            mlflow.log_artifact(f)
+        return run.info.run_id
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny", help="preset (default tiny, the demo's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", help="diffusion checkpoint (default: newest demo run)")
+    p.add_argument("--classifier", help="noisy classifier checkpoint (default: newest demo run)")
+    p.add_argument("--reference", help="reference images/features (default: the demo's shards)")
+    p.add_argument("--guidance", choices=["auto", "classifier", "free", "none"], default="auto")
+    p.add_argument("--scale", type=float, help="guidance scale (default: the preset's)")
+    p.add_argument("--samplers", default=",".join(SAMPLERS))
+    p.add_argument("--nfes", default="5,10,15,25,50")
+    p.add_argument("--schedule", choices=["time", "logsnr"], default="time")
+    p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge", metavar="MODULE:FUNCTION", help="clean-image classifier")
+    p.add_argument("--random-init", action="store_true", help="random weights, timing only")
+    p.add_argument("--out", default="benchmark-samplers", help="folder for JSON and plot")
+    return p.parse_args(argv)
+
+
+def setup(args: argparse.Namespace, cfg: AdmConfig, device: torch.device) -> dict[str, Any]:
+    """Model, guided variant, labels and scorer: everything fixed across the sets."""
+    from models.guidance import classifier_free, cond_fn_from_classifier, drop_class_labels
+
+    root = cfg.storage.root
+    if args.random_init:
+        from benchmarks.sampler import give_zero_modules_weights
+        from models.build import build_unet
+
+        net, source = build_unet(cfg.model), cfg
+        give_zero_modules_weights(net)
+        net = net.to(device).eval().requires_grad_(False)
+    else:
+        uri = args.checkpoint or latest_run_checkpoint(root, "diffusion")
+        if not uri:
+            raise SystemExit(f"no --checkpoint and no diffusion run under {root}/runs")
+        net, source = load_network(uri, cfg, "model", device)
+    classes = source.model.num_classes or source.classifier.num_classes
+    gen = torch.Generator().manual_seed(args.seed)
+    labels = torch.randint(0, classes, (args.num_samples,), generator=gen).to(device)
+    size, channels = source.model.image_size, source.model.in_channels
+    noise = torch.randn((args.num_samples, channels, size, size), generator=gen).to(device)
+    model = net if source.model.num_classes else drop_class_labels(net)
+    guidance = args.guidance
+    clf_uri = args.classifier or (
+        None if args.random_init else latest_run_checkpoint(root, "classifier")
+    )
+    if guidance == "auto":
+        guidance = "free" if source.model.null_class else ("classifier" if clf_uri else "none")
+    guided: dict[str, Any] = {"name": None}
+    if guidance == "classifier":
+        if not clf_uri:
+            raise SystemExit("--guidance classifier: no --classifier and none under the store")
+        clf, _ = load_network(clf_uri, cfg, "classifier", device)
+        scale = args.scale or next((s for s in cfg.sampling.classifier_scales if s), 1.0)
+        guided = {"name": f"+classifier{scale:g}", "cond_fn": cond_fn_from_classifier(clf, scale)}
+    elif guidance == "free":
+        w = args.scale or cfg.sampling.cfg_scale or 1.0
+        guided = {"name": f"+free{w:g}", "model": classifier_free(net, w, source.model.num_classes)}
+    return {"model": model, "labels": labels, "noise": noise, "guided": guided}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = setup(args, cfg, device)
+    scorer = None
+    if not args.random_init:
+        reference = args.reference or default_reference(cfg.storage.root)
+        if not reference:
+            raise SystemExit(f"no --reference and no shard set under {cfg.storage.root}/data")
+        scorer = Scorer(cfg, reference, device)
+    judge = load_judge(args.judge)
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    unknown = set(samplers) - set(SAMPLERS)
+    if unknown:
+        raise SystemExit(f"--samplers: unknown {sorted(unknown)}; choose from {SAMPLERS}")
+    nfes = sorted(int(n) for n in args.nfes.split(","))
+    variants = [("", run["model"], None)]
+    if run["guided"]["name"]:
+        g = run["guided"]
+        variants.append((g["name"], g.get("model", run["model"]), g.get("cond_fn")))
+    fids: dict[str, dict[int, float]] = {}
+    accs: dict[str, dict[int, float]] = {}
+    secs: dict[str, dict[int, float]] = {}
+    for suffix, model, cond_fn in variants:
+        for sampler in samplers:
+            name = f"{sampler}{suffix}"
+            for nfe in nfes:
+                if sampler in SOLVERS and nfe < 3:
+                    continue
+                loop = sample_loop(cfg, sampler, nfe, args.schedule)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    images = draw_set(
+                        loop, model, run["labels"], run["noise"], cond_fn, args.batch_size
+                    )
+                secs.setdefault(name, {})[nfe] = (time.perf_counter() - t0) / len(images)
+                if scorer is not None:
+                    fids.setdefault(name, {})[nfe] = scorer.fid(images)
+                if judge is not None:
+                    hits = judge(images) == run["labels"].cpu().numpy()
+                    accs.setdefault(name, {})[nfe] = float(np.mean(hits))
+                print(name, nfe, fids.get(name, {}).get(nfe), file=sys.stderr)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "num_samples": args.num_samples,
+        "schedule": args.schedule,
+        "guided_as": run["guided"]["name"],
+        "fid_by_sampler_nfe": fids,
+        **summary(fids, run["guided"]["name"]),
+        "accuracy_by_sampler_nfe": accs or None,
+        "seconds_per_image": secs,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    files = [os.path.join(args.out, "samplers.json")]
+    with open(files[0], "w") as f:
+        json.dump(result, f, indent=2)
+    if fids:
+        files.append(os.path.join(args.out, "fid_vs_nfe.png"))
+        plot(fids, files[1], f"{cfg.name}: FID vs NFE ({args.num_samples} samples)")
+    result["mlflow_run_id"] = log_mlflow(cfg, result, files)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
