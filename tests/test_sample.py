@@ -2,8 +2,10 @@
 scheduled (1 or 2 actors, a killed actor, a stopped and rerun job), classifier guidance, the
 two-stage upsampler, the merged .npz and S3 output.
 
-Models are freshly initialised tiny networks (fixed torch seed) saved as checkpoints; two
-DDIM steps keep the file fast (the bytes, not the image quality, are under test).
+The diffusion model and the upsampler are tiny networks with randomised weights (a fresh ADM
+UNet outputs exactly zero, so labels, low-res inputs and weights would change no byte), their
+EMA weights different from the raw ones; two DDIM steps keep the file fast (the bytes, not the
+image quality, are under test).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from admflow import storage
 from admflow.config import load_config
 from tasks import sample_io
 from tasks.sample import ACTOR_PREFIX, sample_set, upsample_set
+from tests.test_unet import randomize
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -39,12 +42,27 @@ def tiny(*extra: str):
     return load_config("tiny", OVERRIDES + list(extra))
 
 
-def save_checkpoint(directory: Path, kind: str, cfg, net: torch.nn.Module) -> str:
-    """A checkpoint dir in the layout tasks/train.py writes (model.pt, ema_<rate>.pt, meta.json)."""
+def randomized(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Small random weights everywhere; class embeddings N(0, 1) as nn.Embedding starts."""
+    randomize(net, seed)
+    if getattr(net, "label_emb", None) is not None:
+        with torch.no_grad():
+            net.label_emb.weight.normal_(generator=torch.Generator().manual_seed(seed))
+    return net
+
+
+def save_checkpoint(directory: Path, kind: str, cfg, net: torch.nn.Module, seed=None) -> str:
+    """A checkpoint dir in the layout tasks/train.py writes (model.pt, ema_<rate>.pt, meta.json).
+
+    With ``seed``, model.pt and the EMA files hold different randomised weights."""
     directory.mkdir(parents=True)
+    ema = net.state_dict()
+    if seed is not None:
+        ema = {k: v.clone() for k, v in randomized(net, seed + 1).state_dict().items()}
+        randomized(net, seed)
     torch.save(net.state_dict(), directory / "model.pt")
     for rate in cfg.training.ema_rate:
-        torch.save(net.state_dict(), directory / f"ema_{rate}.pt")
+        torch.save(ema, directory / f"ema_{rate}.pt")
     meta = {"step": 0, "kind": kind, "config": cfg.model_dump(mode="json")}
     (directory / "meta.json").write_text(json.dumps(meta))
     return str(directory)
@@ -58,17 +76,19 @@ def checkpoints(tmp_path_factory):
     cfg = tiny()
     torch.manual_seed(0)
     out = {
-        "diffusion": save_checkpoint(root / "diffusion", "diffusion", cfg, build_unet(cfg.model)),
+        "diffusion": save_checkpoint(
+            root / "diffusion", "diffusion", cfg, build_unet(cfg.model), seed=1
+        ),
         "classifier": save_checkpoint(
             root / "classifier", "classifier", cfg, build_classifier(cfg.classifier)
         ),
         "upsampler": save_checkpoint(
-            root / "upsampler", "upsampler", cfg, build_upsampler(cfg.upsampler)
+            root / "upsampler", "upsampler", cfg, build_upsampler(cfg.upsampler), seed=3
         ),
     }
     cfg16 = tiny("model.image_size=16")
     out["diffusion16"] = save_checkpoint(
-        root / "diffusion16", "diffusion", cfg16, build_unet(cfg16.model)
+        root / "diffusion16", "diffusion", cfg16, build_unet(cfg16.model), seed=5
     )
     return out
 
@@ -108,7 +128,8 @@ def test_exact_count_labels_manifest_grid_and_merge(reference):
     meta = storage.read_json(storage.join(out, "metadata.json"))
     assert meta["N"] == N and meta["sampler"] == "ddim" and meta["steps"] == STEPS
     assert meta["eta"] == 0.0 and meta["classifier_scale"] == 0.0 and meta["seed"] == 0
-    assert meta["checkpoint"].endswith("diffusion") and meta["weights"].endswith("ema_0.999.pt")
+    ema_file = f"ema_{tiny().training.ema_rate[0]}.pt"
+    assert meta["checkpoint"].endswith("diffusion") and meta["weights"].endswith(ema_file)
     from PIL import Image
 
     grid = Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "grid.png"))))
@@ -127,6 +148,25 @@ def test_two_actors_give_the_same_bytes(reference, checkpoints, tmp_path):
     )  # fmt: skip
     assert result["complete"] and result["workers"] == 2
     assert shard_hashes(out) == shard_hashes(reference[0])
+
+
+def test_labels_and_the_ema_choice_change_the_bytes(ray_session, checkpoints, tmp_path):
+    cfg = tiny("sampling.shard_size=8", "sampling.batch_size=8")
+    kw = dict(num_samples=8, steps=STEPS, workers=1, progress=False)
+
+    def images(name: str, **extra) -> np.ndarray:
+        return _images(
+            sample_set(cfg, checkpoints["diffusion"], str(tmp_path / name), **kw, **extra)["uri"]
+        )
+
+    ema3 = images("ema3", classes=[3], use_ema=True)
+    np.testing.assert_array_equal(images("ema3-again", classes=[3], use_ema=True), ema3)
+    # labels are drawn apart from the noise: only the class embedding differs here
+    assert (images("ema5", classes=[5], use_ema=True) != ema3).mean() > 0.05
+    raw3 = images("raw3", classes=[3], use_ema=False)
+    assert (raw3 != ema3).mean() > 0.05
+    meta = storage.read_json(storage.join(str(tmp_path / "raw3"), "metadata.json"))
+    assert meta["weights"].endswith("model.pt")
 
 
 def _kill_one_actor_when_running(ray, out: str, done: threading.Event) -> str | None:
@@ -208,7 +248,8 @@ def _classifier_logp(ckpt: str, images: np.ndarray, result: dict) -> float:
     from models.build import build_classifier
 
     clf = build_classifier(tiny().classifier)
-    clf.load_state_dict(torch.load(Path(ckpt, "ema_0.999.pt"), weights_only=True))
+    ema_file = f"ema_{tiny().training.ema_rate[0]}.pt"
+    clf.load_state_dict(torch.load(Path(ckpt, ema_file), weights_only=True))
     manifest = sample_io.read_manifest(result["uri"])
     labels = np.concatenate([lab for _, lab in sample_io.iter_shards(result["uri"], manifest)])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -270,6 +311,23 @@ def test_two_stage_upsampler(ray_session, checkpoints, tmp_path):
         np.testing.assert_array_equal(z["arr_1"], base_labels)
     meta = storage.read_json(storage.join(up["uri"], "metadata.json"))
     assert meta["kind"] == "upsample" and meta["base"] == base["uri"] and meta["low_res_size"] == 16
+
+    # Another base set with the same labels and seeds (raw weights instead of EMA): only the
+    # low-res images differ, and so must the upsampled ones; the same base gives the same bytes.
+    other = sample_set(
+        cfg, checkpoints["diffusion16"], str(tmp_path / "other"), num_samples=16, steps=STEPS,
+        workers=1, use_ema=False, progress=False,
+    )  # fmt: skip
+    assert (_images(other["uri"]) != _images(base["uri"])[:16]).mean() > 0.05
+    kw = dict(steps=STEPS, workers=1, progress=False)
+    a = _images(
+        upsample_set(cfg, other["uri"], checkpoints["upsampler"], str(tmp_path / "a"), **kw)["uri"]
+    )
+    b = _images(
+        upsample_set(cfg, other["uri"], checkpoints["upsampler"], str(tmp_path / "b"), **kw)["uri"]
+    )
+    np.testing.assert_array_equal(a, b)
+    assert (a != _images(up["uri"])[:16]).mean() > 0.01  # ~3.5% of the bytes; 0 if ignored
 
 
 def test_cli_sample_to_s3(reference, checkpoints, s3_bucket, capsys):
