@@ -258,6 +258,12 @@ class TrainingConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     ema_rate: list[float] = [0.9999]
     checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int | None = Field(
+        None,
+        gt=0,
+        description="keep the newest K checkpoints of a run plus every one the periodic "
+        "evaluation has scored (None: keep all)",
+    )
     log_every: int = Field(10, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = Field(False, description="NHWC memory format (faster convs on CPU)")

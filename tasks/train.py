@@ -1,9 +1,10 @@
 """Training on Ray Train: the diffusion model, the noisy classifier and the upsampler.
 
 One ``TorchTrainer`` per job: ``cfg.compute`` sets the workers (DDP over gloo on CPU, NCCL
-on GPU), the global batch is split across them. Checkpoints go through Ray Train to
-``<storage.root>/runs/<run_name>`` and a stable copy of each is kept under
-``<run>/checkpoints/step-NNNNNN`` (Ray prunes its own copies). Calling a job again with the
+on GPU), the global batch is split across them. Each checkpoint is written once, to
+``<storage.root>/runs/<run_name>/checkpoints/step-NNNNNN``, and recorded by Ray Train (see
+tasks.train_checkpoint: uploaded in the background on object storage, the newest
+``training.keep_checkpoints`` kept plus the scored ones). Calling a job again with the
 same run name continues from the newest checkpoint; a lost worker is survived by restarting
 the group from the last checkpoint (``max_failures``). MLflow: the driver opens the stage
 run; rank 0 logs metrics and checkpoint tags into it; the driver logs the final EMA model.
@@ -188,7 +189,9 @@ def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray records our checkpoint directories; retention is training.keep_checkpoints
+            # (which spares the periodically scored ones), so Ray itself deletes nothing.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )

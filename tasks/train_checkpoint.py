@@ -6,8 +6,12 @@ RNG states, data position) and ``meta.json`` (``{"step", "kind", "config", ...}`
 ``meta.json`` is written last, so a reader treats a directory as a checkpoint only once it
 exists: a writer killed half way leaves nothing that looks complete.
 
-Ray Train keeps its own copies (``<run>/checkpoint-step-NNNNNN``, pruned by num_to_keep);
-the stable copies that other stages read live in ``<run>/checkpoints/step-NNNNNN``.
+Each checkpoint is written once, where other stages read it: ``<run>/checkpoints/
+step-NNNNNN`` (the run directory is Ray Train's run directory, so Ray records the same
+directory instead of keeping a copy). On object storage the worker writes it to local disk
+and Ray uploads it in the background while training goes on (``meta.json`` last). A run
+keeps the newest ``training.keep_checkpoints`` plus every checkpoint the periodic evaluation
+has scored (its record ``<run>/evaluations/step-NNNNNN.json``, see tasks.periodic).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import io
 import json
 import os
 import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -102,15 +109,56 @@ def write_checkpoint(
 
 
 def copy_checkpoint(src_dir: str, dest_uri: str) -> str:
-    """Copy a local checkpoint directory to ``dest_uri``, ``meta.json`` last."""
+    """Copy a local checkpoint directory to ``dest_uri``, ``meta.json`` last, streaming
+    each file (an object appears only once its upload completes)."""
     names = sorted(os.listdir(src_dir))
     if META not in names:
         raise FileNotFoundError(f"{src_dir} is not a complete checkpoint (no {META})")
     storage.makedirs(dest_uri)
     for name in [n for n in names if n != META] + [META]:
-        with open(os.path.join(src_dir, name), "rb") as f:
-            storage.write_bytes(storage.join(dest_uri, name), f.read())
+        src, dest = os.path.join(src_dir, name), storage.join(dest_uri, name)
+        if storage.is_remote(dest):
+            fs, path = storage.filesystem(dest)
+            fs.put_file(src, path)
+        else:
+            with open(src, "rb") as f, storage.open_atomic(dest) as out:
+                shutil.copyfileobj(f, out, 16 << 20)
     return dest_uri
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A checkpoint to persist at ``uri``: ``write(directory)`` writes it, ``durable()``
+    runs once it is complete at ``uri`` (possibly on an upload thread)."""
+
+    uri: str
+    write: Callable[[str], None]
+    durable: Callable[[], None]
+
+
+def evaluations_uri(run_uri: str) -> str:
+    """Where the periodic evaluation records each scored checkpoint (tasks.periodic)."""
+    return storage.join(run_uri, "evaluations")
+
+
+def prune_checkpoints(run_uri: str, keep: int | None) -> list[str]:
+    """Remove all but the newest ``keep`` complete checkpoints of a run, sparing the ones
+    the periodic evaluation has scored; returns the removed URIs. ``meta.json`` goes first,
+    so a reader never takes a half-removed directory for a checkpoint."""
+    if not keep:
+        return []
+    scored = {
+        u.rsplit("/", 1)[-1].removesuffix(".json")
+        for u in storage.ls(evaluations_uri(run_uri), ".json")
+    }
+    removed = []
+    for c in list_checkpoints(run_uri)[:-keep]:
+        if c["uri"].rstrip("/").rsplit("/", 1)[-1] in scored:
+            continue
+        storage.remove(storage.join(c["uri"], META))
+        storage.remove(c["uri"])
+        removed.append(c["uri"])
+    return removed
 
 
 def load_tensors(uri: str) -> Any:

@@ -77,7 +77,10 @@ class LocalSession:
     def restored(self) -> Iterator[str | None]:
         yield None
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+    def report(self, metrics: dict[str, Any], pending: ckpt.Pending | None, step: int) -> None:
+        if pending is not None:  # written once, in place
+            pending.write(pending.uri)
+            pending.durable()
         self.reports.append(dict(metrics))
 
 
@@ -107,15 +110,47 @@ class RaySession:
         with checkpoint.as_directory() as d:
             yield d
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, step: int) -> None:
+    def report(self, metrics: dict[str, Any], pending: ckpt.Pending | None, step: int) -> None:
+        """Report; with a checkpoint, write it once: in place when the run directory is a
+        local (or shared) path, Ray only recording it; else to local disk, from where Ray
+        uploads it in the background (meta.json last) and then deletes the local copy."""
         import ray.train
+        from ray.train import Checkpoint, CheckpointUploadMode
 
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        if pending is None:
+            ray.train.report(metrics)
+            return
+        run = ray.train.get_context().get_storage()  # Ray's run directory is our run_uri
+        name = f"checkpoints/{ckpt.step_dirname(step)}"
+
+        def recorded() -> Checkpoint:
+            return Checkpoint(f"{run.experiment_fs_path}/{name}", run.storage_filesystem)
+
+        if not storage.is_remote(pending.uri):
+            pending.write(pending.uri)
+            pending.durable()
+            ray.train.report(
+                metrics,
+                checkpoint=recorded(),
+                checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+            )
+            return
+
+        def upload(local: Checkpoint, _name: str) -> Checkpoint:
+            ckpt.copy_checkpoint(local.path, pending.uri)
+            pending.durable()
+            return recorded()
+
+        local = tempfile.mkdtemp(prefix="admflow-ckpt-")
+        pending.write(local)
         ray.train.report(
             metrics,
-            checkpoint=checkpoint,
-            checkpoint_dir_name=f"checkpoint-{ckpt.step_dirname(step)}" if checkpoint else None,
+            checkpoint=Checkpoint.from_directory(local),
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+            checkpoint_upload_fn=upload,
         )
+
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -308,16 +343,16 @@ class Trainer:
         if self.session.rank != 0:
             self.session.report(metrics, None, self.step)
             return
-        with tempfile.TemporaryDirectory(prefix="admflow-ckpt-") as tmp:
-            self._write(tmp)
-            stable = storage.join(
-                ckpt.checkpoints_uri(self.spec.run_uri), ckpt.step_dirname(self.step)
-            )
-            ckpt.copy_checkpoint(tmp, stable)
-            metrics = {**metrics, "checkpoint": stable}
+        step = self.step
+        stable = storage.join(ckpt.checkpoints_uri(self.spec.run_uri), ckpt.step_dirname(step))
+
+        def durable() -> None:  # may run on Ray's upload thread while training goes on
             if self.tracker:
-                self.tracker.checkpoint(self.step, stable)
-            self.session.report(metrics, tmp, self.step)
+                self.tracker.checkpoint(step, stable)
+            ckpt.prune_checkpoints(self.spec.run_uri, self.cfg.training.keep_checkpoints)
+
+        pending = ckpt.Pending(stable, self._write, durable)
+        self.session.report({**metrics, "checkpoint": stable}, pending, step)
 
     # ------------------------------------------------------------------ one step
 

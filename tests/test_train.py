@@ -222,6 +222,26 @@ def test_resume_is_bit_identical_locally(shards, tmp_path):
     np.testing.assert_array_equal(whole.sampler._loss_history, resumed.sampler._loss_history)
 
 
+def test_keeps_the_last_k_checkpoints_and_every_scored_one(shards, tmp_path):
+    """training.keep_checkpoints=2: older checkpoints go unless the periodic evaluation has
+    scored them; each is written once, straight into checkpoints/ (no temporary copies)."""
+    over = ["training.checkpoint_every=1", "training.log_every=1", "training.keep_checkpoints=2"]
+    first, _ = local_run(small_cfg(tmp_path, *over, "training.steps=3"), "diffusion", shards, "k")
+    run = first.spec.run_uri
+    assert [c["step"] for c in ckpt.list_checkpoints(run)] == [2, 3]
+    storage.write_json(storage.join(ckpt.evaluations_uri(run), "step-000002.json"), {"fid": 1.0})
+    local_run(small_cfg(tmp_path, *over, "training.steps=6"), "diffusion", shards, "k")
+    assert [c["step"] for c in ckpt.list_checkpoints(run)] == [2, 5, 6]  # 2 was scored
+    assert sorted(os.listdir(ckpt.checkpoints_uri(run))) == [
+        "step-000002",
+        "step-000005",
+        "step-000006",
+    ]
+    files = sorted(os.listdir(storage.join(ckpt.checkpoints_uri(run), "step-000006")))
+    emas = [ckpt.ema_filename(r) for r in first.job.ema_rates]
+    assert files == sorted([*emas, "meta.json", "model.pt", "state.pt"])
+
+
 def test_nonfinite_loss_stops_with_the_step_and_keeps_last_checkpoint(
     shards, tmp_path, monkeypatch
 ):
@@ -281,6 +301,8 @@ def test_diffusion_loss_falls_then_resume_continues(ray_session, shards, tmp_pat
     out = train_diffusion(cfg, shards, "diff")
     assert out["step"] == 120
     assert [c.rsplit("/", 1)[-1] for c in out["checkpoints"]] == ["step-000060", "step-000120"]
+    # written once, where the other stages read it: Ray keeps no copies of its own
+    assert not [n for n in os.listdir(out["run_uri"]) if n.startswith("checkpoint-")]
     loss = metric_history(out["mlflow_run_id"], "loss")
     assert loss[0][0] == 10 and loss[-1][0] == 120
     first, last = loss[0][1], np.mean([v for _, v in loss[-3:]])
