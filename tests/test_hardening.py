@@ -381,3 +381,16 @@ def test_docs_speak_of_the_project_only():
     for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
         body = doc.read_text().lower()
         assert "/work/" not in body and " agent" not in body, doc
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "--checkpoint", "c", "--out", "o", "--max-shards", "0"],
+        ["train", "diffusion", "--data", "d", "--max-failures", "-1"],
+    ],
+)
+def test_counts_that_are_not_config_fields_are_checked_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "must be >=" in capsys.readouterr().err

@@ -37,6 +37,21 @@ def config_from_args(args: argparse.Namespace, flags: dict[str, str] | None = No
     return load_config(args.config, [*args.overrides, *extra])
 
 
+def count(minimum: int):
+    """An argparse type for flags that are not config fields: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def local_abs(uri: str | None) -> str | None:
     """A local path made absolute here, at the CLI: Ray workers run in other directories."""
     if uri is None or ("://" in uri and not uri.startswith("file://")):

@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 
-from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.commands.common import add_config_args, config_from_args, count, local_abs
 from admflow.config import ConfigError
 
 EPILOG = """\
@@ -58,7 +58,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="run seed; shard i uses (seed, i)")
     p.add_argument("--merge", action="store_true", help="also write one merged ADM .npz")
     p.add_argument(
-        "--max-shards", type=int, help="stop after this many new shards (rerun to continue)"
+        "--max-shards", type=count(1), help="stop after this many new shards (rerun to continue)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.commands.common import add_config_args, config_from_args, count, local_abs
 
 DESCRIPTION = """\
 Train one model of the ADM pipeline on Ray Train (cfg.compute: workers, CPUs, GPU).
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-failures",
-        type=int,
+        type=count(0),
         default=3,
         metavar="N",
         help="restarts from the last checkpoint after a lost worker (default 3)",
