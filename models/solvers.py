@@ -61,7 +61,9 @@ def solver_timesteps(
 
     "time": evenly spaced indices; "logsnr": evenly spaced λ = log(α/σ), each mapped to the
     index with the nearest λ (indices are the trained timesteps, so λ is only approximately
-    uniform where the schedule is coarse).
+    uniform where the schedule is coarse). On the cosine schedule λ plunges over the last few
+    timesteps (β clipped at 0.999), so a log-SNR grid spends its first evaluations near pure
+    noise (10 steps of T = 1000: 999, 998, 997, 994, 975, ...); "time" suits it better.
     """
     n_t = diffusion.num_timesteps
     if steps < MIN_STEPS or steps > n_t:
