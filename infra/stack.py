@@ -248,20 +248,27 @@ def _spawn_prefect_worker(stack: Stack, env: dict[str, str]) -> None:
 _RAY_COMMON = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
 
 
+def _ray_env(env: dict[str, str]) -> dict[str, str]:
+    """A Ray Job's entrypoint (`ray job submit -- admflow ...`) runs with the node's PATH:
+    put this installation's scripts first, as the admflow image has them on its PATH."""
+    scripts = str(Path(sys.executable).parent)
+    return {**env, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
+
+
 def _spawn_ray_head(stack: Stack, env: dict[str, str]) -> None:
     # The dashboard (on loopback) serves Ray's state API: which node ran which task.
     head = [_bin("ray"), "start", "--head", "--node-ip-address", HOST,
             "--port", str(stack.ports["ray"]), "--include-dashboard", "true",
             "--dashboard-host", HOST, "--dashboard-port", str(stack.ports["ray-dashboard"]),
             *_RAY_COMMON]  # fmt: skip
-    stack._spawn("ray-head", head, env)
+    stack._spawn("ray-head", head, _ray_env(env))
 
 
 def _start_ray_node(stack: Stack, env: dict[str, str], timeout: float) -> None:
     _wait(lambda: _port_open(stack.ports["ray"]), "Ray head (GCS port)", timeout)
     node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST,
             *_RAY_COMMON]  # fmt: skip
-    stack._spawn("ray-node", node, env)
+    stack._spawn("ray-node", node, _ray_env(env))
     _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 2, "both Ray nodes", timeout)
 
 

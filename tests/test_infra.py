@@ -28,12 +28,35 @@ def test_kuberay_manifest_is_a_raycluster_with_gpu_group():
     m = _load("infra/k8s/raycluster.yaml")
     assert m["apiVersion"] == "ray.io/v1" and m["kind"] == "RayCluster"
     head = m["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {p["containerPort"] for p in head["ports"]} >= {6379, 10001}
+    assert {p["containerPort"] for p in head["ports"]} >= {6379, 8265}  # GCS, Jobs API
     groups = m["spec"]["workerGroupSpecs"]
     limits = groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(limits["nvidia.com/gpu"]) >= 1
     for g in groups:
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+
+
+def test_cluster_configs_run_the_admflow_image_built_on_the_tested_ray():
+    """KubeRay and the cluster launcher run one image: infra/docker/Dockerfile, built on the
+    Ray release the tests run, with admflow (this version) installed as a package."""
+    import importlib.metadata
+    import re
+
+    import ray
+
+    dockerfile = (REPO / "infra/docker/Dockerfile").read_text()
+    base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\S+)$", dockerfile, re.M)
+    assert base and base.group(1).startswith(f"{ray.__version__}-") and "gpu" in base.group(1)
+    assert re.search(r'pip install --no-cache-dir "\.\[fid\]"', dockerfile)  # not editable
+    assert "torch==" in dockerfile and "admflow config show tiny" in dockerfile
+    m = _load("infra/k8s/raycluster.yaml")
+    assert m["spec"]["rayVersion"] == ray.__version__
+    pods = [m["spec"]["headGroupSpec"]] + m["spec"]["workerGroupSpecs"]
+    images = {c["image"] for p in pods for c in p["template"]["spec"]["containers"]}
+    launcher = _load("infra/ray/cluster.yaml")["docker"]["image"]
+    assert images == {launcher}
+    assert launcher.endswith(f"/admflow:{importlib.metadata.version('admflow')}")
+    assert "ray://" not in (REPO / "infra/k8s/raycluster.yaml").read_text()
 
 
 def test_compose_runs_mlflow_on_postgres_with_s3_and_prefect():

@@ -221,3 +221,39 @@ def test_mlflow_ui_shows_children_dataset_fid_and_grid(reproduced, output_dir):
     path = urllib.parse.quote("grid.png")
     dom = _dump_dom(f"{base}/#/experiments/{eid}/runs/{sample_run.info.run_id}/artifacts/{path}")
     assert "grid.png" in dom
+
+
+def test_a_ray_job_runs_admflow_on_the_two_node_cluster(stack):
+    """`ray job submit --working-dir . -- admflow ...` through the Jobs API of the head node:
+    the job shards a small demo set into the stack's S3 with Ray tasks on the cluster."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from admflow import storage
+
+    env = stack["env"]
+    api = f"http://127.0.0.1:{stack['stack'].ports['ray-dashboard']}"
+    dest = "s3://admflow/store/ray-job/demo"
+    job_id = f"admflow-job-{os.getpid()}"
+    out = subprocess.run(
+        [_bin("ray"), "job", "submit", "--address", api, "--submission-id", job_id,
+         "--working-dir", ".", "--", "admflow", "shard", "demo", dest,
+         "--set", "data.demo_images_per_class=3", "--set", "data.shard_rows=10"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    client = JobSubmissionClient(api)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, out.stdout + out.stderr + logs
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "30 images (10 classes, 16px) in 3 shards; 3 written" in logs, logs
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")}
+    os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                          "AWS_SECRET_ACCESS_KEY")})  # fmt: skip
+    try:
+        manifest = storage.read_json(f"{dest}/manifest.json")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert manifest["num_images"] == 30 and len(manifest["shards"]) == 3
