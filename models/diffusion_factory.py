@@ -10,10 +10,14 @@
 
 from __future__ import annotations
 
-from admflow.config import DiffusionConfig
+from typing import TYPE_CHECKING
+
 from models.gaussian_diffusion import LossType, ModelMeanType, ModelVarType
 from models.respace import SpacedDiffusion, space_timesteps
 from models.schedules import get_named_beta_schedule
+
+if TYPE_CHECKING:  # only the type: importable without pydantic (benchmarks/gpu.py)
+    from admflow.config import DiffusionConfig
 
 
 def create_diffusion(cfg: DiffusionConfig, timestep_respacing: str = "") -> SpacedDiffusion:
