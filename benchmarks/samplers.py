@@ -215,7 +215,8 @@ def log_mlflow(cfg: AdmConfig, result: dict, files: list[str]) -> str | None:
     with stage_run(cfg, "sampler-leaderboard", sections=("sampling",)) as run:
         for name, by_nfe in result["fid_by_sampler_nfe"].items():
             for nfe, fid in by_nfe.items():
-                mlflow.log_metric(f"fid.{name.replace('+', '.')}", fid, step=int(nfe))
+                key = name.replace("++", "pp").replace("+", ".")  # fid.dpmpp2m.classifier2
+                mlflow.log_metric(f"fid.{key}", fid, step=int(nfe))
         for k, v in result.items():
             if k.startswith("best_at") and v is not None:
                 mlflow.log_metric(k, v)
