@@ -195,10 +195,14 @@ def plot(fids: dict, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    ticks: set[int] = set()
     for name, by_nfe in fids.items():
-        nfes = sorted(by_nfe)
-        ax.plot(nfes, [by_nfe[n] for n in nfes], marker="o", label=name)
+        points = sorted((int(n), fid) for n, fid in by_nfe.items())  # JSON keys are strings
+        ax.plot([n for n, _ in points], [f for _, f in points], marker="o", label=name)
+        ticks.update(n for n, _ in points)
     ax.set(xlabel="network evaluations (NFE)", ylabel="FID", title=title, xscale="log")
+    ax.set_xticks(sorted(ticks), [str(n) for n in sorted(ticks)])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
