@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -529,7 +530,9 @@ def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
             "training.classifier_steps=10",
             "training.checkpoint_every=5",
             "training.log_every=5",
+            "training.keep_checkpoints=1",
         )
+        local_copies = set(Path(tempfile.gettempdir()).glob("admflow-ckpt-*"))
         out = train_classifier(cfg, data, "clf-s3")
         client = mlflow.MlflowClient(uri)
         run = client.get_run(out["mlflow_run_id"])
@@ -553,6 +556,14 @@ def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
         assert run.data.tags["checkpoint.final"] == out["checkpoint"]
         assert run.data.tags["checkpoint.step-000005"].endswith("step-000005")
         assert fs.exists("train-store/root/runs/clf-s3/checkpoints/step-000010/meta.json")
+        # written once: no Ray copies beside it, the local copy gone after the background
+        # upload, and step 5 pruned (keep_checkpoints=1, never scored)
+        run_dir = fs.ls("train-store/root/runs/clf-s3")
+        assert not [p for p in run_dir if p.rsplit("/", 1)[-1].startswith("checkpoint-")]
+        assert set(Path(tempfile.gettempdir()).glob("admflow-ckpt-*")) == local_copies
+        assert fs.ls("train-store/root/runs/clf-s3/checkpoints") == [
+            "train-store/root/runs/clf-s3/checkpoints/step-000010"
+        ]
         arts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
         assert arts == {"checkpoint/model.pt"}
         model = mlflow.pytorch.load_model(out["model_uri"])
