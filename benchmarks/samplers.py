@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     if run["guided"]["name"]:
         g = run["guided"]
         variants.append((g["name"], g.get("model", run["model"]), g.get("cond_fn")))
+    with torch.no_grad():  # warm-up (allocator, kernels) so the first set's time is fair
+        t = torch.zeros(1, dtype=torch.long, device=device)
+        run["model"](run["noise"][:1], t, y=run["labels"][:1])
     fids: dict[str, dict[int, float]] = {}
     accs: dict[str, dict[int, float]] = {}
     secs: dict[str, dict[int, float]] = {}
