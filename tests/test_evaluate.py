@@ -132,7 +132,9 @@ def test_precision_recall_of_a_set_with_itself_is_one_and_falls_when_shifted():
     b = a.copy()
     b[:300] += 3.0  # half the samples leave the manifold, the other half stays
     p, r = M.precision_recall(a, b)
-    assert 0.45 < p < 0.6 and r < 1.0
+    # precision: the shifted half is off the reference manifold; recall: the half left behind
+    # has sparser neighbours, so its radii grow and cover most of the reference (0.82-0.88)
+    assert 0.45 < p < 0.6 and 0.78 < r < 0.92
 
 
 def test_radii_are_third_neighbour_distances_and_blocking_does_not_change_them():
@@ -364,7 +366,16 @@ def test_cli_evaluate_prints_the_evaluator_lines_and_json(cfg, tmp_path, capsys)
     capsys.readouterr()
     assert main(["evaluate", ref, feats_out, "--json", *common]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["inception_score"] is None and out["fid"] > 0 and 0 <= out["precision"] <= 1
+    assert out["inception_score"] is None
+    # the numbers of these two sets, recomputed here from the features of the files named
+    ref_pool = ev.features_for(cfg, ref)[0]["pool"]
+    smp_pool = ev.load_features(feats_out)["pool"]
+    assert ref_pool.shape == smp_pool.shape == (5, 2048)
+    fid = M.frechet_distance(*M.feature_statistics(smp_pool), *M.feature_statistics(ref_pool))
+    assert out["fid"] == pytest.approx(fid, rel=1e-6) and out["fid"] > 1.0
+    assert float(lines[1].split(":")[1]) == pytest.approx(fid, rel=1e-6)  # the printed line
+    precision, recall = M.precision_recall(ref_pool, smp_pool)
+    assert (out["precision"], out["recall"]) == (precision, recall)
     same = ev.evaluate_sets(cfg, smp, feats_out, log_mlflow=False)  # npz vs its feature file
     assert abs(same["fid"]) < 1e-3 and same["precision"] == 1.0 and same["recall"] == 1.0
     assert main(["evaluate", str(tmp_path / "nope.npz"), smp, *common]) == 2
