@@ -57,7 +57,27 @@ def test_reproduce_completes_with_metrics(pipeline):
     for r in rows:
         assert math.isfinite(r["fid"]) and r["fid"] > 0
         assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+        _assert_fid_from_own_features(pipeline, r)
     assert "FID" in result["table"].splitlines()[0]
+    # the guidance scale reaches the samples: rows at different scales score differently
+    for upsampled in (False, True):
+        fids = {r["classifier_scale"]: r["fid"] for r in rows if r["upsampled"] == upsampled}
+        assert len(fids) == 2 and len(set(fids.values())) == 2, fids
+
+
+def _assert_fid_from_own_features(pipeline, row):
+    """The row's FID recomputed from its feature files, which belong to the row's samples."""
+    from admflow.config import load_config
+    from models import metrics as M
+    from tasks.evaluate import features_for, load_features
+
+    cfg = load_config("tiny", pipeline["overrides"])
+    assert features_for(cfg, row["samples"])[1] == row["sample_features"]  # cached, not redone
+    smp, ref = load_features(row["sample_features"]), load_features(row["reference_features"])
+    assert smp["pool"].shape[0] == cfg.sampling.num_samples
+    ref_stats = (ref["mu"], ref["sigma"]) if "mu" in ref else M.feature_statistics(ref["pool"])
+    fid = M.frechet_distance(*M.feature_statistics(smp["pool"]), *ref_stats)
+    assert row["fid"] == pytest.approx(fid, rel=1e-4)
 
 
 def test_second_run_is_all_cache_hits(pipeline):
