@@ -10,7 +10,7 @@ Prints one JSON object:
   fid_by_sampler_nfe       {sampler: {nfe: FID}}; guided sets are named e.g. "unipc+classifier2"
   best_at_10_vs_ddim_25    min over the solvers of FID@10 / DDIM FID@25 (< 1: better), unguided
   best_at_5_vs_ddim_15     the same at 5 vs 15; "…_guided" variants for the guided sets
-  accuracy_by_sampler_nfe  the judge's top-1 on the target labels (with --judge)
+  accuracy_by_sampler_nfe  the judge's top-1 on the target labels (see --judge)
   seconds_per_image        sampling time per image and set (this machine, this load)
 and writes OUT/samplers.json and OUT/fid_vs_nfe.png; both go to MLflow when a tracking URI is
 configured (tracking.tracking_uri or $MLFLOW_TRACKING_URI).
@@ -21,8 +21,10 @@ Defaults find the demo's latest runs under the store (storage.root, ./admflow-st
     python benchmarks/samplers.py --checkpoint STORE/runs/diffusion-…/checkpoints/step-000200 \\
         --classifier … --reference STORE/data/… --nfes 5,10 --samplers ddim,unipc --num-samples 16
 
-``--judge module:function`` plugs in a classifier of clean images: function(uint8 NHWC array)
--> predicted class ids. FID from a few hundred images is biased upwards (compare sets of the
+The judge is by default the demo's (tasks.judge: a linear probe on the labelled reference
+images' Inception features, with its held-out accuracy and the FID floor of real images at
+this sample count in the JSON); ``--judge module:function`` plugs in any classifier of clean
+images instead: function(uint8 NHWC array) -> predicted class ids. FID from a few hundred images is biased upwards (compare sets of the
 same size only); the number of images is in the JSON.
 """
 
@@ -99,7 +101,7 @@ def load_network(uri: str, cfg: AdmConfig, kind: str, device: torch.device) -> t
 
 
 def load_judge(spec: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
-    if not spec:
+    if not spec or spec in ("auto", "none"):
         return None
     module, _, attr = spec.partition(":")
     if not attr:
@@ -157,7 +159,8 @@ class Scorer:
         self.method = cfg.evaluation.fid_method
         self.batch = cfg.evaluation.batch_size
 
-    def fid(self, images: np.ndarray) -> float:
+    def score(self, images: np.ndarray) -> tuple[float, np.ndarray]:
+        """(FID against the reference, the images' Inception pool features)."""
         from models.metrics import feature_statistics, frechet_distance
 
         pool = np.concatenate(
@@ -166,9 +169,29 @@ class Scorer:
                 for i in range(0, len(images), self.batch)
             ]
         )
-        return frechet_distance(
-            *feature_statistics(pool.astype(np.float64)), *self.ref_stats, method=self.method
-        )
+        stats = feature_statistics(pool.astype(np.float64))
+        return frechet_distance(*stats, *self.ref_stats, method=self.method), pool
+
+
+def demo_judge(
+    cfg: AdmConfig, scorer: Scorer, num_samples: int
+) -> tuple[Callable[[np.ndarray, np.ndarray], float] | None, dict[str, Any]]:
+    """The demo's judge (a linear probe on the reference's Inception features), if this
+    checkout has one and the reference is labelled: (accuracy(pool, labels), its summary)."""
+    try:
+        from tasks.judge import build_judge, class_accuracy
+    except ImportError:
+        return None, {"judge": "none in this checkout"}
+    try:
+        info = build_judge(cfg, scorer.reference_features, num_samples)
+    except ValueError as e:  # an unlabelled reference
+        return None, {"judge": str(e)}
+    judge_uri = info["uri"]
+
+    def accuracy(pool: np.ndarray, labels: np.ndarray) -> float:
+        return float(class_accuracy(judge_uri, {"pool": pool, "labels": labels}))
+
+    return accuracy, {k: v for k, v in info.items() if k != "uri"}
 
 
 def ratio(table: dict, keys: list[str], nfe: int, base_key: str, base_nfe: int) -> float | None:
@@ -247,7 +270,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--judge", metavar="MODULE:FUNCTION", help="clean-image classifier")
+    p.add_argument(
+        "--judge",
+        default="auto",
+        metavar="MODULE:FUNCTION",
+        help="clean-image classifier: function(uint8 NHWC) -> class ids; auto: the demo's "
+        "judge (tasks.judge) when there is one; none",
+    )
     p.add_argument("--random-init", action="store_true", help="random weights, timing only")
     p.add_argument("--out", default="benchmark-samplers", help="folder for JSON and plot")
     return p.parse_args(argv)
@@ -307,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no --reference and no shard set under {cfg.storage.root}/data")
         scorer = Scorer(cfg, reference, device)
     judge = load_judge(args.judge)
+    probe, judge_info = None, {}
+    if args.judge == "auto" and scorer is not None:
+        probe, judge_info = demo_judge(cfg, scorer, args.num_samples)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     unknown = set(samplers) - set(SAMPLERS)
     if unknown:
@@ -335,11 +367,13 @@ def main(argv: list[str] | None = None) -> int:
                         loop, model, run["labels"], run["noise"], cond_fn, args.batch_size
                     )
                 secs.setdefault(name, {})[nfe] = (time.perf_counter() - t0) / len(images)
+                labels = run["labels"].cpu().numpy()
                 if scorer is not None:
-                    fids.setdefault(name, {})[nfe] = scorer.fid(images)
+                    fids.setdefault(name, {})[nfe], pool = scorer.score(images)
+                    if probe is not None:
+                        accs.setdefault(name, {})[nfe] = probe(pool, labels)
                 if judge is not None:
-                    hits = judge(images) == run["labels"].cpu().numpy()
-                    accs.setdefault(name, {})[nfe] = float(np.mean(hits))
+                    accs.setdefault(name, {})[nfe] = float(np.mean(judge(images) == labels))
                 print(name, nfe, fids.get(name, {}).get(nfe), file=sys.stderr)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -349,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "fid_by_sampler_nfe": fids,
         **summary(fids, run["guided"]["name"]),
         "accuracy_by_sampler_nfe": accs or None,
+        **judge_info,
         "seconds_per_image": secs,
     }
     os.makedirs(args.out, exist_ok=True)
