@@ -16,7 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Print the fully resolved config; fails with the field name if invalid.",
     )
     show.add_argument("preset", help="preset name (see `admflow config list`) or a YAML path")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set training.steps=500 (repeatable)",
+    )
     show.set_defaults(func=_show)
     lst = csub.add_parser("list", help="list the presets in configs/ with their descriptions")
     lst.set_defaults(func=_list)

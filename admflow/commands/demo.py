@@ -19,7 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--set training.steps=1000."
         ),
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set training.steps=500 (repeatable)",
+    )
     p.set_defaults(func=run)
 
 

@@ -37,8 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("row", help="row id (see `admflow paper list`)")
-    run.add_argument("--checkpoints", required=True, metavar="DIR_OR_URI")
-    run.add_argument("--reference", required=True, metavar="FILE_OR_URI")
+    run.add_argument(
+        "--checkpoints", required=True, metavar="DIR_OR_URI", help="the released .pt files"
+    )
+    run.add_argument(
+        "--reference", required=True, metavar="FILE_OR_URI", help="the reference batch .npz"
+    )
     run.add_argument("--num-samples", type=int, metavar="N", help="default: the paper's 50000")
     run.add_argument(
         "--set",

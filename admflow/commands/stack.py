@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "status: each service, its PID and URL."
         ),
     )
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("action", choices=["up", "down", "status"], help="what to do (see above)")
     p.add_argument(
         "--state", default=DEFAULT_STATE, help=f"state directory (default {DEFAULT_STATE})"
     )
