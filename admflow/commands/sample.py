@@ -16,10 +16,10 @@ examples:
   admflow sample --config imagenet64 --checkpoint 64x64_diffusion.pt \\
       --classifier 64x64_classifier.pt --classifier-scale 1.0 --steps 250 --sampler ddpm \\
       --num-samples 50000 --workers 8 --merge --out s3://bucket/samples/in64-s1
-  admflow sample --config imagenet64 --checkpoint 64x64_diffusion.pt \
-      --classifier 64x64_classifier.pt --classifier-scale 1.0 --steps '' \
+  admflow sample --config imagenet64 --checkpoint 64x64_diffusion.pt \\
+      --classifier 64x64_classifier.pt --classifier-scale 1.0 --steps '' \\
       --sampler unipc --solver-steps 10 --out samples/in64-unipc10   # 10 network evaluations
-  admflow sample --config tiny --set model.null_class=true --checkpoint ckpt/cfg-diffusion \
+  admflow sample --config tiny --set model.null_class=true --checkpoint ckpt/cfg-diffusion \\
       --guidance free --cfg-scale 1.5 --out samples/cfg   # a model trained with label dropout
 
 Output: OUT/manifest.json, OUT/shards/samples-NNNNN.npz (arr_0 uint8 NHWC, arr_1 labels),
