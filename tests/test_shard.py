@@ -173,6 +173,26 @@ def test_center_crop_follows_the_papers_preprocessing():
     assert out[:, 32].mean() > 200 and out[:, 2].mean() < 10
 
 
+@pytest.mark.parametrize("size", [64, 32])
+def test_center_crop_is_box_halving_then_bicubic_then_centre(size):
+    """Pinned on a fixed noise image, written out step by step: 300x200 is BOX-halved while
+    its short side is at least twice ``size``, BICUBIC-resized so the short side is ``size``,
+    and the centre cut out. Other resamplers or orders give other bytes on this image."""
+    pixels = np.random.default_rng(7).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    im = Image.fromarray(pixels)
+    halved = im.resize((150, 100), Image.Resampling.BOX)
+    if size == 32:
+        halved = halved.resize((75, 50), Image.Resampling.BOX)
+    w, h = halved.size
+    wide = np.asarray(halved.resize((round(w * size / h), size), Image.Resampling.BICUBIC))
+    left = (wide.shape[1] - size) // 2
+    expected = wide[:, left : left + size]
+    out = center_crop(im, size)
+    np.testing.assert_array_equal(out, expected)
+    direct = np.asarray(im.resize((size * 3 // 2, size), Image.Resampling.BICUBIC))
+    assert not np.array_equal(out, direct[:, left : left + size])  # no halving: different
+
+
 def test_iter_batches_augmentations_are_seeded(tmp_path, ray_session):
     shard_dataset(_cfg(), "demo", str(tmp_path / "d"))
     a = [
