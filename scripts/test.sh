@@ -5,8 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: chromium not installed; browser tests will skip" >&2
+# The browser test drives headless Chromium. Locally a failed install is a warning and the test
+# skips; in CI (CI=true) the browser is required, so a missing one fails here and in the test.
+have_chromium() { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
+if ! have_chromium && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: apt-get install chromium failed" >&2
+fi
+if ! have_chromium; then
+  if [ "${CI:-}" = true ]; then
+    echo "error: CI=true but chromium is not installed; the browser test needs it" >&2
+    exit 1
+  fi
+  echo "warning: chromium not installed; browser tests will skip" >&2
 fi
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check . && ruff format --check .
