@@ -18,6 +18,7 @@ and the solvers replace D by a polynomial through the values already computed.
   ε̂ = ε − √(1−ᾱ_t)·s∇log p(y|x_t) at every evaluation; then ADM's denoised_fn and
   clip_denoised act on the guided x̂_0. Classifier-free guidance is a model wrapper
   (models.guidance.classifier_free).
+* The last step, into t = 0, is first order in both solvers (see ``_order_at``).
 * With ``order=1`` DPM-Solver++ is DDIM (η = 0) on the same grid (exactly so unless guidance
   and clipping are both on: DDIM clips before adding the guidance term).
 
@@ -147,6 +148,17 @@ class FastSolver:
 
     # ------------------------------------------------------------------ one step s -> t
 
+    def _order_at(self, s: int) -> int:
+        """The order of step s -> s+1: first order for the last step (into t = 0).
+
+        λ grows like −½ log t near t = 0, so on a time-uniform grid the last step is by far the
+        longest in λ, and extrapolating D over it overshoots. Common implementations drop to
+        first order there below 15 steps; on the Gaussian test problem doing it at every step
+        count cut the error 11x at 20 steps (cosine, time grid) and kept the log-SNR grid's
+        orders (D is nearly constant at high λ, so the first-order step costs almost nothing).
+        """
+        return 1 if s + 2 == len(self.timesteps) else self.order
+
     def _dpm_step(
         self, x: torch.Tensor, s: int, hist: list[tuple[float, torch.Tensor]]
     ) -> torch.Tensor:
@@ -154,7 +166,7 @@ class FastSolver:
         t = s + 1
         h = self.lam[t] - self.lam[s]
         lam_s, d_s = hist[-1]
-        if self.order == 1 or len(hist) == 1:
+        if self._order_at(s) == 1 or len(hist) == 1:
             d = d_s
         else:
             lam_p, d_p = hist[-2]
@@ -173,7 +185,8 @@ class FastSolver:
         t = s + 1
         h = float(self.lam[t] - self.lam[s])
         lam_s, d_s = hist[-1]
-        past = hist[-self.order : -1] if self.order > 1 else []
+        order = self._order_at(s)
+        past = hist[-order:-1] if order > 1 else []
         rs = [(lam_k - lam_s) / h for lam_k, _ in reversed(past)]
         diffs = [(d_k - d_s) / r for r, (_, d_k) in zip(rs, reversed(past), strict=True)]
         if d_new is not None:

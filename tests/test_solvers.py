@@ -55,8 +55,8 @@ def test_solvers_converge_with_their_order(kind, order, expected, schedule):
 
     The linear schedule spans λ from −5 to 4.6; at 10 steps (h ≈ 1) the error is not yet in its
     asymptotic regime (10 -> 20 gives orders 1.4 for DPM-Solver++(2M), 2.7 for UniPC-2).
-    On the time-uniform grid h varies 30-fold along the path, which costs multistep methods
-    part of their order at these step counts, so there only convergence is required.
+    On the time-uniform grid h varies 30-fold along the path, so the measured ratio is not a
+    clean power of two there (1.4 to 3.3); only convergence is required.
     """
     coarse, fine = solver_error(kind, 21, schedule, order), solver_error(kind, 41, schedule, order)
     measured = math.log2(coarse / fine)
@@ -64,6 +64,14 @@ def test_solvers_converge_with_their_order(kind, order, expected, schedule):
         assert abs(measured - expected) < 0.3, f"{kind} order {order}: measured {measured:.2f}"
     else:
         assert measured > 0.8, f"{kind} order {order}: measured {measured:.2f}"
+
+
+@pytest.mark.parametrize("schedule", ["time", "logsnr"])
+@pytest.mark.parametrize("nfe", [11, 21])
+def test_higher_order_solvers_beat_ddim_at_few_steps(schedule, nfe):
+    ddim = solver_error("dpm++2m", nfe, schedule, order=1)
+    assert solver_error("dpm++2m", nfe, schedule, order=2) < 0.85 * ddim
+    assert solver_error("unipc", nfe, schedule, order=2) < 0.85 * ddim
 
 
 def test_solver_grids_are_trained_timesteps_and_respaced_models_see_original_ones():
