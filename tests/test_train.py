@@ -134,7 +134,7 @@ def small_cfg(root, *overrides):
     return load_config("tiny", [*SMALL, f"storage.root={root}", *overrides])
 
 
-def local_run(cfg, kind, data, run_name, **spec_kw):
+def local_run(cfg, kind, data, run_name, before_run=None, **spec_kw):
     spec = LoopSpec(
         kind=kind,
         config=cfg.model_dump(mode="json"),
@@ -145,6 +145,8 @@ def local_run(cfg, kind, data, run_name, **spec_kw):
     )
     session = LocalSession()
     trainer = Trainer(spec, session)
+    if before_run is not None:
+        before_run(trainer)
     trainer.run()
     return trainer, session.reports
 
@@ -471,11 +473,17 @@ def test_killed_worker_run_completes(reference_run, shards, tmp_path):
     deadline = time.time() + 300
     while not ckpt.list_checkpoints(run_uri) and time.time() < deadline and thread.is_alive():
         time.sleep(0.2)
-    workers = _train_workers()
+    workers = set(_train_workers())
     assert workers, "no Ray Train worker found to kill"
-    os.kill(workers[-1], signal.SIGKILL)
+    os.kill(max(workers), signal.SIGKILL)
+    started = set()  # Ray Train workers that appear after the kill: the restarted group
+    deadline = time.time() + 400
+    while thread.is_alive() and not started and time.time() < deadline:
+        started = set(_train_workers()) - workers
+        time.sleep(0.05)
     thread.join(timeout=400)
     assert not thread.is_alive()
+    assert started, "the run ended without restarting a worker"
     assert "error" not in result, result.get("error")
     out = result["out"]
     assert out["step"] == 24
@@ -578,6 +586,22 @@ def test_bf16_loss_curve_tracks_fp32(shards, tmp_path):
     """Same data, timesteps and noise (seeded by step): bf16 autocast + channels_last only
     adds rounding noise to the first 60 steps' loss curve."""
     curves = {}
+    seen: dict[str, set] = {"no": set(), "bf16": set()}
+
+    def record(mode):
+        def hook(module, inputs, output):
+            cl = output.is_contiguous(memory_format=torch.channels_last) and output.shape[1] > 1
+            seen[mode].add((output.dtype, cl))
+
+        # the first conv and a residual block's conv of the UNet under training
+        return lambda trainer: [
+            m.register_forward_hook(hook)
+            for m in (
+                trainer.module.input_blocks[0][0],
+                trainer.module.input_blocks[1][0].in_layers[2],
+            )
+        ]
+
     for mode in ("no", "bf16"):
         cfg = small_cfg(
             tmp_path / mode,
@@ -588,8 +612,10 @@ def test_bf16_loss_curve_tracks_fp32(shards, tmp_path):
             f"training.mixed_precision='{mode}'",
             f"training.channels_last={mode == 'bf16'}",
         )
-        _, reports = local_run(cfg, "diffusion", shards, mode)
+        _, reports = local_run(cfg, "diffusion", shards, mode, before_run=record(mode))
         curves[mode] = np.array([r["loss"] for r in reports])
+    # the bf16 run really computed in bfloat16, channels_last; the reference in fp32, NCHW
+    assert seen == {"no": {(torch.float32, False)}, "bf16": {(torch.bfloat16, True)}}, seen
     fp32, bf16 = curves["no"], curves["bf16"]
     assert len(fp32) == 3 and fp32[-1] < 0.75 * fp32[0]  # it learned
     np.testing.assert_allclose(bf16, fp32, rtol=0.1)  # 20-step means agree within 10%
