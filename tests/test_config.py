@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from admflow.cli import main
@@ -69,12 +71,31 @@ def test_cli_config_show_applies_overrides(capsys):
     assert "model.nope" in capsys.readouterr().err
 
 
-def test_every_subcommand_has_help(capsys):
+def _undocumented(parser: argparse.ArgumentParser, prefix: str) -> list[str]:
+    """Commands without a line in their parent's listing and arguments without help text."""
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            listed = {c.dest: c.help for c in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not (listed.get(name) or "").strip():
+                    missing.append(f"{prefix} {name}")
+                missing += _undocumented(sub, f"{prefix} {name}")
+        elif not (action.help or "").strip():
+            missing.append(f"{prefix} {'/'.join(action.option_strings) or action.dest}")
+    return missing
+
+
+def test_every_subcommand_and_argument_is_documented():
     from admflow.cli import build_parser
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
     assert {"config", "shard", "train", "sample", "evaluate", "reproduce", "demo", "stack"} <= set(
         sub.choices
     )
-    for name, parser in sub.choices.items():
-        assert parser.format_help().strip(), name
+    assert _undocumented(parser, "admflow") == []
+    # the top-level help lists every subcommand with its one-line help
+    text = parser.format_help()
+    for action in sub._choices_actions:
+        assert action.dest in text and action.help.split()[0] in text, action.dest
