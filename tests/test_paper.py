@@ -93,11 +93,11 @@ def _released_checkpoint(directory, cfg) -> str:
     return str(path)
 
 
-def _reference_batch(path) -> None:
+def _reference_batch(path, size: int = 16) -> None:
     """Smooth random images, uint8 NHWC in arr_0, like the evaluator's batches."""
     rng = np.random.default_rng(0)
     low = rng.integers(0, 256, (12, 4, 4, 3)).astype(np.float32)
-    images = low.repeat(4, axis=1).repeat(4, axis=2)
+    images = low.repeat(size // 4, axis=1).repeat(size // 4, axis=2)
     np.savez(path, arr_0=images.astype(np.uint8))
 
 
@@ -153,3 +153,50 @@ def test_paper_run_tables_ours_beside_published_with_lineage(ray_session, tmp_pa
     assert report["row"] == ROW and report["num_samples"] == N
     manifest = json.loads((tmp_path / samples / "manifest.json").read_text())
     assert manifest["num_samples"] == N and manifest["image_size"] == 16
+
+
+TWO_STAGE = "imagenet256-adm-g-adm-u"
+SMALL_STACK = [  # 16px guided base -> 32px upsampler: the two-stage row at a CPU's size
+    *SMALL[:6],
+    "classifier.image_size=16",
+    "classifier.width=32",
+    "classifier.depth=1",
+    "classifier.attention_resolutions=[8]",
+    "classifier.num_head_channels=32",
+    "upsampler.small_size=16",
+    "upsampler.unet.image_size=32",
+    "upsampler.unet.model_channels=32",
+    "upsampler.unet.num_res_blocks=1",
+    "upsampler.unet.attention_resolutions=[8]",
+    *SMALL[6:],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_two_stage_row_scores_the_upsampled_images(ray_session, tmp_path, capsys):
+    from admflow.cli import main
+    from models.build import build_classifier, build_upsampler
+
+    released = tmp_path / "released"
+    released.mkdir()
+    row = load_rows().row(TWO_STAGE)
+    overrides = [*SMALL_STACK, f"storage.root={tmp_path / 'store'}"]
+    cfg = load_config(row.preset, row.overrides(4) + overrides)
+    _released_checkpoint(released, cfg)
+    torch.manual_seed(1)
+    torch.save(build_classifier(cfg.classifier).state_dict(), released / "64x64_classifier.pt")
+    torch.save(build_upsampler(cfg.upsampler).state_dict(), released / "64_256_upsampler.pt")
+    ref = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    _reference_batch(ref, size=32)  # the upsampler's resolution: only the last stage is scored
+
+    args = ["paper", "run", TWO_STAGE, "--checkpoints", str(released), "--reference", str(ref)]
+    assert main(args + ["--num-samples", "4"] + [f"--set={o}" for o in overrides]) == 0
+    out = capsys.readouterr().out
+    assert "| FID |" in out and "| 3.940 |" in out  # Table 5's ADM-G + ADM-U
+    samples = next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("samples:"))
+    meta = json.loads((tmp_path / samples / "metadata.json").read_text())
+    assert meta["kind"] == "upsample" and meta["classifier_scale"] == 1.0  # guided base
+    manifest = json.loads((tmp_path / samples / "manifest.json").read_text())
+    assert manifest["image_size"] == 32 and manifest["num_samples"] == 4
