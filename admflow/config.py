@@ -381,6 +381,12 @@ class EvaluationConfig(Section):
     inception_weights: str | None = Field(None, description="TorchScript/pt file; default bundled")
     batch_size: int = Field(50, gt=0)
     workers: int = Field(2, ge=0, description="Ray actors for features; 0: in-process")
+    checkpoint_samples: int = Field(
+        0,
+        ge=0,
+        description="reproduce: samples drawn from every diffusion checkpoint to log FID "
+        "against the training step (0: no periodic evaluation)",
+    )
     fid_method: Literal["sqrtm", "eigh"] = Field(
         "sqrtm", description="sqrtm: the evaluator's computation; eigh: same trace, ~20x faster"
     )
@@ -538,6 +544,18 @@ class AdmConfig(Section):
                 f"data.image_size ({self.data.image_size}) must equal model.image_size "
                 f"({self.model.image_size}): the shards feed the model; set both"
             )
+
+    @property
+    def two_stage(self) -> bool:
+        """Base model + upsampler at a higher resolution (ADM-G + ADM-U): every sample set is
+        then scored at the upsampler's resolution."""
+        return self.upsampler.enabled and self.upsampler.unet.image_size > self.model.image_size
+
+    def upsampler_data(self) -> AdmConfig:
+        """This config with ``data`` at the upsampler's output size: the second stage trains on
+        the data set at its own, higher resolution (ADM-U on ImageNet 256 under a 64px base)."""
+        data = self.data.model_copy(update={"image_size": self.upsampler.unet.image_size})
+        return self.model_copy(update={"data": data})
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections, for cache keys."""

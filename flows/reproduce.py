@@ -35,27 +35,45 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
 
     data_key = chain_key("shard", cfg, ("data",))
     data = stages.shard(cfg, cache_key=data_key, parent_run_id=parent)
+    # Two stages (ADM-G + ADM-U): the upsampler trains on the data at its own resolution, and
+    # every set is scored there, the base samples upscaled bilinearly (the baseline ADM-U must
+    # beat) beside the upsampler's output.
+    two_stage = cfg.two_stage
+    eval_cfg = cfg.upsampler_data() if two_stage else cfg
+    eval_key = chain_key("shard", eval_cfg, ("data",))
+    eval_data = stages.shard(eval_cfg, cache_key=eval_key, parent_run_id=parent)
 
     train_keys = {
         "diffusion": chain_key("train", cfg, DIFFUSION_SECTIONS, data_key),
         "classifier": chain_key("train", cfg, CLASSIFIER_SECTIONS, data_key),
-        "upsampler": chain_key("train", cfg, UPSAMPLER_SECTIONS, data_key),
+        "upsampler": chain_key("train", cfg, UPSAMPLER_SECTIONS, eval_key),
     }
     wanted = ["diffusion"]
     wanted += ["classifier"] if cfg.classifier.enabled else []
     wanted += ["upsampler"] if cfg.upsampler.enabled else []
+    train_data = {"diffusion": data, "classifier": data, "upsampler": eval_data}
     futures = {
-        kind: stages.train.submit(cfg, kind, data, cache_key=train_keys[kind], parent_run_id=parent)
+        kind: stages.train.submit(
+            cfg, kind, train_data[kind], cache_key=train_keys[kind], parent_run_id=parent
+        )
         for kind in wanted
     }
-    ref_key = chain_key("reference", cfg, ("evaluation",), data_key)
-    ref = stages.reference(cfg, data, cache_key=ref_key)
+    ref_key = chain_key("reference", eval_cfg, ("evaluation",), eval_key)
+    ref = stages.reference(eval_cfg, eval_data, cache_key=ref_key)
+    judge = None
+    if eval_cfg.data.class_cond and not cfg.evaluation.reference:
+        j_key = chain_key("judge", cfg, (), ref_key, num_samples=cfg.sampling.num_samples)
+        judge = stages.judge(eval_cfg, ref, cache_key=j_key)
     runs = {kind: f.result() for kind, f in futures.items()}
+
+    curve: list[dict] = []
+    if cfg.evaluation.checkpoint_samples:
+        c_key = chain_key("curve", cfg, ("evaluation",), train_keys["diffusion"], ref_key)
+        curve = stages.training_curve(cfg, runs["diffusion"], ref, judge, cache_key=c_key)
 
     rows = []
     for scale in cfg.sampling.classifier_scales:
-        guided = cfg.sampling.guided(scale, "classifier" in runs)
-        clf_key = train_keys["classifier"] if guided else ""
+        clf_key = train_keys["classifier"] if scale and "classifier" in runs else ""
         s_key = chain_key(
             "sample",
             cfg,
@@ -66,16 +84,21 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
             scale=scale,
         )
         base = stages.sample(cfg, runs["diffusion"], runs.get("classifier"), scale, s_key, parent)
-        sets = [(s_key, base)]
+        sets = [] if two_stage else [(s_key, base)]
+        if two_stage:
+            b_key = chain_key("bilinear", cfg, ("upsampler",), s_key)
+            sets.append((b_key, stages.bilinear(cfg, base, cache_key=b_key)))
         if "upsampler" in runs:
             u_key = chain_key("upsample", cfg, ("sampling",), s_key, train_keys["upsampler"])
             sets.append((u_key, stages.upsample(cfg, base, runs["upsampler"], u_key, parent)))
         for set_key, sset in sets:
             e_key = chain_key("evaluate", cfg, ("evaluation",), ref_key, set_key)
             tags = lineage.sample_tags(sset, runs, data)
-            rows.append(stages.evaluate(cfg, ref, sset, e_key, parent, tags))
+            row = stages.evaluate(cfg, ref, sset, e_key, parent, tags, judge=judge)
+            rows.append({**row, "base_samples": base["uri"]})
 
-    summary = report.write_report(cfg, rows, parent_run_id=parent)
+    yardsticks = {f"{eval_cfg.data.image_size}px": judge}
+    summary = report.write_report(cfg, rows, parent, curve=curve, yardsticks=yardsticks)
     lineage.register_models(cfg, runs)
     lineage.finish_parent_run(parent, summary)
     log.info("metrics:\n%s", summary["table"])

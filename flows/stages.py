@@ -128,16 +128,72 @@ def upsample(
     return {**result, "uri": out, "classifier_scale": base["classifier_scale"], "upsampled": True}
 
 
+@_stage_task("bilinear")
+def bilinear(cfg: AdmConfig, base: dict, cache_key: str) -> dict:
+    """The two-stage baseline: the base samples upscaled bilinearly to the upsampler's size."""
+    from tasks.upscale import bilinear_set
+
+    out = join(cfg.storage.root, "samples", cache_key)
+    result = bilinear_set(base["uri"], out, cfg.upsampler.unet.image_size)
+    return {
+        **result,
+        "uri": out,
+        "classifier_scale": base["classifier_scale"],
+        "upsampled": True,
+        "stage": "bilinear",
+        "mlflow_run_id": base.get("mlflow_run_id"),  # lineage: the run that drew the base set
+    }
+
+
+@_stage_task("judge")
+def judge(cfg: AdmConfig, ref: dict, cache_key: str) -> dict:
+    """The class-accuracy judge and the FID floor of one reference (see tasks.judge)."""
+    from tasks.judge import build_judge
+
+    return build_judge(cfg, ref["uri"], cfg.sampling.num_samples)
+
+
+@_stage_task("training-curve")
+def training_curve(
+    cfg: AdmConfig, diffusion_run: dict, ref: dict, judge: dict | None, cache_key: str
+) -> list[dict]:
+    """Periodic evaluation of every checkpoint of the diffusion run (FID against step)."""
+    from tasks.periodic import evaluate_checkpoint
+    from tasks.train_checkpoint import list_checkpoints
+
+    judge_uri = judge["uri"] if judge else None
+    n = cfg.evaluation.checkpoint_samples
+    upscale = cfg.upsampler.unet.image_size if cfg.two_stage else None
+    return [
+        evaluate_checkpoint(cfg, c, ref["uri"], n, judge=judge_uri, upscale_to=upscale)
+        for c in list_checkpoints(diffusion_run["run_uri"])
+    ]
+
+
 @_stage_task("evaluate")
 def evaluate(
-    cfg: AdmConfig, ref: dict, samples: dict, cache_key: str, parent_run_id: str | None, tags: dict
+    cfg: AdmConfig,
+    ref: dict,
+    samples: dict,
+    cache_key: str,
+    parent_run_id: str | None,
+    tags: dict,
+    judge: dict | None = None,
 ) -> dict:
     from tasks.evaluate import evaluate_sets
 
-    metrics = evaluate_sets(cfg, ref["uri"], samples["uri"], parent_run_id=parent_run_id, tags=tags)
+    metrics = evaluate_sets(
+        cfg,
+        ref["uri"],
+        samples["uri"],
+        parent_run_id=parent_run_id,
+        tags=tags,
+        judge=judge["uri"] if judge else None,
+    )
     return {
         **metrics,
         "samples": samples["uri"],
         "classifier_scale": samples["classifier_scale"],
         "upsampled": samples.get("upsampled", False),
+        "stage": samples.get("stage", "upsampler" if samples.get("upsampled") else "base"),
     }

@@ -93,6 +93,25 @@ def read_unit(unit: Unit) -> np.ndarray:
     raise EvaluationInputError(f"unknown work unit kind {kind!r}")
 
 
+def read_unit_labels(unit: Unit) -> np.ndarray | None:
+    """Class labels of a unit's images (``arr_1`` of an npz, ``label`` of a shard), or None
+    where the input has none (e.g. an unlabelled reference batch)."""
+    kind, uri, start, stop = unit
+    if kind == "npz":
+        if "arr_1" not in npz_members(uri):
+            return None
+        return np.asarray(read_npz_rows(uri, "arr_1", start, stop), dtype=np.int64)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with storage.open_read(uri) as f:
+            table = pq.read_table(f)
+        if "label" not in table.column_names:
+            return None
+        return np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+    raise EvaluationInputError(f"unknown work unit kind {kind!r}")
+
+
 def _manifest_dir(uri: str) -> str | None:
     base = uri[: -len("/manifest.json")] if uri.endswith("/manifest.json") else uri.rstrip("/")
     return base if storage.exists(storage.join(base, "manifest.json")) else None

@@ -32,10 +32,11 @@ from tasks.eval_io import (
     describe,
     read_npz_rows,
     read_unit,
+    read_unit_labels,
 )
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: feature files carry the images' class labels
 FEATURE_SHAPES = {"pool": inc.POOL_DIM, "spatial": inc.SPATIAL_DIM, "logits": inc.NUM_LOGITS,
                   "softmax": inc.NUM_LOGITS}  # fmt: skip
 EVALUATION_ERRORS = (EvaluationInputError, M.MetricError, inc.InceptionError)
@@ -96,6 +97,9 @@ class FeatureWorker:
         parts = [self.model.features(images[i : i + bs]) for i in range(0, len(images), bs)]
         feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         feats["image_hw"] = np.asarray(images.shape[1:3])
+        labels = read_unit_labels(unit)
+        if labels is not None and len(labels) == len(images):
+            feats["labels"] = labels  # for the class-accuracy judge (tasks.judge)
         return index, feats
 
 
@@ -310,11 +314,12 @@ def evaluate_sets(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     log_mlflow: bool = True,
+    judge: str | None = None,
 ) -> dict[str, Any]:
     """Score ``samples`` against ``ref`` (each an .npz, feature file, sample set or data set).
 
-    Returns the metrics (``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall``)
-    plus ``mlflow_run_id`` (None when not logged) and the feature-file URIs used.
+    Returns the metrics (``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall``;
+    ``class_accuracy`` when a ``judge`` file is given) plus ``mlflow_run_id`` (None when not logged) and the feature-file URIs used.
     """
     if log_mlflow:  # an unreachable store fails now, not after the features
         from admflow.tracking import check_tracking
@@ -323,6 +328,10 @@ def evaluate_sets(
     ref_feats, ref_fu = features_for(cfg, ref, workers, inception)
     smp_feats, smp_fu = features_for(cfg, samples, workers, inception)
     metrics: dict[str, Any] = compute_metrics(ref_feats, smp_feats, cfg.evaluation.fid_method)
+    if judge:  # the demo's independent class-fidelity judge (tasks.judge)
+        from tasks.judge import class_accuracy
+
+        metrics["class_accuracy"] = class_accuracy(judge, smp_feats)
     metrics.update(reference_features=ref_fu, sample_features=smp_fu, mlflow_run_id=None)
     if not log_mlflow:
         return metrics
@@ -345,7 +354,7 @@ def evaluate_sets(
     return metrics
 
 
-_METRICS = ("inception_score", "fid", "sfid", "precision", "recall")
+_METRICS = ("inception_score", "fid", "sfid", "precision", "recall", "class_accuracy")
 
 __all__ = [
     "EVALUATION_ERRORS",

@@ -100,9 +100,16 @@ def finish_parent_run(run_id: str, summary: dict) -> None:
         client.log_artifact(run_id, path)
     for row in summary.get("rows", []):
         label = row.get("label", "set")
-        for metric in ("fid", "sfid", "inception_score", "precision", "recall"):
+        for metric in ("fid", "sfid", "inception_score", "precision", "recall", "class_accuracy"):
             if row.get(metric) is not None:
                 client.log_metric(run_id, f"{label}/{metric}", float(row[metric]))
+    for name, y in (summary.get("yardsticks") or {}).items():
+        for metric in ("judge_heldout_accuracy", "fid_floor"):
+            if y and y.get(metric) is not None:
+                client.log_metric(run_id, f"{name}/{metric}", float(y[metric]))
+    for point in summary.get("curve") or []:
+        if point.get("fid") is not None:
+            client.log_metric(run_id, "training/fid", float(point["fid"]), step=int(point["step"]))
     client.set_terminated(run_id)
 
 

@@ -32,8 +32,18 @@ def unevaluated_checkpoints(cfg: AdmConfig, run_uri: str) -> list[dict]:
     return [c for c in list_checkpoints(run_uri) if not storage.exists(_ledger(c["uri"]))]
 
 
-def evaluate_checkpoint(cfg: AdmConfig, ckpt: dict, reference_uri: str, num_samples: int) -> dict:
-    """Sample ``num_samples`` images from one checkpoint, score them, log FID at its step."""
+def evaluate_checkpoint(
+    cfg: AdmConfig,
+    ckpt: dict,
+    reference_uri: str,
+    num_samples: int,
+    judge: str | None = None,
+    upscale_to: int | None = None,
+) -> dict:
+    """Sample ``num_samples`` images from one checkpoint, score them, log FID at its step.
+
+    ``upscale_to``: a reference at a higher resolution than the model (a two-stage pipeline)
+    scores the samples upscaled bilinearly to that size."""
     from tasks.evaluate import evaluate_sets
     from tasks.sample import sample_set
 
@@ -43,11 +53,17 @@ def evaluate_checkpoint(cfg: AdmConfig, ckpt: dict, reference_uri: str, num_samp
     meta = read_meta(ckpt["uri"])
     out = storage.join(ledger.removesuffix(".json") + "-samples")
     sample_set(cfg, ckpt["uri"], out, num_samples=num_samples, classifier_scale=0.0)
+    if upscale_to:
+        from tasks.upscale import bilinear_set
+
+        out = bilinear_set(out, out + f"-bilinear{upscale_to}", upscale_to)["uri"]
     train_run = meta.get("mlflow_run_id") or _training_run_id(cfg, meta.get("run_name"))
     tags = {"admflow.upstream.checkpoint": ckpt["uri"], "admflow.upstream.samples": out}
     if train_run:
         tags["admflow.upstream.train_run_id"] = train_run
-    metrics = evaluate_sets(cfg, reference_uri, out, parent_run_id=train_run, tags=tags)
+    metrics = evaluate_sets(
+        cfg, reference_uri, out, parent_run_id=train_run, tags=tags, judge=judge
+    )
     if train_run:
         _log_against_step(cfg, train_run, metrics, ckpt["step"])
     record = {
@@ -80,7 +96,7 @@ def _training_run_id(cfg: AdmConfig, run_name: str | None) -> str | None:
 
 
 def _numbers(metrics: dict) -> dict:
-    keys = ("fid", "sfid", "inception_score", "precision", "recall")
+    keys = ("fid", "sfid", "inception_score", "precision", "recall", "class_accuracy")
     return {k: metrics.get(k) for k in keys}
 
 

@@ -12,6 +12,7 @@ from admflow.config import AdmConfig
 
 COLUMNS = (
     "model",
+    "stage",
     "resolution",
     "sampler",
     "steps",
@@ -19,9 +20,11 @@ COLUMNS = (
     "FID",
     "sFID",
     "IS",
+    "class acc",
     "precision",
     "recall",
 )
+STAGES = {"base": "", "upsampler": " +U", "bilinear": " +bilinear"}
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -32,18 +35,22 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _stage(r: dict) -> str:
+    return r.get("stage") or ("upsampler" if r.get("upsampled") else "base")
+
+
 def rows_to_markdown(
     cfg: AdmConfig, rows: list[dict], run_links: dict[str, str] | None = None
 ) -> str:
     head = "| " + " | ".join(COLUMNS) + " | run |\n|" + "---|" * (len(COLUMNS) + 1) + "\n"
     lines = []
     for r in rows:
-        upsampled = r.get("upsampled", False)
-        res = cfg.upsampler.unet.image_size if upsampled else cfg.model.image_size
-        model = f"{cfg.name}{' +U' if upsampled else ''}"
+        stage = _stage(r)
+        res = cfg.model.image_size if stage == "base" else cfg.upsampler.unet.image_size
         link = (run_links or {}).get(r.get("mlflow_run_id", ""), r.get("mlflow_run_id", ""))
         cells = [
-            model,
+            f"{cfg.name}{STAGES.get(stage, ' ' + stage)}",
+            stage,
             str(res),
             cfg.sampling.sampler,
             cfg.sampling.timestep_respacing or str(cfg.diffusion.steps),
@@ -51,6 +58,7 @@ def rows_to_markdown(
             _fmt(r.get("fid")),
             _fmt(r.get("sfid")),
             _fmt(r.get("inception_score")),
+            _fmt(r.get("class_accuracy")),
             _fmt(r.get("precision")),
             _fmt(r.get("recall")),
         ]
@@ -58,60 +66,152 @@ def rows_to_markdown(
     return head + "\n".join(lines) + "\n"
 
 
+def yardsticks_to_markdown(yardsticks: dict[str, dict | None]) -> str:
+    """What "good" is: the judge's accuracy on held-out real images and the FID floor."""
+    lines = ["| reference | judge accuracy on held-out real images | FID floor (N) |",
+             "|---|---|---|"]  # fmt: skip
+    for name, y in yardsticks.items():
+        if y:
+            lines.append(
+                f"| {name} | {_fmt(y.get('judge_heldout_accuracy'))} "
+                f"({y.get('judge_heldout_images')} images) | {_fmt(y.get('fid_floor'))} "
+                f"({y.get('fid_floor_images')}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def curve_to_markdown(curve: list[dict]) -> str:
+    lines = ["| training step | FID | sFID | class acc | precision | recall |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for c in sorted(curve, key=lambda c: c["step"]):
+        lines.append(
+            f"| {c['step']} | {_fmt(c.get('fid'))} | {_fmt(c.get('sfid'))} | "
+            f"{_fmt(c.get('class_accuracy'))} | {_fmt(c.get('precision'))} | "
+            f"{_fmt(c.get('recall'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _by_stage(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["classifier_scale"]):
+        out.setdefault(_stage(r), []).append(r)
+    return out
+
+
 def plot_guidance_sweep(rows: list[dict], path: str) -> str:
-    """FID and IS against classifier scale, and precision against recall (paper Fig. 4/5)."""
+    """FID, class fidelity (IS where Inception logits exist, else the judge's class accuracy)
+    against the classifier scale, and precision against recall (paper Fig. 4/5)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = sorted((r for r in rows if not r.get("upsampled")), key=lambda r: r["classifier_scale"])
-    scales = [r["classifier_scale"] for r in base]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(scales, [r.get("fid") for r in base], "o-")
-    axes[0].set(xlabel="classifier scale", ylabel="FID", title="FID vs guidance scale")
-    is_vals = [r.get("inception_score") for r in base]
-    if all(v is not None for v in is_vals):
-        axes[1].plot(scales, is_vals, "o-")
-    else:
-        axes[1].text(0.5, 0.5, "IS unavailable\n(no Inception logits)", ha="center", va="center")
-    axes[1].set(xlabel="classifier scale", ylabel="Inception Score", title="IS vs guidance scale")
-    axes[2].plot([r.get("recall") for r in base], [r.get("precision") for r in base], "o-")
-    for r in base:
-        axes[2].annotate(f"s={r['classifier_scale']:g}", (r.get("recall"), r.get("precision")))
-    axes[2].set(xlabel="recall", ylabel="precision", title="precision vs recall")
+    stages = _by_stage(rows)
+    has_is = all(r.get("inception_score") is not None for r in rows)
+    has_acc = any(r.get("class_accuracy") is not None for r in rows)
+    panels = (
+        ["fid"] + (["inception_score"] if has_is else []) + (["class_accuracy"] if has_acc else [])
+    )
+    panels += ["pr"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8))
+    titles = {"fid": "FID (lower is better)", "inception_score": "Inception Score",
+              "class_accuracy": "class accuracy (judge)"}  # fmt: skip
+    for ax, key in zip(axes, panels, strict=True):
+        for stage, rs in stages.items():
+            if key == "pr":
+                xs, ys = [r.get("recall") for r in rs], [r.get("precision") for r in rs]
+                ax.plot(xs, ys, "o-", label=stage)
+                for r in rs:
+                    ax.annotate(f"s={r['classifier_scale']:g}", (r.get("recall"), r.get("precision")),
+                                fontsize=8, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            else:
+                pts = [(r["classifier_scale"], r.get(key)) for r in rs if r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), "o-", label=stage)
+        if key == "pr":
+            ax.set(xlabel="recall", ylabel="precision", title="precision vs recall")
+        else:
+            ax.set(xlabel="classifier scale", ylabel=key, title=titles[key])
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_report(cfg: AdmConfig, rows: list[dict], parent_run_id: str | None = None) -> dict:
+def plot_training_curve(curve: list[dict], floor: float | None, path: str) -> str:
+    """FID of each diffusion checkpoint against its training step, with the FID floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((c["step"], c["fid"]) for c in curve if c.get("fid") is not None)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    if pts:
+        ax.plot(*zip(*pts, strict=True), "o-", label="samples of the checkpoint")
+    if floor is not None:
+        ax.axhline(floor, color="grey", ls="--", label="floor: real vs real")
+    ax.set(xlabel="training step", ylabel="FID", title="FID over training", yscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    cfg: AdmConfig,
+    rows: list[dict],
+    parent_run_id: str | None = None,
+    *,
+    curve: list[dict] | None = None,
+    yardsticks: dict[str, dict | None] | None = None,
+) -> dict:
     """Write table + plots under ``<root>/reports/<run>``; return paths and the table."""
-    for i, r in enumerate(rows):
-        r.setdefault(
-            "label", f"scale{r['classifier_scale']:g}{'-up' if r.get('upsampled') else ''}"
-        )
-        rows[i] = r
+    for r in rows:
+        r.setdefault("label", f"scale{r['classifier_scale']:g}-{_stage(r)}")
     links = _run_links(cfg, rows)
     table = rows_to_markdown(cfg, rows, links)
+    text = "## Results\n\n" + table
+    if yardsticks and any(yardsticks.values()):
+        text += "\n## Yardsticks\n\n" + yardsticks_to_markdown(yardsticks)
+    if curve:
+        text += "\n## FID over training (unguided, conditional)\n\n" + curve_to_markdown(curve)
     out_dir = storage.join(cfg.storage.root, "reports", parent_run_id or "latest")
     tmp = tempfile.mkdtemp(prefix="admflow-report-")
     local = [
         os.path.join(tmp, "results.md"),
         plot_guidance_sweep(rows, os.path.join(tmp, "guidance_sweep.png")),
     ]
+    if curve:
+        base = (yardsticks or {}).get("base") or {}
+        local.append(
+            plot_training_curve(
+                curve, base.get("fid_floor"), os.path.join(tmp, "training_curve.png")
+            )
+        )
     with open(local[0], "w") as f:
-        f.write(table)
+        f.write(text)
     uris = []
     for path in local:
         uri = storage.join(out_dir, os.path.basename(path))
         with open(path, "rb") as f:
             storage.write_bytes(uri, f.read())
         uris.append(uri)
-    _prefect_artifact(table)
+    _prefect_artifact(text)
     grids = [storage.join(r["samples"], "grid.png") for r in rows if r.get("samples")]
-    return {"table": table, "report_uris": uris, "local_files": local, "grids": grids, "rows": rows}
+    return {
+        "table": table,
+        "report": text,
+        "report_uris": uris,
+        "local_files": local,
+        "grids": grids,
+        "rows": rows,
+        "curve": curve or [],
+        "yardsticks": yardsticks or {},
+    }
 
 
 def _run_links(cfg: AdmConfig, rows: list[dict]) -> dict[str, str]:

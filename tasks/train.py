@@ -195,7 +195,11 @@ def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
-    return trainer.fit()
+    from tasks.progress import ProgressPrinter
+
+    steps = make_job(spec.kind, cfg).steps
+    with ProgressPrinter(spec.run_uri, spec.kind, steps):
+        return trainer.fit()
 
 
 def log_dataset(manifest: dict, data_uri: str) -> None:

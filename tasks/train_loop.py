@@ -33,6 +33,7 @@ from models.ema import EMA
 from models.precision import DynamicLossScaler, autocast
 from models.resample import LossSecondMomentResampler
 from tasks import train_checkpoint as ckpt
+from tasks.progress import write_progress
 from tasks.train_data import ShardStream, augment, batch_positions, to_model_input
 from tasks.train_jobs import Job, make_job
 
@@ -150,7 +151,6 @@ class RaySession:
             checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
             checkpoint_upload_fn=upload,
         )
-
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -480,6 +480,7 @@ class Trainer:
                     metrics.update(self.evaluate_holdout())
                 if self.tracker:
                     self.tracker.metrics(metrics, self.step)
+                self._progress(metrics)
                 if self.step % cfg.checkpoint_every == 0 or done:
                     self.checkpoint_and_report({**metrics, "done": done})
                 else:
@@ -489,6 +490,23 @@ class Trainer:
                 {"step": self.step, "done": True, "resumed_finished": True}, None, self.step
             )
         return metrics
+
+    def _progress(self, metrics: dict[str, Any]) -> None:
+        """Rank 0 leaves a progress record for the driver's terminal (tasks.progress)."""
+        if self.session.rank != 0:
+            return
+        rate = metrics.get("images_per_s") or 0.0
+        left = (self.job.steps - self.step) * self.global_batch / rate if rate else None
+        record = {
+            "kind": self.job.kind,
+            "step": self.step,
+            "steps": self.job.steps,
+            "loss": metrics.get("loss"),
+            "images_per_s": rate,
+            "eta_s": left,
+            "time": time.time(),
+        }
+        write_progress(self.spec.run_uri, record)
 
     def _stop_nonfinite(self) -> dict[str, Any]:
         msg = (

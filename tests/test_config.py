@@ -46,7 +46,7 @@ def test_paper_hyperparameters_in_presets():
             "diffusion.noise_schedule=quadratic",
             "diffusion.noise_schedule: Input should be 'linear' or 'cosine'",
         ),
-        ("model.attention_resolutions=[64]", "allowed values: [32, 16, 8]"),
+        ("model.attention_resolutions=[64]", "allowed values: [16, 8, 4]"),
         ("sampling.timestep_respacing=ddimx", "sampling.timestep_respacing"),
         ("diffusion.learn_sigma=false", "must equal diffusion.learn_sigma"),
         ("training.ema_rate=[1.5]", "training.ema_rate"),

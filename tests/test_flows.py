@@ -9,19 +9,23 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
 
-FAST = [
-    "data.demo_images_per_class=20",
-    "training.steps=15",
-    "training.checkpoint_every=5",
-    "training.classifier_steps=15",
-    "training.upsampler_steps=10",
-    "training.batch_size=16",
-    "sampling.num_samples=20",
-    "sampling.shard_size=10",
-    "sampling.batch_size=10",
-    "sampling.timestep_respacing=ddim5",
-    "evaluation.reference_images=100",
+# A reduced demo that still learns: 600 steps of the 16px base model, the 16->32 upsampler
+# (briefly), three guidance scales, 60 samples per set, a 300-image reference.
+LEARN = [
+    "data.demo_images_per_class=30",
+    "training.steps=600",
+    "training.batch_size=32",
+    "training.checkpoint_every=200",
+    "training.classifier_steps=150",
+    "training.upsampler_steps=20",
+    "sampling.num_samples=60",
+    "sampling.shard_size=30",
+    "sampling.batch_size=30",
+    "sampling.classifier_scales=[0.0, 2.0, 8.0]",
+    "evaluation.reference_images=300",
+    "evaluation.checkpoint_samples=60",
 ]
+SCALES = (0.0, 2.0, 8.0)
 
 
 def _task_states(flow_run_id) -> dict[str, list[str]]:
@@ -43,7 +47,7 @@ def pipeline(tmp_path_factory, ray_session):
     from flows.reproduce import reproduce
 
     root = tmp_path_factory.mktemp("store")
-    overrides = [*FAST, f"storage.root={root}", "sampling.classifier_scales=[0.0, 2.0]"]
+    overrides = [*LEARN, f"storage.root={root}"]
     t0 = time.time()
     state = reproduce(preset="tiny", overrides=overrides, return_state=True)
     first = time.time() - t0
@@ -53,16 +57,40 @@ def pipeline(tmp_path_factory, ray_session):
 def test_reproduce_completes_with_metrics(pipeline):
     result = pipeline["state"].result()
     rows = result["rows"]
-    assert len(rows) == 4  # 2 scales x (base, upsampled)
+    # per scale: the base samples upscaled bilinearly and the upsampler's, both at 32px
+    assert sorted((r["classifier_scale"], r["stage"]) for r in rows) == sorted(
+        (s, stage) for s in SCALES for stage in ("bilinear", "upsampler")
+    )
     for r in rows:
         assert math.isfinite(r["fid"]) and r["fid"] > 0
         assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
         _assert_fid_from_own_features(pipeline, r)
-    assert "FID" in result["table"].splitlines()[0]
+    assert "FID" in result["table"].splitlines()[0] and "class acc" in result["table"]
     # the guidance scale reaches the samples: rows at different scales score differently
-    for upsampled in (False, True):
-        fids = {r["classifier_scale"]: r["fid"] for r in rows if r["upsampled"] == upsampled}
-        assert len(fids) == 2 and len(set(fids.values())) == 2, fids
+    for stage in ("bilinear", "upsampler"):
+        fids = {r["classifier_scale"]: r["fid"] for r in rows if r["stage"] == stage}
+        assert len(set(fids.values())) == len(SCALES), fids
+
+
+def test_demo_shows_the_papers_findings(pipeline):
+    """The direction of ADM's findings on a model trained for 600 steps (seeded)."""
+    result = pipeline["state"].result()
+    base = {r["classifier_scale"]: r for r in result["rows"] if r["stage"] == "bilinear"}
+    judge = result["yardsticks"]["32px"]
+    assert judge["judge_heldout_accuracy"] >= 0.85, judge  # the judge can be trusted
+    # guidance trades diversity for fidelity (ADM section 4, Fig. 4/5)
+    acc = [base[s]["class_accuracy"] for s in SCALES]
+    prec = [base[s]["precision"] for s in SCALES]
+    rec = [base[s]["recall"] for s in SCALES]
+    assert acc[-1] >= acc[0] + 0.15, acc
+    assert prec[-1] >= prec[0] + 0.05, prec
+    assert rec[-1] <= rec[0] - 0.05, rec
+    # training learns: FID falls between the first and the last checkpoint
+    curve = sorted(result["curve"], key=lambda c: c["step"])
+    assert [c["step"] for c in curve] == [200, 400, 600]
+    assert curve[-1]["fid"] <= 0.8 * curve[0]["fid"], curve
+    report = result["report"]
+    assert "FID over training" in report and "judge accuracy" in report
 
 
 def _assert_fid_from_own_features(pipeline, row):
@@ -90,7 +118,18 @@ def test_second_run_is_all_cache_hits(pipeline):
     stage_states = {
         k: v
         for k, v in states.items()
-        if k in {"shard", "train", "reference", "sample", "upsample", "evaluate"}
+        if k
+        in {
+            "shard",
+            "train",
+            "reference",
+            "judge",
+            "training",
+            "sample",
+            "upsample",
+            "bilinear",
+            "evaluate",
+        }
     }
     assert stage_states and all(s == "Cached" for v in stage_states.values() for s in v), states
     assert second < 0.35 * pipeline["first_s"], (second, pipeline["first_s"])
@@ -129,7 +168,8 @@ def test_mlflow_lineage_from_fid_to_shard_manifest(pipeline):
     )
     stages = {c.data.tags.get("admflow.stage") for c in children}
     assert {"shard", "sample", "evaluate"} <= stages, stages
-    assert len(children) >= 1 + 3 + 2 + 2 + 4, [c.info.run_name for c in children]
+    # 2 shard runs (16px, 32px), 3 trainings, 3 sample + 3 upsample runs, 6 evaluations
+    assert len(children) >= 2 + 3 + 3 + 3 + 6, [c.info.run_name for c in children]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "guidance_sweep.png" in artifacts
     # dataset input on a training run
@@ -153,13 +193,12 @@ def test_periodic_evaluation_scores_each_checkpoint_once(pipeline):
     from admflow.tracking import setup_mlflow
     from flows.evaluate import evaluate_periodic
 
-    overrides = pipeline["overrides"]
-    first = evaluate_periodic(preset="tiny", overrides=overrides, num_samples=10)
-    second = evaluate_periodic(preset="tiny", overrides=overrides, num_samples=10)
-    assert len(first) == 3 and second == []
-    assert sorted(r["step"] for r in first) == [5, 10, 15]
-    cfg = load_config("tiny", overrides)
+    curve = pipeline["state"].result()["curve"]
+    assert sorted(r["step"] for r in curve) == [200, 400, 600]
+    # the reproduce flow scored every checkpoint; the periodic flow finds nothing left to do
+    assert evaluate_periodic(preset="tiny", overrides=pipeline["overrides"], num_samples=10) == []
+    cfg = load_config("tiny", pipeline["overrides"])
     setup_mlflow(cfg)
     client = mlflow.MlflowClient()
-    history = client.get_metric_history(first[0]["train_run_id"], "eval/fid")
-    assert sorted(m.step for m in history) == [5, 10, 15]
+    history = client.get_metric_history(curve[0]["train_run_id"], "eval/fid")
+    assert sorted(m.step for m in history) == [200, 400, 600]

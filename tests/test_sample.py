@@ -31,6 +31,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 STEPS = "ddim2"
 N = 200
 OVERRIDES = [
+    # 32px base and classifier (the demo preset's base model is 16px under a 16->32 upsampler)
+    "data.image_size=32",
+    "model.image_size=32",
+    "model.attention_resolutions=[16, 8]",
+    "classifier.image_size=32",
+    "classifier.attention_resolutions=[16, 8]",
     "sampling.shard_size=32",
     "sampling.batch_size=32",
     "sampling.use_ema=true",  # the released default (tiny samples raw weights)

@@ -42,6 +42,11 @@ SMALL = [
     "upsampler.unet.image_size=16",
     "upsampler.unet.attention_resolutions=[8]",
     "training.batch_size=16",
+    # the short runs these tests make, independent of the demo preset's long one
+    "training.lr=0.0005",
+    "training.ema_rate=[0.999]",
+    "training.log_every=10",
+    "training.checkpoint_every=100",
 ]
 
 PALETTE = np.array(
