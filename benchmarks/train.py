@@ -1,5 +1,5 @@
 """Training throughput on this CPU for the bench-32 preset (11.3M-parameter 32x32 UNet) at
-global batch 16, all in one run:
+global batch 16, and for the demo's own model (``tiny``), all in one run:
 
 * ``plain``: one process, all cores, fp32 NCHW, the real training step (data, L_hybrid,
   AdamW, EMA) through :class:`tasks.train_loop.Trainer` with a local session;
@@ -8,6 +8,8 @@ global batch 16, all in one run:
 
 Every mode times the same ``--steps`` steps after ``--warmup`` untimed ones (Ray Train logs
 each step's images/s; its figure is those steps' images over their summed step times).
+``tiny``: the demo's 16px diffusion model at its batch, one Ray Train worker with one thread
+(as ``admflow demo`` trains it) against the same step in a plain one-thread process.
 Prints JSON with images/s for each, ``speedup_tuned`` = tuned / plain and ``ray_ratio`` =
 ray / plain. ``ray_over_ideal_split`` compares Ray Train with two single-thread processes
 that never communicate (batch 8 each, measured in one process and doubled): the part of the
@@ -78,9 +80,15 @@ def build_demo_shards(dest: str, per_class: int = 16, size: int = 32) -> str:
 
 
 def local_images_per_s(
-    root: str, data: str, overrides: list[str], steps: int, warmup: int
+    root: str,
+    data: str,
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    preset: str = "bench-32",
+    base: tuple[str, ...] = tuple(BASE),
 ) -> float:
-    cfg = load_config("bench-32", [*BASE, f"storage.root={root}", *overrides])
+    cfg = load_config(preset, [*base, f"storage.root={root}", *overrides])
     spec = LoopSpec("diffusion", cfg.model_dump(mode="json"), data, f"{root}/runs/x", "x")
     trainer = Trainer(spec, LocalSession())
     for _ in range(warmup):
@@ -91,7 +99,15 @@ def local_images_per_s(
     return steps * cfg.training.batch_size / (time.perf_counter() - t0)
 
 
-def ray_images_per_s(root: str, data: str, steps: int, warmup: int) -> float:
+def ray_images_per_s(
+    root: str,
+    data: str,
+    steps: int,
+    warmup: int,
+    preset: str = "bench-32",
+    base: tuple[str, ...] = tuple(BASE),
+    workers: int = 2,
+) -> float:
     import ray
 
     from tasks.train import train_diffusion
@@ -102,24 +118,45 @@ def ray_images_per_s(root: str, data: str, steps: int, warmup: int) -> float:
 
     total = warmup + steps
     cfg = load_config(
-        "bench-32",
+        preset,
         [
-            *BASE,
+            *base,
             f"storage.root={root}",
             f"training.steps={total}",
             "training.log_every=1",  # one images/s figure per step (each log resets the meter)
             f"training.checkpoint_every={total}",
-            "compute.num_workers=2",
+            f"compute.num_workers={workers}",
             "compute.cpus_per_worker=1",
             "compute.torch_threads=1",
         ],
     )
-    out = train_diffusion(cfg, data, "bench-ray")
+    out = train_diffusion(cfg, data, f"bench-ray-{preset}")
     history = mlflow.MlflowClient().get_metric_history(out["mlflow_run_id"], "images_per_s")
     per_step = {m.step: m.value for m in history}
     timed = [per_step[s] for s in range(warmup + 1, total + 1)]  # the same steps as plain
     batch = cfg.training.batch_size
     return len(timed) * batch / sum(batch / ips for ips in timed)
+
+
+def tiny_throughput(tmp: str, steps: int, warmup: int) -> dict:
+    """The demo's diffusion model as the demo trains it (the tiny preset: 16px, batch 32, one
+    Ray Train worker with one thread), through Ray Train and in a plain one-thread process."""
+    cfg = load_config("tiny")
+    data = build_demo_shards(os.path.join(tmp, "tiny-data"), size=cfg.data.image_size)
+    batch = cfg.training.batch_size
+    torch.set_num_threads(1)
+    plain = local_images_per_s(tmp, data, [], steps, warmup, preset="tiny", base=())
+    ray_ips = ray_images_per_s(tmp, data, steps, warmup, preset="tiny", base=(), workers=1)
+    return {
+        "global_batch": batch,
+        "threads": 1,
+        "images_per_s_plain": round(plain, 2),
+        "steps_per_s_plain": round(plain / batch, 3),
+        "images_per_s_ray_train": round(ray_ips, 2),
+        "steps_per_s_ray_train": round(ray_ips / batch, 3),
+        "ray_ratio": round(ray_ips / plain, 3),
+        "demo_training_minutes_at_ray_rate": round(cfg.training.steps * batch / ray_ips / 60, 2),
+    }
 
 
 def main() -> None:
@@ -151,6 +188,7 @@ def main() -> None:
         )
         torch.set_num_threads(threads)
         ray_ips = ray_images_per_s(tmp, data, args.steps, args.warmup)
+        tiny = tiny_throughput(tmp, args.steps, args.warmup)
     print(
         json.dumps(
             {
@@ -167,6 +205,7 @@ def main() -> None:
                 "ray_over_ideal_split": round(ray_ips / (2 * one_thread), 3),
                 "torch": torch.__version__,
                 "machine": platform.machine(),
+                "tiny": tiny,
                 "note": "ray: fp32, 2 workers x 1 thread, gloo DDP, batch 8 per worker; every mode "
                 "times the same steps_timed steps after the same warm-up; images/s over "
                 "optimiser-step time (all-reduce included, reporting excluded)",
