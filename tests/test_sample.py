@@ -37,6 +37,7 @@ OVERRIDES = [
     "model.attention_resolutions=[16, 8]",
     "classifier.image_size=32",
     "classifier.attention_resolutions=[16, 8]",
+    "sampling.sampler=ddim",  # STEPS is a DDIM respacing (the demo preset samples with DDPM)
     "sampling.shard_size=32",
     "sampling.batch_size=32",
     "sampling.use_ema=true",  # the released default (tiny samples raw weights)
