@@ -52,18 +52,23 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     wanted += ["classifier"] if cfg.classifier.enabled else []
     wanted += ["upsampler"] if cfg.upsampler.enabled else []
     train_data = {"diffusion": data, "classifier": data, "upsampler": eval_data}
-    futures = {
-        kind: stages.train.submit(
+
+    def submit(kind: str) -> Any:
+        return stages.train.submit(
             cfg, kind, train_data[kind], cache_key=train_keys[kind], parent_run_id=parent
         )
-        for kind in wanted
-    }
+
+    # The diffusion model is the long pole: it is asked for first, and the reference features
+    # (half the evaluation workers) and the shorter trainings queue for what is left.
+    futures = {"diffusion": submit("diffusion")}
     ref_key = chain_key("reference", eval_cfg, ("evaluation",), eval_key)
-    ref = stages.reference(eval_cfg, eval_data, cache_key=ref_key)
+    ref_workers = max(1, cfg.evaluation.workers // 2)
+    ref = stages.reference(eval_cfg, eval_data, cache_key=ref_key, workers=ref_workers)
     judge = None
     if eval_cfg.data.class_cond and not cfg.evaluation.reference:
         j_key = chain_key("judge", cfg, (), ref_key, num_samples=cfg.sampling.num_samples)
         judge = stages.judge(eval_cfg, ref, cache_key=j_key)
+    futures.update({kind: submit(kind) for kind in wanted[1:]})
     runs = {kind: f.result() for kind, f in futures.items()}
 
     curve: list[dict] = []
