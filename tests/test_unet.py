@@ -43,9 +43,9 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> tor
     return model
 
 
-def tiny_inputs(batch: int = 2, seed: int = 0):
+def tiny_inputs(batch: int = 2, seed: int = 0, size: int = 32):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    x = torch.randn(batch, 3, size, size, generator=gen)
     t = torch.tensor([3, 711][:batch])
     y = torch.tensor([1, 7][:batch])
     return x, t, y
@@ -269,7 +269,7 @@ def test_attention_block_heads_from_channels_and_residual():
 def test_classifier_logits_shape(pool):
     cfg = load_config("tiny", [f"classifier.pool={pool}"])
     clf = randomize(build_classifier(cfg.classifier))
-    x, t, _ = tiny_inputs()
+    x, t, _ = tiny_inputs(size=cfg.classifier.image_size)  # the attention pool is sized for it
     logits = clf(x, t)
     assert logits.shape == (2, 10)
     assert torch.isfinite(logits).all() and logits.std() > 0
