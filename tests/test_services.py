@@ -17,7 +17,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_flows import FAST
+# The plumbing on real services, not the learning (tests/test_flows.py shows that).
+FAST = [
+    "data.demo_images_per_class=20",
+    "training.steps=15",
+    "training.checkpoint_every=5",
+    "training.classifier_steps=15",
+    "training.upsampler_steps=10",
+    "training.batch_size=16",
+    "sampling.num_samples=20",
+    "sampling.shard_size=10",
+    "sampling.batch_size=10",
+    "sampling.timestep_respacing=10",
+    "evaluation.reference_images=100",
+]
+
 
 pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.ray, pytest.mark.timeout(2400)]
 REPO = Path(__file__).resolve().parent.parent
