@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 def _cfg(**data):
-    overrides = [
-        f"data.{k}={v}" for k, v in {"demo_images_per_class": 12, "shard_rows": 25, **data}.items()
-    ]
+    # 32px shards whatever the demo preset's base size (these tests pin 32px shapes)
+    base = {"demo_images_per_class": 12, "shard_rows": 25, "image_size": 32}
+    overrides = [f"data.{k}={v}" for k, v in {**base, **data}.items()]
     return load_config("tiny", overrides)
 
 
