@@ -304,6 +304,9 @@ class SamplingConfig(Section):
         "time", description="dpm++2m/unipc grid: uniform in time or in log-SNR"
     )
     timestep_respacing: str = Field("ddim25", description="'250', 'ddim25' or '10,15,20'")
+    upsample_respacing: str | None = Field(
+        None, description="the upsampler's respacing (default: timestep_respacing)"
+    )
     eta: float = Field(0.0, ge=0.0)
     guidance: Literal["classifier", "free", "none"] = Field(
         "classifier",
@@ -356,14 +359,16 @@ class SamplingConfig(Section):
         """w of classifier-free guidance; 0 when sampling.guidance is not "free"."""
         return self.cfg_scale if self.guidance == "free" else 0.0
 
-    @field_validator("timestep_respacing", mode="before")
+    @field_validator("timestep_respacing", "upsample_respacing", mode="before")
     @classmethod
     def _respacing_text(cls, v: Any) -> Any:
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # YAML 250
 
-    @field_validator("timestep_respacing")
+    @field_validator("timestep_respacing", "upsample_respacing")
     @classmethod
-    def _respacing(cls, v: str) -> str:
+    def _respacing(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         s = v.strip()
         if s.startswith("ddim"):
             s = s[len("ddim") :]
@@ -454,6 +459,18 @@ class ComputeConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     torch_threads: int = Field(1, gt=0)
+    diffusion_threads: int | None = Field(
+        None,
+        gt=0,
+        description="threads of each diffusion-training worker (default torch_threads): the "
+        "long pole may use cores that idle once the shorter trainings are done",
+    )
+
+    def threads_for(self, kind: str) -> int:
+        """Torch threads of a training worker of ``kind``."""
+        if kind == "diffusion" and self.diffusion_threads:
+            return self.diffusion_threads
+        return self.torch_threads
 
 
 class AdmConfig(Section):
@@ -489,6 +506,10 @@ class AdmConfig(Section):
         why = _respacing_error(self.sampling.timestep_respacing, self.diffusion.steps)
         if why:
             raise ValueError(f"sampling.timestep_respacing: {why}")
+        up_respacing = self.sampling.upsample_respacing
+        why = up_respacing and _respacing_error(up_respacing, self.upsampler.diffusion.steps)
+        if why:
+            raise ValueError(f"sampling.upsample_respacing: {why}")
         self._check_guidance()
         return self._check_classes()
 

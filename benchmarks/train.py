@@ -8,8 +8,8 @@ global batch 16, and for the demo's own model (``tiny``), all in one run:
 
 Every mode times the same ``--steps`` steps after ``--warmup`` untimed ones (Ray Train logs
 each step's images/s; its figure is those steps' images over their summed step times).
-``tiny``: the demo's 16px diffusion model at its batch, one Ray Train worker with one thread
-(as ``admflow demo`` trains it) against the same step in a plain one-thread process.
+``tiny``: the demo's 16px diffusion model at its batch, one Ray Train worker with the preset's
+diffusion threads (as ``admflow demo`` trains it) against the same step in a plain process.
 Prints JSON with images/s for each, ``speedup_tuned`` = tuned / plain and ``ray_ratio`` =
 ray / plain. ``ray_over_ideal_split`` compares Ray Train with two single-thread processes
 that never communicate (batch 8 each, measured in one process and doubled): the part of the
@@ -140,16 +140,18 @@ def ray_images_per_s(
 
 def tiny_throughput(tmp: str, steps: int, warmup: int) -> dict:
     """The demo's diffusion model as the demo trains it (the tiny preset: 16px, batch 32, one
-    Ray Train worker with one thread), through Ray Train and in a plain one-thread process."""
+    Ray Train worker with the preset's diffusion threads), through Ray Train and in a plain
+    process with as many threads."""
     cfg = load_config("tiny")
     data = build_demo_shards(os.path.join(tmp, "tiny-data"), size=cfg.data.image_size)
     batch = cfg.training.batch_size
-    torch.set_num_threads(1)
+    threads = cfg.compute.threads_for("diffusion")
+    torch.set_num_threads(threads)
     plain = local_images_per_s(tmp, data, [], steps, warmup, preset="tiny", base=())
     ray_ips = ray_images_per_s(tmp, data, steps, warmup, preset="tiny", base=(), workers=1)
     return {
         "global_batch": batch,
-        "threads": 1,
+        "threads": threads,
         "images_per_s_plain": round(plain, 2),
         "steps_per_s_plain": round(plain / batch, 3),
         "images_per_s_ray_train": round(ray_ips, 2),

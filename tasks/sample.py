@@ -475,7 +475,7 @@ def upsample_set(
         network=up.model_dump(mode="json"),
         diffusion=up.diffusion.model_dump(mode="json"),
         sampler=sampler or s.sampler,
-        respacing=s.timestep_respacing if steps is None else steps,
+        respacing=(s.upsample_respacing or s.timestep_respacing) if steps is None else steps,
         eta=s.eta if eta is None else eta,
         clip_denoised=s.clip_denoised,
         seed=s.seed if seed is None else seed,

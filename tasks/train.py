@@ -178,7 +178,10 @@ def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
     env = {k: os.environ[k] for k in _FORWARD_ENV if os.environ.get(k)}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": asdict(spec), "torch_threads": cfg.compute.torch_threads},
+        train_loop_config={
+            "spec": asdict(spec),
+            "torch_threads": cfg.compute.threads_for(spec.kind),
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.compute.num_workers,
             use_gpu=cfg.compute.use_gpu,
