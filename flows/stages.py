@@ -46,7 +46,24 @@ def _section(cfg: AdmConfig, dotted: str) -> Any:
 
 
 def _by_key(ctx: Any, params: dict[str, Any]) -> str:
-    return f"admflow-{params['cache_key']}"
+    """The Prefect cache key of a stage: its chain key plus a nonce kept in the object store.
+
+    Prefect keeps its cache records apart from the object store, so a store that was wiped
+    (or a new store at the same root) would otherwise answer with results whose files are
+    gone. The nonce lives in the store itself (``<root>/cache/<key>.json``): with the store,
+    the cache hits; without it, a new nonce makes every stage run again."""
+    import uuid
+
+    from admflow import storage
+
+    key = params["cache_key"]
+    marker = join(params["cfg"].storage.root, "cache", f"{key}.json")
+    if storage.exists(marker):
+        nonce = storage.read_json(marker)["nonce"]
+    else:
+        nonce = uuid.uuid4().hex[:12]
+        storage.write_json(marker, {"key": key, "nonce": nonce})
+    return f"admflow-{key}-{nonce}"
 
 
 def _stage_task(name: str):
