@@ -32,9 +32,28 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     return rc, err
 
 
+_RAY_REACHED: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _refuse_ray(monkeypatch):
+    """Every failure here must come before any Ray work. A Ray session that an earlier test
+    of the suite left running would hide that from ``ray.is_initialized()``, so the one way
+    in, ``ensure_ray``, refuses and records the call instead."""
+    import tasks.ray_utils
+    import tasks.sample
+
+    def refuse(*args, **kwargs):
+        _RAY_REACHED.append("ensure_ray")
+        raise AssertionError("the error came after Ray started")
+
+    _RAY_REACHED.clear()
+    monkeypatch.setattr(tasks.ray_utils, "ensure_ray", refuse)
+    monkeypatch.setattr(tasks.sample, "ensure_ray", refuse)
+
+
 def assert_no_ray() -> None:
-    ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized(), "the error came after Ray started"
+    assert not _RAY_REACHED, "the error came after Ray started"
 
 
 # ------------------------------------------------------------- 6, 7: flags through the config
