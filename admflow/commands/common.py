@@ -16,6 +16,11 @@ def add_config_args(p: argparse.ArgumentParser, default: str = "tiny") -> None:
         metavar="PRESET",
         help=f"preset name or YAML path (default {default}); presets: {', '.join(list_presets())}",
     )
+    add_set_arg(p)
+
+
+def add_set_arg(p: argparse.ArgumentParser) -> None:
+    """``--set section.field=value``, repeatable: overrides validated like any config field."""
     p.add_argument(
         "--set",
         dest="overrides",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from admflow.commands.common import add_set_arg
 from admflow.config import dump_config, list_presets, load_config
 
 
@@ -16,14 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Print the fully resolved config; fails with the field name if invalid.",
     )
     show.add_argument("preset", help="preset name (see `admflow config list`) or a YAML path")
-    show.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field, e.g. --set training.steps=500 (repeatable)",
-    )
+    add_set_arg(show)
     show.set_defaults(func=_show)
     lst = csub.add_parser("list", help="list the presets in configs/ with their descriptions")
     lst.set_defaults(func=_list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from admflow.commands.common import add_set_arg
 from admflow.commands.reproduce import print_summary, run_reproduce
 
 
@@ -21,14 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "preset field with --set, e.g. --set training.steps=1500."
         ),
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field, e.g. --set training.steps=500 (repeatable)",
-    )
+    add_set_arg(p)
     p.set_defaults(func=run)
 
 
