@@ -79,12 +79,26 @@ def _artifact_location(cfg: AdmConfig, tracking_uri: str) -> str | None:
     return Path(local_path(cfg.storage.root), "mlflow-artifacts").resolve().as_uri()
 
 
+def _point_mlflow_at(uri: str) -> None:
+    """mlflow.set_tracking_uri, without its side effect of exporting MLFLOW_TRACKING_URI:
+    in a long-lived process (a Prefect worker, a notebook, the test suite) the next flow,
+    configured for another store, would otherwise read that variable and log there."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def setup_mlflow(cfg: AdmConfig) -> str:
     """Point mlflow at the configured store and experiment; returns the experiment id."""
     import mlflow
 
     uri = check_tracking(cfg)
-    mlflow.set_tracking_uri(uri)
+    _point_mlflow_at(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         try:

@@ -60,3 +60,23 @@ def test_a_failing_flow_marks_its_parent_run_failed(tmp_path):
         )
     shard = [t for t in tasks if t.name.startswith("shard")]
     assert [(t.state.name, t.run_count) for t in shard] == [("Failed", 1)]  # bad input: no retry
+
+
+def test_each_flow_tracks_to_its_own_store_in_one_process(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a second configuration in the same
+    process (a Prefect worker runs many flows) must still resolve to its own store."""
+    import mlflow
+
+    from admflow.config import load_config
+    from admflow.tracking import resolve_tracking_uri, setup_mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = (load_config("tiny", [f"storage.root={tmp_path / n}"]) for n in "ab")
+    setup_mlflow(first)
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    assert resolve_tracking_uri(second) == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    # a variable the user set is left as it was, and still honoured
+    user = f"sqlite:///{tmp_path / 'user.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", user)
+    setup_mlflow(second)
+    assert mlflow.get_tracking_uri() == user == resolve_tracking_uri(first)
