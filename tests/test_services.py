@@ -254,14 +254,21 @@ def test_a_ray_job_runs_admflow_on_the_two_node_cluster(stack):
     env = stack["env"]
     api = f"http://127.0.0.1:{stack['stack'].ports['ray-dashboard']}"
     dest = "s3://admflow/store/ray-job/demo"
-    job_id = f"admflow-job-{os.getpid()}"
-    out = subprocess.run(
-        [_bin("ray"), "job", "submit", "--address", api, "--submission-id", job_id,
-         "--working-dir", ".", "--", "admflow", "shard", "demo", dest,
-         "--set", "data.demo_images_per_class=3", "--set", "data.shard_rows=10"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
     client = JobSubmissionClient(api)
+    for attempt in range(2):
+        job_id = f"admflow-job-{os.getpid()}-{attempt}"
+        out = subprocess.run(
+            [_bin("ray"), "job", "submit", "--address", api, "--submission-id", job_id,
+             "--working-dir", ".", "--", "admflow", "shard", "demo", dest,
+             "--set", "data.demo_images_per_class=3", "--set", "data.shard_rows=10"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if any(j.submission_id == job_id for j in client.list_jobs()):
+            break
+        # the head refused the submission itself (seen once in a loaded full run): say why
+        print(f"submission {job_id} was not accepted:\n{out.stdout}\n{out.stderr}")
+    else:
+        pytest.fail(f"the Jobs API accepted no submission:\n{out.stdout}\n{out.stderr}")
     logs = client.get_job_logs(job_id)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, out.stdout + out.stderr + logs
     assert out.returncode == 0, out.stdout + out.stderr
