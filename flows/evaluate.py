@@ -18,10 +18,12 @@ def find_new_checkpoints(cfg, run_uri: str) -> list[dict]:
 
 
 @task(name="evaluate-checkpoint", **stages.RETRY)  # type: ignore[arg-type]
-def evaluate_checkpoint(cfg, ckpt: dict, reference_uri: str, num_samples: int) -> dict:
+def evaluate_checkpoint(
+    cfg, ckpt: dict, reference_uri: str, num_samples: int, upscale_to: int | None
+) -> dict:
     from tasks.periodic import evaluate_checkpoint as run
 
-    return run(cfg, ckpt, reference_uri, num_samples)
+    return run(cfg, ckpt, reference_uri, num_samples, upscale_to=upscale_to)
 
 
 @flow(name="evaluate-periodic", log_prints=True)
@@ -32,21 +34,25 @@ def evaluate_periodic(
     num_samples: int = 100,
 ) -> list[dict]:
     """Evaluate the checkpoints of ``run_name`` (default: every diffusion run under the
-    storage root) that have not been evaluated yet."""
+    storage root) that have not been evaluated yet, against the reproduce flow's reference."""
     from admflow import storage
     from tasks.periodic import training_runs
 
     cfg = load_config(preset, overrides or [])
     log = get_run_logger()
-    data_key = chain_key("shard", cfg, ("data",))
-    data = stages.shard(cfg, cache_key=data_key)
-    ref = stages.reference(
-        cfg, data, cache_key=chain_key("reference", cfg, ("evaluation",), data_key)
-    )
     runs = [storage.join(cfg.storage.root, "runs", run_name)] if run_name else training_runs(cfg)
-    results = []
-    for run_uri in runs:
-        for ckpt in find_new_checkpoints(cfg, run_uri):
-            results.append(evaluate_checkpoint(cfg, ckpt, ref["uri"], num_samples))
+    new = [ckpt for run_uri in runs for ckpt in find_new_checkpoints(cfg, run_uri)]
+    if not new:  # the usual scheduled tick: no reference features to compute
+        log.info("evaluated 0 new checkpoint(s)")
+        return []
+    # The reference of the reproduce flow (same cache key): a two-stage pipeline scores the
+    # base model's samples upscaled to the upsampler's size.
+    eval_cfg = cfg.upsampler_data() if cfg.two_stage else cfg
+    data_key = chain_key("shard", eval_cfg, ("data",))
+    data = stages.shard(eval_cfg, cache_key=data_key)
+    ref_key = chain_key("reference", eval_cfg, ("evaluation",), data_key)
+    ref = stages.reference(eval_cfg, data, cache_key=ref_key)
+    upscale = cfg.upsampler.unet.image_size if cfg.two_stage else None
+    results = [evaluate_checkpoint(cfg, c, ref["uri"], num_samples, upscale) for c in new]
     log.info("evaluated %d new checkpoint(s)", len(results))
     return results

@@ -100,7 +100,10 @@ def _assert_fid_from_own_features(pipeline, row):
     smp, ref = load_features(row["sample_features"]), load_features(row["reference_features"])
     assert smp["pool"].shape[0] == cfg.sampling.num_samples
     ref_stats = (ref["mu"], ref["sigma"]) if "mu" in ref else M.feature_statistics(ref["pool"])
-    fid = M.frechet_distance(*M.feature_statistics(smp["pool"]), *ref_stats)
+    # the flow's own method (the tiny preset: eigh; sqrtm costs ~17 s a row on 2 cores)
+    fid = M.frechet_distance(
+        *M.feature_statistics(smp["pool"]), *ref_stats, method=cfg.evaluation.fid_method
+    )
     assert row["fid"] == pytest.approx(fid, rel=1e-4)
 
 
@@ -185,16 +188,27 @@ def test_mlflow_lineage_from_fid_to_shard_manifest(pipeline):
 def test_periodic_evaluation_scores_each_checkpoint_once(pipeline):
     import mlflow
 
+    from admflow import storage
     from admflow.config import load_config
     from admflow.tracking import setup_mlflow
     from flows.evaluate import evaluate_periodic
 
-    curve = pipeline["state"].result()["curve"]
-    assert sorted(r["step"] for r in curve) == [200, 400, 600]
-    # the reproduce flow scored every checkpoint; the periodic flow finds nothing left to do
-    assert evaluate_periodic(preset="tiny", overrides=pipeline["overrides"], num_samples=10) == []
+    curve = sorted(pipeline["state"].result()["curve"], key=lambda r: r["step"])
+    assert [r["step"] for r in curve] == [200, 400, 600]
     cfg = load_config("tiny", pipeline["overrides"])
     setup_mlflow(cfg)
     client = mlflow.MlflowClient()
     history = client.get_metric_history(curve[0]["train_run_id"], "eval/fid")
     assert sorted(m.step for m in history) == [200, 400, 600]
+    # the reproduce flow scored every checkpoint; the periodic flow finds nothing left to do
+    assert evaluate_periodic(preset="tiny", overrides=pipeline["overrides"], num_samples=10) == []
+    # a checkpoint without its record is scored again, against the reproduce flow's reference
+    # at 32px: the same seeded samples, so the same FID as the flow's curve
+    first = curve[0]
+    evaluations = first["samples"].rsplit("/", 1)[0]
+    for name in ("step-000200.json", "step-000200-samples", "step-000200-samples-bilinear32"):
+        storage.remove(storage.join(evaluations, name))
+    n = cfg.evaluation.checkpoint_samples
+    again = evaluate_periodic(preset="tiny", overrides=pipeline["overrides"], num_samples=n)
+    assert [r["step"] for r in again] == [200]
+    assert again[0]["fid"] == pytest.approx(first["fid"], rel=1e-4)

@@ -30,6 +30,7 @@ FAST = [
     "sampling.batch_size=10",
     "sampling.timestep_respacing=10",
     "evaluation.reference_images=100",
+    "evaluation.checkpoint_samples=10",  # the FID-over-training stage runs, on few samples
 ]
 
 
