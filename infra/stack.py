@@ -171,7 +171,8 @@ def up(state_dir: str | Path, timeout: float = 300.0) -> Stack:
             f"a stack is already running from {stack.state_dir}; run `admflow stack down`"
         )
     stack.state_dir.mkdir(parents=True, exist_ok=True)
-    stack.ports = {k: _free_port() for k in ("s3", "mlflow", "prefect", "ray", "ray-dashboard")}
+    names = ("s3", "mlflow", "prefect", "ray", "ray-dashboard", "ray-agent-head", "ray-agent-node")
+    stack.ports = {k: _free_port() for k in names}
     stack.pids = {}
     env = stack.env()
     stack.write_env_file()
@@ -256,10 +257,13 @@ def _ray_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def _spawn_ray_head(stack: Stack, env: dict[str, str]) -> None:
-    # The dashboard (on loopback) serves Ray's state API: which node ran which task.
+    # The dashboard (on loopback) serves Ray's state API: which node ran which task. Each
+    # node's agent gets its own port: on the default (52365) the second node on this host, or
+    # a Ray already running here, takes it first and the Jobs API answers "No available agent".
     head = [_bin("ray"), "start", "--head", "--node-ip-address", HOST,
             "--port", str(stack.ports["ray"]), "--include-dashboard", "true",
             "--dashboard-host", HOST, "--dashboard-port", str(stack.ports["ray-dashboard"]),
+            "--dashboard-agent-listen-port", str(stack.ports["ray-agent-head"]),
             *_RAY_COMMON]  # fmt: skip
     stack._spawn("ray-head", head, _ray_env(env))
 
@@ -267,6 +271,7 @@ def _spawn_ray_head(stack: Stack, env: dict[str, str]) -> None:
 def _start_ray_node(stack: Stack, env: dict[str, str], timeout: float) -> None:
     _wait(lambda: _port_open(stack.ports["ray"]), "Ray head (GCS port)", timeout)
     node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST,
+            "--dashboard-agent-listen-port", str(stack.ports["ray-agent-node"]),
             *_RAY_COMMON]  # fmt: skip
     stack._spawn("ray-node", node, _ray_env(env))
     _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 2, "both Ray nodes", timeout)
