@@ -61,8 +61,8 @@ def stack(tmp_path_factory):
                 os.killpg(pid, 0)
 
 
-# First in the module, on the fresh cluster: after the reproduce runs below, the head's job
-# agent was seen to refuse submissions for a while ("No available agent").
+# The Jobs API needs the head's dashboard agent; infra.stack gives it its own port, since a
+# local Ray of an earlier test holding the default one made every submission fail.
 def test_a_ray_job_runs_admflow_on_the_two_node_cluster(stack):
     """`ray job submit --working-dir . -- admflow ...` through the Jobs API of the head node:
     the job shards a small demo set into the stack's S3 with Ray tasks on the cluster."""
@@ -86,8 +86,7 @@ def test_a_ray_job_runs_admflow_on_the_two_node_cluster(stack):
         )  # fmt: skip
         if any(j.submission_id == job_id for j in client.list_jobs()):
             break
-        # the head refused the submission itself (its job agent was not available after
-        # the heavy tests of a full run): say why, then ask again
+        # the head refused the submission itself (no job agent yet): say why, then ask again
         print(f"submission {job_id} was not accepted:\n{out.stdout}\n{out.stderr}")
     else:
         pytest.fail(f"the Jobs API accepted no submission:\n{out.stdout}\n{out.stderr}")
