@@ -578,6 +578,16 @@ class AdmConfig(Section):
         data = self.data.model_copy(update={"image_size": self.upsampler.unet.image_size})
         return self.model_copy(update={"data": data})
 
+    def evaluation_data(self) -> AdmConfig:
+        """The config whose data set every sample set is scored against (two-stage: the
+        upsampler's size)."""
+        return self.upsampler_data() if self.two_stage else self
+
+    @property
+    def score_size(self) -> int | None:
+        """The size base samples are upscaled to before scoring (two-stage), else None."""
+        return self.upsampler.unet.image_size if self.two_stage else None
+
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections, for cache keys."""
         payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}

@@ -47,12 +47,11 @@ def evaluate_periodic(
         return []
     # The reference of the reproduce flow (same cache key): a two-stage pipeline scores the
     # base model's samples upscaled to the upsampler's size.
-    eval_cfg = cfg.upsampler_data() if cfg.two_stage else cfg
+    eval_cfg = cfg.evaluation_data()
     data_key = chain_key("shard", eval_cfg, ("data",))
     data = stages.shard(eval_cfg, cache_key=data_key)
     ref_key = chain_key("reference", eval_cfg, ("evaluation",), data_key)
     ref = stages.reference(eval_cfg, data, cache_key=ref_key)
-    upscale = cfg.upsampler.unet.image_size if cfg.two_stage else None
-    results = [evaluate_checkpoint(cfg, c, ref["uri"], num_samples, upscale) for c in new]
+    results = [evaluate_checkpoint(cfg, c, ref["uri"], num_samples, cfg.score_size) for c in new]
     log.info("evaluated %d new checkpoint(s)", len(results))
     return results

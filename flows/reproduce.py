@@ -39,7 +39,7 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     # every set is scored there, the base samples upscaled bilinearly (the baseline ADM-U must
     # beat) beside the upsampler's output.
     two_stage = cfg.two_stage
-    eval_cfg = cfg.upsampler_data() if two_stage else cfg
+    eval_cfg = cfg.evaluation_data()
     eval_key = chain_key("shard", eval_cfg, ("data",))
     eval_data = stages.shard(eval_cfg, cache_key=eval_key, parent_run_id=parent)
 

@@ -180,7 +180,7 @@ def training_curve(
 
     judge_uri = judge["uri"] if judge else None
     n = cfg.evaluation.checkpoint_samples
-    upscale = cfg.upsampler.unet.image_size if cfg.two_stage else None
+    upscale = cfg.score_size
     return [
         evaluate_checkpoint(cfg, c, ref["uri"], n, judge=judge_uri, upscale_to=upscale)
         for c in list_checkpoints(diffusion_run["run_uri"])
