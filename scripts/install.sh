@@ -7,4 +7,5 @@ extras="fid"
 [ "${1:-}" = test ] && extras="fid,test"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[$extras]"
+# constraints.txt: the tested versions, so pip does not backtrack through the registry
+.venv/bin/pip install -q -c constraints.txt -e ".[$extras]"

@@ -100,3 +100,34 @@ def test_presets_ship_in_the_wheel(wheel, tmp_path):
     assert "imagenet64" in listed.stdout and "lsun-bedroom" in listed.stdout
     with zipfile.ZipFile(wheel) as z:  # sub-folders too (the paper's row registry)
         assert "admflow/presets/paper/rows.yaml" in z.namelist()
+
+
+def test_constraints_pin_what_the_tests_run_with_inside_the_declared_ranges():
+    """scripts/install.sh installs with -c constraints.txt: every pin must lie inside the
+    ranges pyproject declares (or the install fails), and the pins of the stack's packages
+    must be the versions this test run imported (or the lock is not what was tested)."""
+    import importlib.metadata
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            pins[req.name.lower().replace("_", "-")] = next(iter(req.specifier)).version
+    assert "torch" not in pins  # install.sh chooses torch (CPU here, CUDA on GPU machines)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
+    for line in declared:
+        req = Requirement(line)
+        if req.name == "torch":
+            continue
+        pinned = pins.get(req.name.lower())
+        assert pinned is not None, f"{req.name} is declared but not pinned in constraints.txt"
+        assert req.specifier.contains(pinned, prereleases=True), f"{req.name}=={pinned} vs {req}"
+    for name in ("ray", "prefect", "mlflow", "s3fs", "boto3", "moto", "numpy", "pydantic"):
+        assert pins[name] == importlib.metadata.version(name), name
+    assert "-c constraints.txt" in (REPO / "scripts/install.sh").read_text()
