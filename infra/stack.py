@@ -9,12 +9,14 @@ credentials) for users to ``source``; nothing prints the credentials.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -53,6 +55,16 @@ class Stack:
     @property
     def env_file(self) -> Path:
         return self.state_dir / "stack.env"
+
+    @property
+    def ray_temp_dir(self) -> Path:
+        """The stack's own Ray temp dir. In Ray's default one (/tmp/ray) `ray start` leaves
+        `ray_current_cluster` naming this stack's head after the stack is gone; Ray's state
+        API then resolves to that dead address from any later local Ray on the host, and
+        every Ray Train fit there waits ~12 s on its placement-group cleaner at the end.
+        Short and under the system temp dir: Ray's socket paths must stay under 108 bytes."""
+        digest = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"admflow-ray-{digest}"
 
     @classmethod
     def load(cls, state_dir: str | Path) -> Stack:
@@ -249,6 +261,10 @@ def _spawn_prefect_worker(stack: Stack, env: dict[str, str]) -> None:
 _RAY_COMMON = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
 
 
+def _ray_common(stack: Stack) -> list[str]:
+    return [*_RAY_COMMON, "--temp-dir", str(stack.ray_temp_dir)]
+
+
 def _ray_env(env: dict[str, str]) -> dict[str, str]:
     """A Ray Job's entrypoint (`ray job submit -- admflow ...`) runs with the node's PATH:
     put this installation's scripts first, as the admflow image has them on its PATH."""
@@ -264,7 +280,7 @@ def _spawn_ray_head(stack: Stack, env: dict[str, str]) -> None:
             "--port", str(stack.ports["ray"]), "--include-dashboard", "true",
             "--dashboard-host", HOST, "--dashboard-port", str(stack.ports["ray-dashboard"]),
             "--dashboard-agent-listen-port", str(stack.ports["ray-agent-head"]),
-            *_RAY_COMMON]  # fmt: skip
+            *_ray_common(stack)]  # fmt: skip
     stack._spawn("ray-head", head, _ray_env(env))
 
 
@@ -272,7 +288,7 @@ def _start_ray_node(stack: Stack, env: dict[str, str], timeout: float) -> None:
     _wait(lambda: _port_open(stack.ports["ray"]), "Ray head (GCS port)", timeout)
     node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST,
             "--dashboard-agent-listen-port", str(stack.ports["ray-agent-node"]),
-            *_RAY_COMMON]  # fmt: skip
+            *_ray_common(stack)]  # fmt: skip
     stack._spawn("ray-node", node, _ray_env(env))
     _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 2, "both Ray nodes", timeout)
 

@@ -59,6 +59,12 @@ def stack(tmp_path_factory):
         for _name, pid in pids.items():  # nothing left behind: every process group is gone
             with pytest.raises(ProcessLookupError):
                 os.killpg(pid, 0)
+        # ...and no pointer to the dead head in Ray's default temp dir, where the state API
+        # of every later local Ray session would look for its cluster (12 s lost per fit)
+        head = f"{stk.HOST}:{s.ports['ray']}"
+        default = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        assert not (default.exists() and default.read_text().strip() == head)
+        assert (s.ray_temp_dir / "ray_current_cluster").read_text().strip() == head
 
 
 # The Jobs API needs the head's dashboard agent; infra.stack gives it its own port, since a
