@@ -258,6 +258,11 @@ class TrainingConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     ema_rate: list[float] = [0.9999]
     checkpoint_every: int = Field(100, gt=0)
+    checkpoint_steps: list[int] = Field(
+        [],
+        description="further steps to checkpoint at besides every checkpoint_every (e.g. an "
+        "early one, so FID over training starts near the untrained model)",
+    )
     keep_checkpoints: int | None = Field(
         None,
         gt=0,
@@ -273,6 +278,11 @@ class TrainingConfig(Section):
     classifier_lr: float = Field(3e-4, gt=0)
     classifier_weight_decay: float = Field(0.05, ge=0)
     classifier_noised: bool = True
+    classifier_random_crop: bool = Field(
+        True,
+        description="the paper's 80-100% scale-and-crop augmentation for the classifier; off for "
+        "tiny images, where it cuts away a large part of the object",
+    )
     upsampler_steps: int = Field(200, gt=0)
     label_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="P(label -> null class ∅): classifier-free guidance"
@@ -307,6 +317,11 @@ class SamplingConfig(Section):
     upsample_respacing: str | None = Field(
         None, description="the upsampler's respacing (default: timestep_respacing)"
     )
+    upsample_sets: Literal["all", "extremes"] = Field(
+        "all",
+        description="which scales' sets the upsampler takes to full size beside the bilinear "
+        "baseline: all, or extremes (the smallest and the largest scale only)",
+    )
     eta: float = Field(0.0, ge=0.0)
     guidance: Literal["classifier", "free", "none"] = Field(
         "classifier",
@@ -340,6 +355,11 @@ class SamplingConfig(Section):
         if v is not None and (not v or min(v) < 0):
             raise ValueError(f"class ids must be a non-empty list of ids >= 0, got {v}")
         return v
+
+    def upsampled(self, scale: float) -> bool:
+        """Whether the upsampler takes the set drawn at ``scale`` to full size."""
+        scales = self.classifier_scales
+        return self.upsample_sets == "all" or scale in (min(scales), max(scales))
 
     def guided(self, scale: float, has_classifier: bool) -> bool:
         """The one rule for whether a sample set follows a guide: every stage asks here.

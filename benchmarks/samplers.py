@@ -21,8 +21,8 @@ Defaults find the demo's latest runs under the store (storage.root, ./admflow-st
     python benchmarks/samplers.py --checkpoint STORE/runs/diffusion-…/checkpoints/step-000200 \\
         --classifier … --reference STORE/data/… --nfes 5,10 --samplers ddim,unipc --num-samples 16
 
-The judge is by default the demo's (tasks.judge: a linear probe on the labelled reference
-images' Inception features, with its held-out accuracy and the FID floor of real images at
+The judge is by default the demo's (tasks.judge: a small CNN trained on the labelled reference
+images, with its held-out accuracy and the FID floor of real images at
 this sample count in the JSON); ``--judge module:function`` plugs in any classifier of clean
 images instead: function(uint8 NHWC array) -> predicted class ids. FID from a few hundred images is biased upwards (compare sets of the
 same size only); the number of images is in the JSON.
@@ -174,22 +174,23 @@ class Scorer:
 
 
 def demo_judge(
-    cfg: AdmConfig, scorer: Scorer, num_samples: int
+    cfg: AdmConfig, reference: str, scorer: Scorer, num_samples: int
 ) -> tuple[Callable[[np.ndarray, np.ndarray], float] | None, dict[str, Any]]:
-    """The demo's judge (a linear probe on the reference's Inception features), if this
-    checkout has one and the reference is labelled: (accuracy(pool, labels), its summary)."""
+    """The demo's judge (a small CNN trained on the labelled reference images), if this
+    checkout has one and the reference is labelled: (accuracy(images, labels), its summary)."""
     try:
-        from tasks.judge import build_judge, class_accuracy
+        from models.judge import judge_accuracy
+        from tasks.judge import build_judge, read_judge
     except ImportError:
         return None, {"judge": "none in this checkout"}
     try:
-        info = build_judge(cfg, scorer.reference_features, num_samples)
+        info = build_judge(cfg, reference, scorer.reference_features, num_samples)
     except ValueError as e:  # an unlabelled reference
         return None, {"judge": str(e)}
-    judge_uri = info["uri"]
+    model, _ = read_judge(info["uri"])
 
-    def accuracy(pool: np.ndarray, labels: np.ndarray) -> float:
-        return float(class_accuracy(judge_uri, {"pool": pool, "labels": labels}))
+    def accuracy(images: np.ndarray, labels: np.ndarray) -> float:
+        return judge_accuracy(model, images, labels)
 
     return accuracy, {k: v for k, v in info.items() if k != "uri"}
 
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     judge = load_judge(args.judge)
     probe, judge_info = None, {}
     if args.judge == "auto" and scorer is not None:
-        probe, judge_info = demo_judge(cfg, scorer, args.num_samples)
+        probe, judge_info = demo_judge(cfg, reference, scorer, args.num_samples)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     unknown = set(samplers) - set(SAMPLERS)
     if unknown:
@@ -369,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                 secs.setdefault(name, {})[nfe] = (time.perf_counter() - t0) / len(images)
                 labels = run["labels"].cpu().numpy()
                 if scorer is not None:
-                    fids.setdefault(name, {})[nfe], pool = scorer.score(images)
+                    fids.setdefault(name, {})[nfe], _pool = scorer.score(images)
                     if probe is not None:
-                        accs.setdefault(name, {})[nfe] = probe(pool, labels)
+                        accs.setdefault(name, {})[nfe] = probe(images, labels)
                 if judge is not None:
                     accs.setdefault(name, {})[nfe] = float(np.mean(judge(images) == labels))
                 print(name, nfe, fids.get(name, {}).get(nfe), file=sys.stderr)

@@ -20,7 +20,9 @@ UPSAMPLER_SECTIONS = ("data", "upsampler", "training")
 
 def _sampling_key(cfg: AdmConfig) -> dict:
     # The scale list is not part of one set's identity: each scale is its own set.
-    return cfg.sampling.model_dump(mode="json", exclude={"classifier_scales", "workers"})
+    return cfg.sampling.model_dump(
+        mode="json", exclude={"classifier_scales", "upsample_sets", "workers"}
+    )
 
 
 @flow(name="reproduce", log_prints=True, **PARENT_RUN_HOOKS)
@@ -66,8 +68,8 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     ref = stages.reference(eval_cfg, eval_data, cache_key=ref_key, workers=ref_workers)
     judge = None
     if eval_cfg.data.class_cond and not cfg.evaluation.reference:
-        j_key = chain_key("judge", cfg, (), ref_key, num_samples=cfg.sampling.num_samples)
-        judge = stages.judge(eval_cfg, ref, cache_key=j_key)
+        j_key = chain_key("judge", cfg, (), data_key, ref_key, num_samples=cfg.sampling.num_samples)
+        judge = stages.judge(eval_cfg, data, ref, cache_key=j_key)
     futures.update({kind: submit(kind) for kind in wanted[1:]})
     runs = {kind: f.result() for kind, f in futures.items()}
 
@@ -93,7 +95,7 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
         if two_stage:
             b_key = chain_key("bilinear", cfg, ("upsampler",), s_key)
             sets.append((b_key, stages.bilinear(cfg, base, cache_key=b_key)))
-        if "upsampler" in runs:
+        if "upsampler" in runs and cfg.sampling.upsampled(scale):
             u_key = chain_key("upsample", cfg, ("sampling",), s_key, train_keys["upsampler"])
             sets.append((u_key, stages.upsample(cfg, base, runs["upsampler"], u_key, parent)))
         for set_key, sset in sets:

@@ -163,11 +163,11 @@ def bilinear(cfg: AdmConfig, base: dict, cache_key: str) -> dict:
 
 
 @_stage_task("judge")
-def judge(cfg: AdmConfig, ref: dict, cache_key: str) -> dict:
-    """The class-accuracy judge and the FID floor of one reference (see tasks.judge)."""
+def judge(cfg: AdmConfig, data: dict, ref: dict, cache_key: str) -> dict:
+    """The class-accuracy judge (trained on ``data``) and the FID floor of ``ref``."""
     from tasks.judge import build_judge
 
-    return build_judge(cfg, ref["uri"], cfg.sampling.num_samples)
+    return build_judge(cfg, data["uri"], ref["uri"], cfg.sampling.num_samples)
 
 
 @_stage_task("training-curve")

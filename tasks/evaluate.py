@@ -331,7 +331,7 @@ def evaluate_sets(
     if judge:  # the demo's independent class-fidelity judge (tasks.judge)
         from tasks.judge import class_accuracy
 
-        metrics["class_accuracy"] = class_accuracy(judge, smp_feats)
+        metrics["class_accuracy"] = class_accuracy(judge, samples)
     metrics.update(reference_features=ref_fu, sample_features=smp_fu, mlflow_run_id=None)
     if not log_mlflow:
         return metrics

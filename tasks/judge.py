@@ -1,67 +1,87 @@
-"""The demo's independent judge and its yardsticks, built from a reference feature file.
+"""The demo's independent judge and its yardsticks.
 
-* **Judge**: a linear probe (:mod:`models.probe`) on the Inception pool features of the
-  labelled reference images, fitted on 80% of them; its accuracy on the other 20% is reported
-  so the reader knows how far to trust it. It never sees the guidance classifier.
+* **Judge**: a small CNN (:mod:`models.judge`) trained on 80% of the labelled real images of
+  the base model's data set, at its resolution; its accuracy on the other 20% is reported so
+  the reader knows how far to trust it. It never sees the guidance classifier nor a sample.
 * **FID floor**: the FID between two disjoint halves of the real reference images, each as
   large as a sample set. FID is biased upwards at small N, so this is the best score a perfect
   model could get at the demo's sample count: the number to read every other FID against.
 
-Both are stored beside the reference features (``<root>/eval-cache/judge-<key>.npz``) and
-computed once per reference and sample count.
+Both are stored under ``<root>/eval-cache/`` (``judge-<key>.pt`` with the weights,
+``judge-<key>.json`` with the summary), computed once per data set, reference and sample count.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
+import torch
 
 from admflow import storage
 from admflow.config import AdmConfig
 from models import metrics as M
-from models.probe import LinearProbe, fit_linear_probe, holdout_split
+from models.judge import JudgeCNN, fit_judge, holdout_split, judge_accuracy
 
-JUDGE_VERSION = 1
+JUDGE_VERSION = 2
 
 
-def _judge_uri(cfg: AdmConfig, reference_features: str, num_samples: int) -> str:
-    payload = f"{JUDGE_VERSION}:{reference_features}:{num_samples}:{cfg.evaluation.fid_method}"
+def _judge_uri(cfg: AdmConfig, data_uri: str, reference_features: str, num_samples: int) -> str:
+    payload = (
+        f"{JUDGE_VERSION}:{data_uri}:{reference_features}:{num_samples}:{cfg.evaluation.fid_method}"
+    )
     key = hashlib.sha256(payload.encode()).hexdigest()[:24]
-    return storage.join(cfg.storage.root, "eval-cache", f"judge-{key}.npz")
+    return storage.join(cfg.storage.root, "eval-cache", f"judge-{key}")
 
 
-def build_judge(cfg: AdmConfig, reference_features: str, num_samples: int) -> dict[str, Any]:
-    """Fit the judge and the FID floor on a reference feature file; returns their summary."""
+def read_images(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """All images (uint8 NHWC) and labels (None if unlabelled) of a data or sample set."""
+    from tasks.eval_io import describe, read_unit, read_unit_labels
+
+    units = describe(uri)["units"]
+    images = [read_unit(u) for u in units]
+    labels = [read_unit_labels(u) for u in units]
+    if not images:
+        raise ValueError(f"{uri}: holds no images")
+    if any(lab is None for lab in labels):
+        return np.concatenate(images), None
+    return np.concatenate(images), np.concatenate(labels)  # type: ignore[arg-type]
+
+
+def build_judge(
+    cfg: AdmConfig, data_uri: str, reference_features: str, num_samples: int
+) -> dict[str, Any]:
+    """Train the judge on ``data_uri`` and compute the FID floor of ``reference_features``."""
     from tasks.evaluate import load_features
 
-    uri = _judge_uri(cfg, reference_features, num_samples)
-    if storage.exists(uri):
-        return read_judge(uri)[1]
-    feats = load_features(reference_features)
-    labels = feats.get("labels")
-    if labels is None or (np.asarray(labels) < 0).any():
+    uri = _judge_uri(cfg, data_uri, reference_features, num_samples)
+    if storage.exists(uri + ".json"):
+        return storage.read_json(uri + ".json")
+    images, labels = read_images(data_uri)
+    if labels is None or (labels < 0).any():
         raise ValueError(
-            f"{reference_features}: the reference images carry no class labels; the judge needs "
-            "a labelled data set (data.class_cond: true)"
+            f"{data_uri}: the images carry no class labels; the judge needs a labelled data set "
+            "(data.class_cond: true)"
         )
-    pool = np.asarray(feats["pool"], np.float64)
-    train, held = holdout_split(len(pool), 0.2, seed=0)
+    train, held = holdout_split(len(images), 0.2, seed=0)
     num_classes = int(cfg.model.num_classes or labels.max() + 1)
-    probe = fit_linear_probe(pool[train], labels[train], num_classes)
+    model = fit_judge(images[train], labels[train], num_classes, seed=cfg.training.seed)
+    pool = np.asarray(load_features(reference_features)["pool"], np.float64)
     summary = {
         "uri": uri,
-        "judge_heldout_accuracy": probe.accuracy(pool[held], labels[held]),
+        "judge_heldout_accuracy": judge_accuracy(model, images[held], labels[held]),
         "judge_train_images": int(len(train)),
         "judge_heldout_images": int(len(held)),
+        "judge_image_size": int(model.image_size),
+        "num_classes": num_classes,
         **_fid_floor(pool, num_samples, cfg.evaluation.fid_method),
     }
     buf = io.BytesIO()
-    numbers = {k: np.asarray(v) for k, v in summary.items() if k != "uri"}
-    cast(Any, np.savez)(buf, **probe.to_arrays(), **numbers)
-    storage.write_bytes(uri, buf.getvalue())
+    torch.save(model.state_dict(), buf)
+    storage.write_bytes(uri + ".pt", buf.getvalue())
+    storage.write_json(uri + ".json", summary)  # last: its presence means the judge is complete
     return summary
 
 
@@ -73,22 +93,18 @@ def _fid_floor(pool: np.ndarray, num_samples: int, method: str) -> dict[str, Any
     return {"fid_floor": float(fid), "fid_floor_images": int(half)}
 
 
-def read_judge(uri: str) -> tuple[LinearProbe, dict[str, Any]]:
-    with np.load(io.BytesIO(storage.read_bytes(uri))) as z:
-        arrays = {k: z[k] for k in z.files}
-    probe = LinearProbe.from_arrays(arrays)
-    summary: dict[str, Any] = {"uri": uri}
-    for k in ("judge_heldout_accuracy", "fid_floor"):
-        summary[k] = float(arrays[k])
-    for k in ("judge_train_images", "judge_heldout_images", "fid_floor_images"):
-        summary[k] = int(arrays[k])
-    return probe, summary
+def read_judge(uri: str) -> tuple[JudgeCNN, dict[str, Any]]:
+    summary = storage.read_json(uri + ".json")
+    model = JudgeCNN(summary["num_classes"], summary["judge_image_size"])
+    state = torch.load(io.BytesIO(storage.read_bytes(uri + ".pt")), weights_only=True)
+    model.load_state_dict(state)
+    return model.eval(), summary
 
 
-def class_accuracy(judge_uri: str, sample_features: dict[str, Any]) -> float | None:
+def class_accuracy(judge_uri: str, samples_uri: str) -> float | None:
     """The judge's accuracy on a sample set (labels: the classes the samples were drawn for)."""
-    labels = sample_features.get("labels")
-    if labels is None or (np.asarray(labels) < 0).any():
+    images, labels = read_images(samples_uri)
+    if labels is None or (labels < 0).any():
         return None  # unconditional samples have no class to judge
-    probe, _ = read_judge(judge_uri)
-    return probe.accuracy(sample_features["pool"], labels)
+    model, _ = read_judge(judge_uri)
+    return judge_accuracy(model, images, labels)

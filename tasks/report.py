@@ -92,6 +92,23 @@ def curve_to_markdown(curve: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def two_stage_verdict(rows: list[dict]) -> str:
+    """Per scale, whether the upsampler's set scores a lower FID than the same base samples
+    upscaled bilinearly (ADM Table 6's question), said plainly either way."""
+    by_scale: dict[float, dict[str, dict]] = {}
+    for r in rows:
+        by_scale.setdefault(r["classifier_scale"], {})[_stage(r)] = r
+    lines = []
+    for scale, st in sorted(by_scale.items()):
+        if "upsampler" in st and "bilinear" in st:
+            up, bi = st["upsampler"]["fid"], st["bilinear"]["fid"]
+            word = "beats" if up < bi else "does not beat"
+            lines.append(
+                f"- scale {scale:g}: the upsampler {word} bilinear (FID {up:.2f} vs {bi:.2f})"
+            )
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def _by_stage(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["classifier_scale"]):
@@ -179,6 +196,12 @@ def write_report(
         text += "\n## Yardsticks\n\n" + yardsticks_to_markdown(yardsticks)
     if curve:
         text += "\n## FID over training (unguided, conditional)\n\n" + curve_to_markdown(curve)
+    floor = next((y["fid_floor"] for y in (yardsticks or {}).values() if y), None)
+    if curve and floor is not None:
+        text += f"\nFloor (real vs real at the same N): FID {floor:.2f}.\n"
+    verdict = two_stage_verdict(rows)
+    if verdict:
+        text += "\n## Two stages: upsampler against bilinear\n\n" + verdict
     out_dir = storage.join(cfg.storage.root, "reports", parent_run_id or "latest")
     tmp = tempfile.mkdtemp(prefix="admflow-report-")
     local = [
@@ -186,12 +209,7 @@ def write_report(
         plot_guidance_sweep(rows, os.path.join(tmp, "guidance_sweep.png")),
     ]
     if curve:
-        base = (yardsticks or {}).get("base") or {}
-        local.append(
-            plot_training_curve(
-                curve, base.get("fid_floor"), os.path.join(tmp, "training_curve.png")
-            )
-        )
+        local.append(plot_training_curve(curve, floor, os.path.join(tmp, "training_curve.png")))
     with open(local[0], "w") as f:
         f.write(text)
     uris = []

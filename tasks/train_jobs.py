@@ -125,7 +125,7 @@ def make_job(kind: str, cfg: AdmConfig) -> Job:
             weight_decay=t.classifier_weight_decay,
             ema_rates=[],
             flip=True,
-            random_crop=True,
+            random_crop=t.classifier_random_crop,
             holdout_every=10,
             anneal_lr=True,
             terms=("loss", "top1", "top5"),

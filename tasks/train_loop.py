@@ -465,7 +465,9 @@ class Trainer:
                 return self._stop_nonfinite()
             window += vec
             done = self.step == self.job.steps
-            if self.step % cfg.log_every == 0 or self.step % cfg.checkpoint_every == 0 or done:
+            save = self.step % cfg.checkpoint_every == 0 or self.step in cfg.checkpoint_steps
+            save = save or done
+            if self.step % cfg.log_every == 0 or save:
                 elapsed = max(step_time, 1e-9)
                 metrics = {
                     **self.meter.summarise(window[:-1]),
@@ -476,12 +478,12 @@ class Trainer:
                 }
                 window.zero_()
                 step_time, step0 = 0.0, self.step
-                if self.step % cfg.checkpoint_every == 0 or done:
+                if save:
                     metrics.update(self.evaluate_holdout())
                 if self.tracker:
                     self.tracker.metrics(metrics, self.step)
                 self._progress(metrics)
-                if self.step % cfg.checkpoint_every == 0 or done:
+                if save:
                     self.checkpoint_and_report({**metrics, "done": done})
                 else:
                     self.session.report(metrics, None, self.step)

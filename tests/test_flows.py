@@ -7,25 +7,18 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(2400)]
 
-# A reduced demo that still learns: 600 steps of the 16px base model, the 16->32 upsampler
-# (briefly), three guidance scales, 60 samples per set, a 300-image reference.
-LEARN = [
-    "data.demo_images_per_class=30",
-    "training.steps=600",
-    "training.batch_size=32",
-    "training.checkpoint_every=200",
-    "training.classifier_steps=150",
-    "training.upsampler_steps=20",
-    "sampling.num_samples=60",
-    "sampling.shard_size=30",
-    "sampling.batch_size=30",
-    "sampling.classifier_scales=[0.0, 2.0, 8.0]",
-    "evaluation.reference_images=300",
-    "evaluation.checkpoint_samples=60",
-]
-SCALES = (0.0, 2.0, 8.0)
+# The demo as `admflow demo` runs it (the tiny preset, no overrides): the test asserts the
+# direction of its findings, so it must be the model that learns, not a reduced one.
+SCALES = (0.0, 2.0, 8.0, 32.0)
+UPSAMPLED = (0.0, 32.0)
+CHECKPOINTS = [100, 500, 1000]
+# Margins for the findings, well inside what the demo showed on a 2-core Cascade Lake
+# (judge accuracy 0.65 unguided -> 0.87 at scale 32; FID 369 -> 252 -> 210 over training).
+ACC_UNGUIDED_MIN = 0.5
+ACC_GAIN_MIN = 0.1
+CURVE_LAST_OVER_FIRST_MAX = 0.75
 
 
 def _task_states(flow_run_id) -> dict[str, list[str]]:
@@ -47,7 +40,7 @@ def pipeline(tmp_path_factory, ray_session):
     from flows.reproduce import reproduce
 
     root = tmp_path_factory.mktemp("store")
-    overrides = [*LEARN, f"storage.root={root}"]
+    overrides = [f"storage.root={root}"]
     t0 = time.time()
     state = reproduce(preset="tiny", overrides=overrides, return_state=True)
     first = time.time() - t0
@@ -57,9 +50,9 @@ def pipeline(tmp_path_factory, ray_session):
 def test_reproduce_completes_with_metrics(pipeline):
     result = pipeline["state"].result()
     rows = result["rows"]
-    # per scale: the base samples upscaled bilinearly and the upsampler's, both at 32px
+    # per scale the base samples upscaled bilinearly; at two scales the upsampler's too (32px)
     assert sorted((r["classifier_scale"], r["stage"]) for r in rows) == sorted(
-        (s, stage) for s in SCALES for stage in ("bilinear", "upsampler")
+        [(s, "bilinear") for s in SCALES] + [(s, "upsampler") for s in UPSAMPLED]
     )
     for r in rows:
         assert math.isfinite(r["fid"]) and r["fid"] > 0
@@ -67,26 +60,37 @@ def test_reproduce_completes_with_metrics(pipeline):
         _assert_fid_from_own_features(pipeline, r)
     assert "FID" in result["table"].splitlines()[0] and "class acc" in result["table"]
     # the guidance scale reaches the samples: rows at different scales score differently
-    for stage in ("bilinear", "upsampler"):
+    for stage, scales in (("bilinear", SCALES), ("upsampler", UPSAMPLED)):
         fids = {r["classifier_scale"]: r["fid"] for r in rows if r["stage"] == stage}
-        assert len(set(fids.values())) == len(SCALES), fids
+        assert len(set(fids.values())) == len(scales), fids
 
 
-def test_demo_learns(pipeline):
-    """Training that learns, measured the demo's way (seeded): the judge can be trusted on
-    real images and FID falls at every checkpoint (observed 344 / 294 / 272). Not asserted:
-    class accuracy (0.15 / 0.18 / 0.17 at 60 samples is within noise) and the guidance
-    trade-off (in this budget the noisy classifier does not learn enough to move the
-    samples; see the README's demo section)."""
+def _by_scale(rows: list[dict], stage: str, key: str) -> list[float]:
+    return [
+        r[key] for r in sorted(rows, key=lambda r: r["classifier_scale"]) if r["stage"] == stage
+    ]
+
+
+def test_demo_shows_the_papers_findings(pipeline):
+    """The demo's findings, in direction and with margins (seeded): a judge that can be
+    trusted, FID falling at every checkpoint to well under the first one's, and guidance
+    raising class fidelity (ADM §4). Not asserted: precision up and recall down across the
+    sweep. The demo's samples sit off the real images' Inception manifold (their backgrounds
+    come out lighter than the data's dark ones), so precision is ~0.01 at every scale and
+    the k-NN recall of 100 samples moves within noise (see the README's demo section)."""
     result = pipeline["state"].result()
     judge = result["yardsticks"]["32px"]
-    assert judge["judge_heldout_accuracy"] >= 0.85, judge
+    assert judge["judge_heldout_accuracy"] >= 0.95, judge
     curve = sorted(result["curve"], key=lambda c: c["step"])
-    assert [c["step"] for c in curve] == [200, 400, 600]
+    assert [c["step"] for c in curve] == CHECKPOINTS
     fids = [c["fid"] for c in curve]
-    assert fids[0] > fids[1] > fids[2] and fids[2] <= 0.85 * fids[0], fids
+    assert fids[2] < fids[1] < fids[0], fids
+    assert fids[2] <= CURVE_LAST_OVER_FIRST_MAX * fids[0], fids
+    acc = _by_scale(result["rows"], "bilinear", "class_accuracy")
+    assert acc[0] >= ACC_UNGUIDED_MIN and acc[-1] >= acc[0] + ACC_GAIN_MIN, acc
     report = result["report"]
     assert "FID over training" in report and "judge accuracy" in report
+    assert "upsampler against bilinear" in report
 
 
 def _assert_fid_from_own_features(pipeline, row):
@@ -138,7 +142,7 @@ def test_changing_guidance_scale_reruns_only_sampling_and_evaluation(pipeline):
     from flows.reproduce import reproduce
 
     overrides = [o for o in pipeline["overrides"] if not o.startswith("sampling.classifier_scales")]
-    overrides.append("sampling.classifier_scales=[0.0, 4.0]")
+    overrides.append("sampling.classifier_scales=[0.0, 3.0]")
     state = reproduce(preset="tiny", overrides=overrides, return_state=True)
     states = _task_states(state.state_details.flow_run_id)
     for stage in ("shard", "train", "reference"):
@@ -167,8 +171,8 @@ def test_mlflow_lineage_from_fid_to_shard_manifest(pipeline):
     )
     stages = {c.data.tags.get("admflow.stage") for c in children}
     assert {"shard", "sample", "evaluate"} <= stages, stages
-    # 2 shard runs (16px, 32px), 3 trainings, 3 sample + 3 upsample runs, 6 evaluations
-    assert len(children) >= 2 + 3 + 3 + 3 + 6, [c.info.run_name for c in children]
+    # 2 shard runs (16px, 32px), 3 trainings, 4 sample + 2 upsample runs, 6 evaluations
+    assert len(children) >= 2 + 3 + 4 + 2 + 6, [c.info.run_name for c in children]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "guidance_sweep.png" in artifacts
     # dataset input on a training run
@@ -194,21 +198,21 @@ def test_periodic_evaluation_scores_each_checkpoint_once(pipeline):
     from flows.evaluate import evaluate_periodic
 
     curve = sorted(pipeline["state"].result()["curve"], key=lambda r: r["step"])
-    assert [r["step"] for r in curve] == [200, 400, 600]
+    assert [r["step"] for r in curve] == CHECKPOINTS
     cfg = load_config("tiny", pipeline["overrides"])
     setup_mlflow(cfg)
     client = mlflow.MlflowClient()
     history = client.get_metric_history(curve[0]["train_run_id"], "eval/fid")
-    assert sorted(m.step for m in history) == [200, 400, 600]
+    assert sorted(m.step for m in history) == CHECKPOINTS
     # the reproduce flow scored every checkpoint; the periodic flow finds nothing left to do
     assert evaluate_periodic(preset="tiny", overrides=pipeline["overrides"], num_samples=10) == []
     # a checkpoint without its record is scored again, against the reproduce flow's reference
     # at 32px: the same seeded samples, so the same FID as the flow's curve
     first = curve[0]
     evaluations = first["samples"].rsplit("/", 1)[0]
-    for name in ("step-000200.json", "step-000200-samples", "step-000200-samples-bilinear32"):
+    for name in ("step-000100.json", "step-000100-samples", "step-000100-samples-bilinear32"):
         storage.remove(storage.join(evaluations, name))
     n = cfg.evaluation.checkpoint_samples
     again = evaluate_periodic(preset="tiny", overrides=pipeline["overrides"], num_samples=n)
-    assert [r["step"] for r in again] == [200]
+    assert [r["step"] for r in again] == [100]
     assert again[0]["fid"] == pytest.approx(first["fid"], rel=1e-4)

@@ -1,0 +1,60 @@
+"""The demo's judge (a small CNN) and the two-stage resizes, on inputs with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.judge import fit_judge, holdout_split, judge_accuracy, judge_predict
+from models.resize import upsample_bilinear_uint8
+
+
+def _two_class_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class 0: a bright vertical bar, class 1: a bright horizontal bar, random colours."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 80, size=(n, size, size, 3)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        lo = int(rng.integers(2, size - 5))
+        bar = (slice(None), slice(lo, lo + 3)) if c == 0 else (slice(lo, lo + 3), slice(None))
+        images[i][bar] = rng.integers(170, 256, size=3)
+    return images, labels
+
+
+def test_judge_learns_shapes_and_reads_larger_images_at_its_own_size():
+    train_x, train_y = _two_class_images(128, 16, seed=0)
+    test_x, test_y = _two_class_images(64, 16, seed=1)
+    model = fit_judge(train_x, train_y, num_classes=2, steps=60, seed=0)
+    assert judge_accuracy(model, test_x, test_y) >= 0.95
+    assert judge_accuracy(model, test_x, 1 - test_y) <= 0.05  # wrong labels score as wrong
+    big = test_x.repeat(2, axis=1).repeat(2, axis=2)  # an upsampler's 32px output
+    assert judge_accuracy(model, big, test_y) >= 0.95
+    again = fit_judge(train_x, train_y, num_classes=2, steps=60, seed=0)  # deterministic
+    np.testing.assert_array_equal(judge_predict(again, test_x), judge_predict(model, test_x))
+
+
+def test_judge_rejects_labels_outside_its_classes():
+    x, y = _two_class_images(8, 16, seed=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        fit_judge(x, y + 1, num_classes=2, steps=1)
+
+
+def test_holdout_split_is_disjoint_and_fixed():
+    train, held = holdout_split(200, 0.25, seed=0)
+    assert len(held) == 50 and len(train) == 150 and not set(train) & set(held)
+    np.testing.assert_array_equal(held, holdout_split(200, 0.25, seed=0)[1])
+
+
+def test_bilinear_upscale_is_the_upsamplers_own_resize():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    up = upsample_bilinear_uint8(images, 16)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 127.5 - 1
+    ref = F.interpolate(x, size=(16, 16), mode="bilinear")  # what SuperResModel applies
+    ref = ((ref + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert up.shape == (3, 16, 16, 3) and up.dtype == np.uint8
+    np.testing.assert_array_equal(up, ref)
+    nearest = images.repeat(2, axis=1).repeat(2, axis=2)
+    assert np.abs(up.astype(int) - nearest.astype(int)).mean() > 5  # not nearest-neighbour
