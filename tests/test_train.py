@@ -47,6 +47,7 @@ SMALL = [
     "training.ema_rate=[0.999]",
     "training.log_every=10",
     "training.checkpoint_every=100",
+    "training.checkpoint_steps=[]",
     "compute.diffusion_threads=null",
 ]
 
