@@ -49,7 +49,7 @@ class JudgeCNN(nn.Module):
 
 def to_judge_input(images: np.ndarray, image_size: int) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1] at ``image_size`` (area-reduced when larger)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if x.shape[-1] > image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="area")
     elif x.shape[-1] < image_size:

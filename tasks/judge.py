@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,10 @@ import torch
 from admflow import storage
 from admflow.config import AdmConfig
 from models import metrics as M
-from models.judge import JudgeCNN, fit_judge, holdout_split, judge_accuracy
+from models.judge import JudgeCNN, fit_judge, holdout_split, judge_accuracy, judge_predict
 
 JUDGE_VERSION = 2
+JUDGE_MAX_IMAGES = 20_000  # a large data set trains the judge on its first images only
 
 
 def _judge_uri(cfg: AdmConfig, data_uri: str, reference_features: str, num_samples: int) -> str:
@@ -36,18 +38,32 @@ def _judge_uri(cfg: AdmConfig, data_uri: str, reference_features: str, num_sampl
     return storage.join(cfg.storage.root, "eval-cache", f"judge-{key}")
 
 
-def read_images(uri: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """All images (uint8 NHWC) and labels (None if unlabelled) of a data or sample set."""
+def read_images(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (uint8 NHWC) and labels (None if unlabelled) of a data or sample set, the first
+    ``limit`` of them at most."""
+    images, labels = [], []
+    for x, y in _iter_units(uri, shuffled=limit is not None):
+        images.append(x)
+        labels.append(y)
+        if limit is not None and sum(len(i) for i in images) >= limit:
+            break
+    if not images:
+        raise ValueError(f"{uri}: holds no images")
+    x_all = np.concatenate(images)[:limit]
+    if any(lab is None for lab in labels):
+        return x_all, None
+    return x_all, np.concatenate(labels)[:limit]  # type: ignore[arg-type]
+
+
+def _iter_units(uri: str, shuffled: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(images, labels) per work unit; ``shuffled``: units in a fixed random order, so that the
+    first images of a class-sorted data set are not all of its first classes."""
     from tasks.eval_io import describe, read_unit, read_unit_labels
 
     units = describe(uri)["units"]
-    images = [read_unit(u) for u in units]
-    labels = [read_unit_labels(u) for u in units]
-    if not images:
-        raise ValueError(f"{uri}: holds no images")
-    if any(lab is None for lab in labels):
-        return np.concatenate(images), None
-    return np.concatenate(images), np.concatenate(labels)  # type: ignore[arg-type]
+    order = np.random.default_rng(0).permutation(len(units)) if shuffled else range(len(units))
+    for i in order:
+        yield read_unit(units[i]), read_unit_labels(units[i])
 
 
 def build_judge(
@@ -59,7 +75,7 @@ def build_judge(
     uri = _judge_uri(cfg, data_uri, reference_features, num_samples)
     if storage.exists(uri + ".json"):
         return storage.read_json(uri + ".json")
-    images, labels = read_images(data_uri)
+    images, labels = read_images(data_uri, limit=JUDGE_MAX_IMAGES)
     if labels is None or (labels < 0).any():
         raise ValueError(
             f"{data_uri}: the images carry no class labels; the judge needs a labelled data set "
@@ -102,9 +118,13 @@ def read_judge(uri: str) -> tuple[JudgeCNN, dict[str, Any]]:
 
 
 def class_accuracy(judge_uri: str, samples_uri: str) -> float | None:
-    """The judge's accuracy on a sample set (labels: the classes the samples were drawn for)."""
-    images, labels = read_images(samples_uri)
-    if labels is None or (labels < 0).any():
-        return None  # unconditional samples have no class to judge
+    """The judge's accuracy on a sample set (labels: the classes the samples were drawn for),
+    read one unit at a time so a 50K-image set never sits in memory at once."""
     model, _ = read_judge(judge_uri)
-    return judge_accuracy(model, images, labels)
+    hits = total = 0
+    for images, labels in _iter_units(samples_uri):
+        if labels is None or (labels < 0).any():
+            return None  # unconditional samples have no class to judge
+        hits += int((judge_predict(model, images) == labels).sum())
+        total += len(labels)
+    return hits / total if total else None
