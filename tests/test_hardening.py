@@ -355,7 +355,9 @@ def test_classifier_augmentation_crops_80_to_100_percent_and_flips():
     from tasks.train_data import augment
     from tasks.train_jobs import make_job
 
-    assert make_job("classifier", load_config("tiny")).random_crop
+    # the paper's classifiers crop; the 16px demo turns it off (training.classifier_random_crop)
+    assert make_job("classifier", load_config("imagenet64")).random_crop
+    assert not make_job("classifier", load_config("tiny")).random_crop
     n = 32
     ramp = np.broadcast_to(np.linspace(-1, 1, n, dtype=np.float32), (400, 3, n, n)).copy()
     out = augment(ramp, np.random.default_rng(0), flip=True, random_crop=True)
