@@ -48,6 +48,7 @@ SMALL = [
     "training.log_every=10",
     "training.checkpoint_every=100",
     "training.checkpoint_steps=[]",
+    "training.classifier_random_crop=true",  # the paper's augmentation (tiny turns it off)
     "compute.diffusion_threads=null",
 ]
 
