@@ -272,6 +272,22 @@ def test_frechet_distance_that_cannot_converge_is_an_error(tmp_path, capsys):
     assert_no_ray()
 
 
+def _wait_until_blocked_on_fifo(pid: int, timeout: float) -> None:
+    """Wait until ``pid`` sleeps in the FIFO's open (the kernel's wait channel says so), so the
+    signal arrives where the test means it to, not during imports on a loaded machine (a SIGINT
+    there can leave interpreter threads that keep the process alive)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                if f.read().strip() in ("wait_for_partner", "fifo_open"):
+                    return
+        except OSError:
+            return  # no /proc: fall back to signalling now
+        time.sleep(0.2)
+    raise AssertionError(f"process {pid} never blocked opening the checkpoint")
+
+
 def test_ctrl_c_prints_one_line_and_no_traceback(tmp_path):
     fifo = tmp_path / "never-written.pt"
     os.mkfifo(fifo)  # reading the checkpoint blocks until the signal comes
@@ -281,7 +297,7 @@ def test_ctrl_c_prints_one_line_and_no_traceback(tmp_path):
         text=True,
         cwd=tmp_path,
     )
-    time.sleep(6)
+    _wait_until_blocked_on_fifo(proc.pid, timeout=120)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
