@@ -25,9 +25,10 @@ from admflow import storage
 from admflow.config import AdmConfig
 from models import metrics as M
 from models.judge import JudgeCNN, fit_judge, holdout_split, judge_accuracy, judge_predict
+from tasks.eval_io import Unit
 
 JUDGE_VERSION = 2
-JUDGE_MAX_IMAGES = 20_000  # a large data set trains the judge on its first images only
+JUDGE_MAX_IMAGES = 20_000  # a larger data set trains the judge on this many of its images
 
 
 def _judge_uri(cfg: AdmConfig, data_uri: str, reference_features: str, num_samples: int) -> str:
@@ -39,10 +40,18 @@ def _judge_uri(cfg: AdmConfig, data_uri: str, reference_features: str, num_sampl
 
 
 def read_images(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images (uint8 NHWC) and labels (None if unlabelled) of a data or sample set, the first
-    ``limit`` of them at most."""
+    """Images (uint8 NHWC) and labels (None if unlabelled) of a data or sample set; of a set
+    larger than ``limit``, that many from units taken in a fixed random order (so that a
+    class-sorted data set does not give only its first classes)."""
+    from tasks.eval_io import describe
+
+    units = describe(uri)["units"]
+    total = sum(stop - start for _, _, start, stop in units)
+    order = np.arange(len(units))
+    if limit is not None and total > limit:
+        order = np.random.default_rng(0).permutation(len(units))
     images, labels = [], []
-    for x, y in _iter_units(uri, shuffled=limit is not None):
+    for x, y in _read_units([units[i] for i in order]):
         images.append(x)
         labels.append(y)
         if limit is not None and sum(len(i) for i in images) >= limit:
@@ -55,15 +64,12 @@ def read_images(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndar
     return x_all, np.concatenate(labels)[:limit]  # type: ignore[arg-type]
 
 
-def _iter_units(uri: str, shuffled: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """(images, labels) per work unit; ``shuffled``: units in a fixed random order, so that the
-    first images of a class-sorted data set are not all of its first classes."""
-    from tasks.eval_io import describe, read_unit, read_unit_labels
+def _read_units(units: list[Unit]) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(images, labels) of each work unit in turn."""
+    from tasks.eval_io import read_unit, read_unit_labels
 
-    units = describe(uri)["units"]
-    order = np.random.default_rng(0).permutation(len(units)) if shuffled else range(len(units))
-    for i in order:
-        yield read_unit(units[i]), read_unit_labels(units[i])
+    for unit in units:
+        yield read_unit(unit), read_unit_labels(unit)
 
 
 def build_judge(
@@ -122,7 +128,9 @@ def class_accuracy(judge_uri: str, samples_uri: str) -> float | None:
     read one unit at a time so a 50K-image set never sits in memory at once."""
     model, _ = read_judge(judge_uri)
     hits = total = 0
-    for images, labels in _iter_units(samples_uri):
+    from tasks.eval_io import describe
+
+    for images, labels in _read_units(describe(samples_uri)["units"]):
         if labels is None or (labels < 0).any():
             return None  # unconditional samples have no class to judge
         hits += int((judge_predict(model, images) == labels).sum())
