@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.resize import downsample_area, upsample_bilinear
+
 
 class JudgeCNN(nn.Module):
     """Five 3x3 conv blocks (GroupNorm, SiLU), two 2x average pools, global pool, linear."""
@@ -51,9 +53,9 @@ def to_judge_input(images: np.ndarray, image_size: int) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1] at ``image_size`` (area-reduced when larger)."""
     x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if x.shape[-1] > image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="area")
-    elif x.shape[-1] < image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        return downsample_area(x, image_size)
+    if x.shape[-1] < image_size:
+        return upsample_bilinear(x, image_size)
     return x
 
 
