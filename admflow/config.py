@@ -317,10 +317,11 @@ class SamplingConfig(Section):
     upsample_respacing: str | None = Field(
         None, description="the upsampler's respacing (default: timestep_respacing)"
     )
-    upsample_sets: Literal["all", "extremes"] = Field(
+    upsample_sets: Literal["all", "extremes", "largest"] = Field(
         "all",
         description="which scales' sets the upsampler takes to full size beside the bilinear "
-        "baseline: all, or extremes (the smallest and the largest scale only)",
+        "baseline: all, extremes (the smallest and the largest scale) or largest (the most "
+        "guided set only, as ADM-G + ADM-U)",
     )
     eta: float = Field(0.0, ge=0.0)
     guidance: Literal["classifier", "free", "none"] = Field(
@@ -359,6 +360,8 @@ class SamplingConfig(Section):
     def upsampled(self, scale: float) -> bool:
         """Whether the upsampler takes the set drawn at ``scale`` to full size."""
         scales = self.classifier_scales
+        if self.upsample_sets == "largest":
+            return scale == max(scales)
         return self.upsample_sets == "all" or scale in (min(scales), max(scales))
 
     def guided(self, scale: float, has_classifier: bool) -> bool:
@@ -607,6 +610,15 @@ class AdmConfig(Section):
     def score_size(self) -> int | None:
         """The size base samples are upscaled to before scoring (two-stage), else None."""
         return self.upsampler.unet.image_size if self.two_stage else None
+
+    @property
+    def curve_reuses_unguided_set(self) -> bool:
+        """Whether the FID curve's last point is the sweep's unguided set: that set is drawn
+        from the final checkpoint with the same sampler, and at the curve's sample count."""
+        return (
+            0.0 in self.sampling.classifier_scales
+            and self.evaluation.checkpoint_samples == self.sampling.num_samples
+        )
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections, for cache keys."""

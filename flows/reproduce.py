@@ -73,11 +73,6 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     futures.update({kind: submit(kind) for kind in wanted[1:]})
     runs = {kind: f.result() for kind, f in futures.items()}
 
-    curve: list[dict] = []
-    if cfg.evaluation.checkpoint_samples:
-        c_key = chain_key("curve", cfg, ("evaluation",), train_keys["diffusion"], ref_key)
-        curve = stages.training_curve(cfg, runs["diffusion"], ref, judge, cache_key=c_key)
-
     rows = []
     for scale in cfg.sampling.classifier_scales:
         clf_key = train_keys["classifier"] if scale and "classifier" in runs else ""
@@ -104,12 +99,30 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
             row = stages.evaluate(cfg, ref, sset, e_key, parent, tags, judge=judge)
             rows.append({**row, "base_samples": base["uri"]})
 
+    curve: list[dict] = []
+    if cfg.evaluation.checkpoint_samples:
+        c_key = chain_key("curve", cfg, ("evaluation",), train_keys["diffusion"], ref_key)
+        scored = _final_unguided(cfg, runs["diffusion"], rows)
+        curve = stages.training_curve(cfg, runs["diffusion"], ref, judge, c_key, scored)
+
     yardsticks = {f"{eval_cfg.data.image_size}px": judge}
     summary = report.write_report(cfg, rows, parent, curve=curve, yardsticks=yardsticks)
     lineage.register_models(cfg, runs)
     lineage.finish_parent_run(parent, summary)
     log.info("metrics:\n%s", summary["table"])
     return {"rows": rows, **summary, "mlflow_parent_run_id": parent, "mlflow_ui": ui_hint(cfg)}
+
+
+def _final_unguided(cfg: AdmConfig, diffusion_run: dict, rows: list[dict]) -> dict[str, dict]:
+    """The final checkpoint's unguided row (bilinear when two-stage), which the FID curve
+    takes as its last point instead of drawing and scoring the same set twice."""
+    if not cfg.curve_reuses_unguided_set:
+        return {}
+    stage = "bilinear" if cfg.two_stage else "base"
+    for row in rows:
+        if row["classifier_scale"] == 0.0 and row["stage"] == stage:
+            return {diffusion_run["checkpoint"]: row}
+    return {}
 
 
 def ui_hint(cfg: AdmConfig) -> str:

@@ -172,17 +172,26 @@ def judge(cfg: AdmConfig, data: dict, ref: dict, cache_key: str) -> dict:
 
 @_stage_task("training-curve")
 def training_curve(
-    cfg: AdmConfig, diffusion_run: dict, ref: dict, judge: dict | None, cache_key: str
+    cfg: AdmConfig,
+    diffusion_run: dict,
+    ref: dict,
+    judge: dict | None,
+    cache_key: str,
+    scored: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Periodic evaluation of every checkpoint of the diffusion run (FID against step)."""
+    """Periodic evaluation of every checkpoint of the diffusion run (FID against step);
+    ``scored``: checkpoint URI -> its unguided set's metrics, already drawn and scored."""
     from tasks.periodic import evaluate_checkpoint
     from tasks.train_checkpoint import list_checkpoints
 
     judge_uri = judge["uri"] if judge else None
+    known = scored or {}
     n = cfg.evaluation.checkpoint_samples
     upscale = cfg.score_size
     return [
-        evaluate_checkpoint(cfg, c, ref["uri"], n, judge=judge_uri, upscale_to=upscale)
+        evaluate_checkpoint(
+            cfg, c, ref["uri"], n, judge=judge_uri, upscale_to=upscale, scored=known.get(c["uri"])
+        )
         for c in list_checkpoints(diffusion_run["run_uri"])
     ]
 

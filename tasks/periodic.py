@@ -39,31 +39,26 @@ def evaluate_checkpoint(
     num_samples: int,
     judge: str | None = None,
     upscale_to: int | None = None,
+    scored: dict | None = None,
 ) -> dict:
     """Sample ``num_samples`` images from one checkpoint, score them, log FID at its step.
 
     ``upscale_to``: a reference at a higher resolution than the model (a two-stage pipeline)
-    scores the samples upscaled bilinearly to that size."""
-    from tasks.evaluate import evaluate_sets
-    from tasks.sample import sample_set
-
+    scores the samples upscaled bilinearly to that size. ``scored``: the metrics (with their
+    ``samples`` URI) of this checkpoint's unguided set drawn and scored elsewhere with the
+    same sampler and sample count (the reproduce flow's scale-0 set of the final
+    checkpoint): recorded as this checkpoint's evaluation instead of drawing the set again."""
     ledger = _ledger(ckpt["uri"])
     if storage.exists(ledger):  # evaluated by an earlier or concurrent run
         return storage.read_json(ledger)
     meta = read_meta(ckpt["uri"])
-    out = storage.join(ledger.removesuffix(".json") + "-samples")
-    sample_set(cfg, ckpt["uri"], out, num_samples=num_samples, classifier_scale=0.0)
-    if upscale_to:
-        from tasks.upscale import bilinear_set
-
-        out = bilinear_set(out, out + f"-bilinear{upscale_to}", upscale_to)["uri"]
     train_run = meta.get("mlflow_run_id") or _training_run_id(cfg, meta.get("run_name"))
-    tags = {"admflow.upstream.checkpoint": ckpt["uri"], "admflow.upstream.samples": out}
-    if train_run:
-        tags["admflow.upstream.train_run_id"] = train_run
-    metrics = evaluate_sets(
-        cfg, reference_uri, out, parent_run_id=train_run, tags=tags, judge=judge
-    )
+    if scored is None:
+        out, metrics = _sample_and_score(
+            cfg, ckpt, ledger, reference_uri, num_samples, judge, upscale_to, train_run
+        )
+    else:
+        out, metrics = scored["samples"], scored
     if train_run:
         _log_against_step(cfg, train_run, metrics, ckpt["step"])
     record = {
@@ -75,6 +70,34 @@ def evaluate_checkpoint(
     }
     storage.write_json(ledger, record)
     return record
+
+
+def _sample_and_score(
+    cfg: AdmConfig,
+    ckpt: dict,
+    ledger: str,
+    reference_uri: str,
+    num_samples: int,
+    judge: str | None,
+    upscale_to: int | None,
+    train_run: str | None,
+) -> tuple[str, dict]:
+    from tasks.evaluate import evaluate_sets
+    from tasks.sample import sample_set
+
+    out = storage.join(ledger.removesuffix(".json") + "-samples")
+    sample_set(cfg, ckpt["uri"], out, num_samples=num_samples, classifier_scale=0.0)
+    if upscale_to:
+        from tasks.upscale import bilinear_set
+
+        out = bilinear_set(out, out + f"-bilinear{upscale_to}", upscale_to)["uri"]
+    tags = {"admflow.upstream.checkpoint": ckpt["uri"], "admflow.upstream.samples": out}
+    if train_run:
+        tags["admflow.upstream.train_run_id"] = train_run
+    metrics = evaluate_sets(
+        cfg, reference_uri, out, parent_run_id=train_run, tags=tags, judge=judge
+    )
+    return out, metrics
 
 
 def _training_run_id(cfg: AdmConfig, run_name: str | None) -> str | None:

@@ -350,7 +350,8 @@ def sample_set(
         classifier, classifier_scale = None, 0.0
     ckpt = resolve_checkpoint(checkpoint, use_ema, cfg.training.ema_rate)
     network = _section_json(ckpt, cfg, "model")
-    clf = resolve_checkpoint(classifier, use_ema, cfg.training.ema_rate) if classifier else None
+    # the noisy classifier trains without an EMA (as in ADM): its raw weights are the model
+    clf = resolve_checkpoint(classifier, use_ema=False) if classifier else None
     spec = SamplerSpec(
         kind="base",
         network=network,

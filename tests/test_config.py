@@ -50,7 +50,10 @@ def test_paper_hyperparameters_in_presets():
         ("sampling.timestep_respacing=ddimx", "sampling.timestep_respacing"),
         ("diffusion.learn_sigma=false", "must equal diffusion.learn_sigma"),
         ("training.ema_rate=[1.5]", "training.ema_rate"),
-        ("sampling.upsample_sets=some", "sampling.upsample_sets: Input should be 'all' or"),
+        (
+            "sampling.upsample_sets=some",
+            "sampling.upsample_sets: Input should be 'all', 'extremes'",
+        ),
         ("training.checkpoint_steps=[early]", "training.checkpoint_steps"),
     ],
 )
@@ -60,11 +63,14 @@ def test_invalid_config_names_the_field(override, fragment):
     assert fragment in str(e.value)
 
 
-def test_upsample_sets_picks_the_extreme_scales_whatever_the_list():
-    cfg = load_config("tiny", ["sampling.classifier_scales=[4.0, 0.0, 1.0, 9.0]"])
-    assert cfg.sampling.upsample_sets == "extremes"  # the demo's choice
+def test_upsample_sets_picks_scales_whatever_the_list():
+    scales = "sampling.classifier_scales=[4.0, 0.0, 1.0, 9.0]"
+    cfg = load_config("tiny", [scales])
+    assert cfg.sampling.upsample_sets == "largest"  # the demo's choice
     picked = [s for s in cfg.sampling.classifier_scales if cfg.sampling.upsampled(s)]
-    assert picked == [0.0, 9.0]
+    assert picked == [9.0]
+    ends = load_config("tiny", [scales, "sampling.upsample_sets=extremes"])
+    assert [s for s in ends.sampling.classifier_scales if ends.sampling.upsampled(s)] == [0.0, 9.0]
     every = load_config("tiny", ["sampling.upsample_sets=all"])
     assert all(every.sampling.upsampled(s) for s in every.sampling.classifier_scales)
 
