@@ -14,10 +14,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(2400)]
 SCALES = (0.0, 8.0, 32.0, 128.0)
 UPSAMPLED = (128.0,)
 CHECKPOINTS = [100, 500, 900]
-# Margins for the findings, well inside what the demo showed on a 2-core Cascade Lake
-# (judge accuracy 0.65 unguided -> 0.87 at scale 32; FID 369 -> 252 -> 210 over training).
+# Margins for the findings, well inside what the demo showed on a 2-core AMD EPYC (judge
+# accuracy 0.66 unguided -> 0.99 at scale 128; recall 0.30 -> 0.11; FID 367 -> 252 -> 217
+# over training).
 ACC_UNGUIDED_MIN = 0.5
-ACC_GAIN_MIN = 0.1
+ACC_GUIDED_MIN = 0.9
+RECALL_DROP_MIN = 0.08
 CURVE_LAST_OVER_FIRST_MAX = 0.75
 
 
@@ -74,10 +76,11 @@ def _by_scale(rows: list[dict], stage: str, key: str) -> list[float]:
 def test_demo_shows_the_papers_findings(pipeline):
     """The demo's findings, in direction and with margins (seeded): a judge that can be
     trusted, FID falling at every checkpoint to well under the first one's, and guidance
-    raising class fidelity (ADM §4). Not asserted: precision up and recall down across the
-    sweep. The demo's samples sit off the real images' Inception manifold (their backgrounds
-    come out lighter than the data's dark ones), so precision is ~0.01 at every scale and
-    the k-NN recall of 100 samples moves within noise (see the README's demo section)."""
+    trading diversity for class fidelity (ADM §4): class accuracy up to the paper's 90% and
+    recall down across the sweep. Not asserted: precision up. Every set is scored at 32px
+    against real 32px renders, and a 16px sample taken up bilinearly is blurrier than any of
+    them, so precision stays ~0.00 at every scale (real 16px images taken up the same way
+    reach only 0.2; see the README's demo section)."""
     result = pipeline["state"].result()
     judge = result["yardsticks"]["32px"]
     assert judge["judge_heldout_accuracy"] >= 0.95, judge
@@ -87,7 +90,10 @@ def test_demo_shows_the_papers_findings(pipeline):
     assert fids[2] < fids[1] < fids[0], fids
     assert fids[2] <= CURVE_LAST_OVER_FIRST_MAX * fids[0], fids
     acc = _by_scale(result["rows"], "bilinear", "class_accuracy")
-    assert acc[0] >= ACC_UNGUIDED_MIN and acc[-1] >= acc[0] + ACC_GAIN_MIN, acc
+    assert acc[0] >= ACC_UNGUIDED_MIN and acc[-1] >= ACC_GUIDED_MIN, acc
+    assert all(b > a for a, b in zip(acc, acc[1:], strict=False)), acc
+    recall = _by_scale(result["rows"], "bilinear", "recall")
+    assert recall[-1] <= recall[0] - RECALL_DROP_MIN, recall
     report = result["report"]
     assert "FID over training" in report and "judge accuracy" in report
     assert "upsampler against bilinear" in report
