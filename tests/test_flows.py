@@ -177,8 +177,10 @@ def test_mlflow_lineage_from_fid_to_shard_manifest(pipeline):
     )
     stages = {c.data.tags.get("admflow.stage") for c in children}
     assert {"shard", "sample", "evaluate"} <= stages, stages
-    # 2 shard runs (16px, 32px), 3 trainings, 4 sample + 2 upsample runs, 6 evaluations
-    assert len(children) >= 2 + 3 + 4 + 2 + 6, [c.info.run_name for c in children]
+    # 2 shard runs (16px, 32px), 3 trainings, a sample run per scale and an upsample run per
+    # upsampled scale, and an evaluation of each of those sets
+    sets = len(SCALES) + len(UPSAMPLED)
+    assert len(children) >= 2 + 3 + 2 * sets, [c.info.run_name for c in children]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "guidance_sweep.png" in artifacts
     # dataset input on a training run
