@@ -14,7 +14,8 @@ Prints JSON with images/s for each, ``speedup_tuned`` = tuned / plain and ``ray_
 ray / plain. ``ray_over_ideal_split`` compares Ray Train with two single-thread processes
 that never communicate (batch 8 each, measured in one process and doubled): the part of the
 gap that is DDP and Ray, not the split of the cores.
-Usage: ``python benchmarks/train.py [--steps N] [--warmup N]``.
+Usage: ``python benchmarks/train.py [--steps N] [--warmup N] [--only tiny|bench-32]``
+(``--only tiny``: the demo model's figures alone, about two minutes).
 """
 
 from __future__ import annotations
@@ -167,54 +168,54 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int, default=16, help="timed steps per mode (default 16)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument(
+        "--only",
+        choices=("tiny", "bench-32"),
+        help="measure one preset only (default: both; bench-32's modes take ~10 minutes)",
+    )
     args = p.parse_args()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     threads = os.cpu_count() or 1
+    report: dict = {"steps_timed": args.steps, "torch": torch.__version__}
+    report["machine"] = platform.machine()
     with tempfile.TemporaryDirectory(prefix="admflow-bench-train-") as tmp:
-        data = build_demo_shards(os.path.join(tmp, "data"))
-        torch.set_num_threads(threads)
-        plain = local_images_per_s(tmp, data, [], args.steps, args.warmup)
-        tuned = local_images_per_s(
-            tmp,
-            data,
-            ["training.mixed_precision=bf16", "training.channels_last=true"],
-            args.steps,
-            args.warmup,
-        )
-        # What two single-thread processes could reach with no communication at all:
-        # separates the cost of splitting the cores from Ray Train's own overhead.
-        torch.set_num_threads(1)
-        one_thread = local_images_per_s(
-            tmp, data, ["training.batch_size=8"], args.steps, args.warmup
-        )
-        torch.set_num_threads(threads)
-        ray_ips = ray_images_per_s(tmp, data, args.steps, args.warmup)
-        tiny = tiny_throughput(tmp, args.steps, args.warmup)
-    print(
-        json.dumps(
-            {
-                "preset": "bench-32",
-                "global_batch": 16,
-                "steps_timed": args.steps,
-                "threads_single_process": threads,
-                "images_per_s_plain_fp32": round(plain, 2),
-                "images_per_s_bf16_channels_last": round(tuned, 2),
-                "images_per_s_ray_2x1": round(ray_ips, 2),
-                "speedup_tuned": round(tuned / plain, 3),
-                "ray_ratio": round(ray_ips / plain, 3),
-                "images_per_s_two_1thread_processes_ideal": round(2 * one_thread, 2),
-                "ray_over_ideal_split": round(ray_ips / (2 * one_thread), 3),
-                "torch": torch.__version__,
-                "machine": platform.machine(),
-                "tiny": tiny,
-                "note": "ray: fp32, 2 workers x 1 thread, gloo DDP, batch 8 per worker; every mode "
-                "times the same steps_timed steps after the same warm-up; images/s over "
-                "optimiser-step time (all-reduce included, reporting excluded)",
-            },
-            indent=2,
-        )
+        if args.only != "tiny":
+            report.update(bench32_throughput(tmp, threads, args.steps, args.warmup))
+        if args.only != "bench-32":
+            report["tiny"] = tiny_throughput(tmp, args.steps, args.warmup)
+    print(json.dumps(report, indent=2))
+
+
+def bench32_throughput(tmp: str, threads: int, steps: int, warmup: int) -> dict:
+    """bench-32 at global batch 16: plain fp32, bf16 + channels_last, Ray Train 2x1."""
+    data = build_demo_shards(os.path.join(tmp, "data"))
+    torch.set_num_threads(threads)
+    plain = local_images_per_s(tmp, data, [], steps, warmup)
+    tuned = local_images_per_s(
+        tmp, data, ["training.mixed_precision=bf16", "training.channels_last=true"], steps, warmup
     )
+    # What two single-thread processes could reach with no communication at all:
+    # separates the cost of splitting the cores from Ray Train's own overhead.
+    torch.set_num_threads(1)
+    one_thread = local_images_per_s(tmp, data, ["training.batch_size=8"], steps, warmup)
+    torch.set_num_threads(threads)
+    ray_ips = ray_images_per_s(tmp, data, steps, warmup)
+    return {
+        "preset": "bench-32",
+        "global_batch": 16,
+        "threads_single_process": threads,
+        "images_per_s_plain_fp32": round(plain, 2),
+        "images_per_s_bf16_channels_last": round(tuned, 2),
+        "images_per_s_ray_2x1": round(ray_ips, 2),
+        "speedup_tuned": round(tuned / plain, 3),
+        "ray_ratio": round(ray_ips / plain, 3),
+        "images_per_s_two_1thread_processes_ideal": round(2 * one_thread, 2),
+        "ray_over_ideal_split": round(ray_ips / (2 * one_thread), 3),
+        "note": "ray: fp32, 2 workers x 1 thread, gloo DDP, batch 8 per worker; every mode "
+        "times the same steps_timed steps after the same warm-up; images/s over "
+        "optimiser-step time (all-reduce included, reporting excluded)",
+    }
 
 
 if __name__ == "__main__":

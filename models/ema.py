@@ -74,3 +74,15 @@ class EMA:
                 raise KeyError(f"EMA state for rate {key} has different parameter names")
             for name, value in params.items():
                 mine[name] = value.detach().float().clone().to(mine[name].device)
+
+
+def ema_horizon(rate: float) -> int:
+    """The time constant of an EMA at ``rate``, in updates: after ``1 / (1 - rate)`` of them
+    the initial weights' share ``rate ** updates`` has fallen to about 1/e (37%)."""
+    return round(1.0 / (1.0 - rate))
+
+
+def ema_is_warm(rate: float, updates: int) -> bool:
+    """Whether an EMA that has seen ``updates`` optimiser steps is worth sampling: before its
+    horizon it is mostly the random initialisation (at rate 0.99 after 50 steps, 61% of it)."""
+    return updates >= ema_horizon(rate)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from admflow import storage
 from admflow.config import AdmConfig, config_from_dict
+from models.ema import ema_horizon, ema_is_warm
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +59,42 @@ def _read_meta(uri: str) -> tuple[AdmConfig | None, int | None]:
     return cfg, meta.get("step")
 
 
-def _pick_weights(directory: str, use_ema: bool, ema_rates: list[float]) -> str:
+def _pick_weights(
+    directory: str, use_ema: bool, ema_rates: list[float], step: int | None = None
+) -> str:
+    """The EMA file (the first of ``ema_rates`` present, else any) or ``model.pt``. A
+    checkpoint saved before its EMA's horizon (``step`` < 1/(1-rate)) is sampled from its raw
+    weights: such an average is still mostly the random initialisation (a 50-step toy
+    upsampler's EMA at 0.99 drew samples its judge classed 6% right, its raw weights 90%)."""
     files = {u.rsplit("/", 1)[-1]: u for u in storage.ls(directory, ".pt")}
     if use_ema:
-        for rate in ema_rates:
-            if f"ema_{rate}.pt" in files:
-                return files[f"ema_{rate}.pt"]
-        emas = sorted(n for n in files if n.startswith("ema_"))
-        if emas:
-            return files[emas[-1]]
-        log.warning("%s has no ema_<rate>.pt; sampling from the raw weights model.pt", directory)
+        ema = next((f"ema_{r}.pt" for r in ema_rates if f"ema_{r}.pt" in files), None)
+        others = sorted(n for n in files if n.startswith("ema_"))
+        ema = ema or (others[-1] if others else None)
+        rate = _rate_of(ema) if ema else None
+        if ema is None:
+            log.warning(
+                "%s has no ema_<rate>.pt; sampling from the raw weights model.pt", directory
+            )
+        elif step is not None and rate is not None and not ema_is_warm(rate, step):
+            log.info(
+                "%s: %d training steps, fewer than the %d-step horizon of its EMA (rate %s); "
+                "sampling from the raw weights model.pt",
+                directory, step, ema_horizon(rate), rate,
+            )  # fmt: skip
+        else:
+            return files[ema]
     if "model.pt" not in files:
         raise storage.StorageError(f"{directory}: no model.pt (found {sorted(files) or 'nothing'})")
     return files["model.pt"]
+
+
+def _rate_of(name: str) -> float | None:
+    """The rate in an ``ema_<rate>.pt`` file name (None for a name without one)."""
+    try:
+        return float(name.removeprefix("ema_").removesuffix(".pt"))
+    except ValueError:
+        return None
 
 
 def resolve_checkpoint(
@@ -81,7 +105,7 @@ def resolve_checkpoint(
     rates = ema_rates or []
     if storage.exists(storage.join(uri, "meta.json")):
         cfg, step = _read_meta(storage.join(uri, "meta.json"))
-        weights = check_weights_file(_pick_weights(uri, use_ema, rates))
+        weights = check_weights_file(_pick_weights(uri, use_ema, rates, step))
         return ResolvedCheckpoint(uri, weights, cfg, step)
     if not storage.exists(uri):
         raise storage.StorageError(f"checkpoint {uri} not found")

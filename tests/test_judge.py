@@ -58,3 +58,41 @@ def test_bilinear_upscale_is_the_upsamplers_own_resize():
     np.testing.assert_array_equal(up, ref)
     nearest = images.repeat(2, axis=1).repeat(2, axis=2)
     assert np.abs(up.astype(int) - nearest.astype(int)).mean() > 5  # not nearest-neighbour
+
+
+def _write_set(out: str, images: np.ndarray, labels: np.ndarray) -> None:
+    from admflow import storage
+    from tasks import sample_io
+
+    data = sample_io.encode_npz(images, labels)
+    storage.write_bytes(sample_io.shard_uri(out, 0), data)
+    manifest = sample_io.new_manifest(len(images), images.shape[1], len(images), "f" * 20)
+    entry = {"index": 0, "name": sample_io.shard_name(0), "rows": len(images)}
+    manifest["shards"] = [{**entry, "sha256": storage.sha256_bytes(data)}]
+    manifest["complete"] = True
+    sample_io.write_manifest(out, manifest)
+
+
+def test_a_bilinear_set_is_judged_on_the_base_set_it_was_made_from(tmp_path):
+    import io
+
+    from admflow import storage
+    from tasks.judge import class_accuracy, judged_set
+    from tasks.upscale import bilinear_set
+
+    x, y = _two_class_images(64, 16, seed=1)
+    base, up = str(tmp_path / "base"), str(tmp_path / "up")
+    _write_set(base, x, y)
+    bilinear_set(base, up, 32)
+    assert judged_set(up) == base and judged_set(base) == base
+
+    model = fit_judge(*_two_class_images(128, 16, seed=0), num_classes=2, steps=60, seed=0)
+    judge = str(tmp_path / "judge")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    storage.write_bytes(judge + ".pt", buf.getvalue())
+    storage.write_json(judge + ".json", {"num_classes": 2, "judge_image_size": 16})
+    acc = class_accuracy(judge, up)
+    assert acc == class_accuracy(judge, base) == judge_accuracy(model, x, y) >= 0.95
+    _write_set(base, x, 1 - y)  # the base set's labels are what the bilinear row is judged by
+    assert class_accuracy(judge, up) <= 0.05

@@ -70,7 +70,8 @@ def save_checkpoint(directory: Path, kind: str, cfg, net: torch.nn.Module, seed=
     torch.save(net.state_dict(), directory / "model.pt")
     for rate in cfg.training.ema_rate:
         torch.save(ema, directory / f"ema_{rate}.pt")
-    meta = {"step": 0, "kind": kind, "config": cfg.model_dump(mode="json")}
+    # a checkpoint past its EMA's horizon (tasks.sample_ckpt samples younger ones raw)
+    meta = {"step": 1000, "kind": kind, "config": cfg.model_dump(mode="json")}
     (directory / "meta.json").write_text(json.dumps(meta))
     return str(directory)
 
