@@ -406,6 +406,11 @@ class SamplingConfig(Section):
 class EvaluationConfig(Section):
     reference: str | None = Field(None, description="reference .npz or shard manifest")
     reference_images: int = Field(10_000, gt=0, description="images kept for precision/recall")
+    reference_statistics: Literal["all", "kept"] = Field(
+        "all",
+        description="a sharded reference's FID statistics over all its images (the paper's "
+        "reference batches) or over the reference_images kept (only those pass Inception)",
+    )
     inception_weights: str | None = Field(None, description="TorchScript/pt file; default bundled")
     batch_size: int = Field(50, gt=0)
     workers: int = Field(2, ge=0, description="Ray actors for features; 0: in-process")

@@ -13,6 +13,12 @@ checkerboard) land near the "smooth gradient" class of the real images, so such 
 scored guided and unguided samples alike at ~0.4 while the same samples were ~0.8 right by
 eye and by this judge. The judge works at the base model's resolution; larger images (an
 upsampler's output) are area-reduced to it first.
+
+The judge is an ensemble (:class:`JudgeEnsemble`) of a few such networks trained from different
+seeds, their class probabilities averaged. Every single network is right on every held-out real
+image, but how it reads a sample a little off the data distribution hinges on its seed: on one
+unguided demo set, four single networks read 0.63 to 0.75, two disjoint four-network ensembles
+0.71 and 0.72.
 """
 
 from __future__ import annotations
@@ -59,17 +65,33 @@ def to_judge_input(images: np.ndarray, image_size: int) -> torch.Tensor:
     return x
 
 
+class JudgeEnsemble(nn.Module):
+    """``members`` judges whose softmax outputs are averaged; ``forward`` returns the log of
+    that average (so ``argmax`` is the ensemble's class)."""
+
+    def __init__(self, num_classes: int, image_size: int, members: int = 4):
+        super().__init__()
+        self.image_size = image_size
+        self.members = nn.ModuleList(JudgeCNN(num_classes, image_size) for _ in range(members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([F.softmax(m(x), dim=1) for m in self.members]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
 def fit_judge(
     images: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
     *,
+    members: int = 4,
     steps: int = 400,
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
-) -> JudgeCNN:
-    """Train the judge on uint8 NHWC ``images`` with random horizontal flips, deterministically."""
+) -> JudgeEnsemble:
+    """Train ``members`` judges (seeds ``seed``, ``seed + 1``, ...) on uint8 NHWC ``images``
+    with random horizontal flips, deterministically."""
     labels = np.asarray(labels, np.int64)
     if images.ndim != 4 or len(images) != len(labels) or len(images) < 2:
         raise ValueError(
@@ -79,10 +101,26 @@ def fit_judge(
         raise ValueError(
             f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
         )
-    torch.manual_seed(seed)
-    model = JudgeCNN(num_classes, images.shape[1])
+    ensemble = JudgeEnsemble(num_classes, images.shape[1], members)
     x_all = to_judge_input(images, images.shape[1])
     y_all = torch.from_numpy(labels)
+    for i in range(members):
+        torch.manual_seed(seed + i)  # each member's initialisation and batches from its seed
+        member = JudgeCNN(num_classes, images.shape[1])
+        _fit_member(member, x_all, y_all, steps, batch_size, lr, seed + i)
+        ensemble.members[i] = member
+    return ensemble.eval()
+
+
+def _fit_member(
+    model: JudgeCNN,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -95,11 +133,10 @@ def fit_judge(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return model.eval()
 
 
 @torch.no_grad()
-def judge_predict(model: JudgeCNN, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def judge_predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Predicted class of each uint8 NHWC image."""
     model.eval()
     out = []
@@ -109,7 +146,7 @@ def judge_predict(model: JudgeCNN, images: np.ndarray, batch_size: int = 256) ->
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def judge_accuracy(model: JudgeCNN, images: np.ndarray, labels: np.ndarray) -> float:
+def judge_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels)
     if len(labels) == 0:
         raise ValueError("accuracy of an empty set")

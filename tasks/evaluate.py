@@ -15,6 +15,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from itertools import pairwise
 from typing import Any, cast
 
 import numpy as np
@@ -89,15 +90,20 @@ class FeatureWorker:
         self.model = inc.load_inception(_weights_source(inception), device)
         self.batch_size = batch_size
 
-    def run(self, index: int, unit: Unit) -> tuple[int, dict[str, np.ndarray]]:
-        images = read_unit(unit)
+    def run(
+        self, index: int, unit: Unit, rows: np.ndarray | None = None
+    ) -> tuple[int, dict[str, np.ndarray]]:
+        """Features of a unit's images (of its ``rows`` only, when given)."""
+        images, labels = read_unit(unit), read_unit_labels(unit)
+        if rows is not None:
+            images = images[rows]
+            labels = labels[rows] if labels is not None and len(labels) else labels
         if not len(images):
             return index, {}
         bs = self.batch_size
         parts = [self.model.features(images[i : i + bs]) for i in range(0, len(images), bs)]
         feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         feats["image_hw"] = np.asarray(images.shape[1:3])
-        labels = read_unit_labels(unit)
         if labels is not None and len(labels) == len(images):
             feats["labels"] = labels  # for the class-accuracy judge (tasks.judge)
         return index, feats
@@ -110,15 +116,21 @@ def _ensure_ray(cfg: AdmConfig) -> Any:
 
 
 def stream_features(
-    cfg: AdmConfig, units: list[Unit], workers: int, inception: str | None
+    cfg: AdmConfig,
+    units: list[Unit],
+    workers: int,
+    inception: str | None,
+    rows: list[np.ndarray] | None = None,
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Features of each unit as ``(unit index, feats)``, in completion order. ``workers`` 0
-    runs in this process; otherwise one Inception per Ray actor, fed unit by unit."""
+    """Features of each unit as ``(unit index, feats)``, in completion order (of ``rows[i]``
+    of unit ``i`` only, when given). ``workers`` 0 runs in this process; otherwise one
+    Inception per Ray actor, fed unit by unit."""
     args = (inception, cfg.evaluation.batch_size, _device(cfg), cfg.compute.torch_threads)
+    work = [(i, u, rows[i] if rows is not None else None) for i, u in enumerate(units)]
     if workers <= 0:
         worker = FeatureWorker(*args)
-        for i, unit in enumerate(units):
-            yield worker.run(i, unit)
+        for item in work:
+            yield worker.run(*item)
         return
     ray = _ensure_ray(cfg)
     from ray.util import ActorPool
@@ -132,7 +144,7 @@ def stream_features(
     actors = [actor_cls.remote(*args) for _ in range(n)]
     try:
         pool = ActorPool(actors)
-        yield from pool.map_unordered(lambda a, v: a.run.remote(*v), list(enumerate(units)))
+        yield from pool.map_unordered(lambda a, v: a.run.remote(*v), work)
     finally:
         for a in actors:
             ray.kill(a)
@@ -163,25 +175,31 @@ def _check_sizes(info: dict, sizes: list[tuple]) -> None:
 def _gather_reference(
     cfg: AdmConfig, info: dict, workers: int, inception: str | None
 ) -> dict[str, Any]:
-    """Statistics over every image of a data set; features of a fixed random subset."""
+    """Statistics over every image of a data set (``evaluation.reference_statistics: all``) or
+    over the kept subset only (``kept``: only those pass through Inception); features of a
+    fixed random subset of ``evaluation.reference_images``."""
     n = int(info["num_images"])
     keep = min(cfg.evaluation.reference_images, n)
     chosen = np.sort(np.random.default_rng(0).choice(n, size=keep, replace=False))
     starts = np.cumsum([0] + [u[3] - u[2] for u in info["units"]])
+    kept_rows = [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in pairwise(starts)]
+    only_kept = cfg.evaluation.reference_statistics == "kept"
     pool_stats, spatial_stats = (
         M.RunningStatistics(inc.POOL_DIM),
         M.RunningStatistics(inc.SPATIAL_DIM),
     )
     kept: dict[int, dict[str, np.ndarray]] = {}
     sizes = []
-    for index, feats in stream_features(cfg, info["units"], workers, inception):
+    stream = stream_features(
+        cfg, info["units"], workers, inception, rows=kept_rows if only_kept else None
+    )
+    for index, feats in stream:
         if not feats:
             continue
         sizes.append(tuple(feats.pop("image_hw")))
         pool_stats.update(feats["pool"])
         spatial_stats.update(feats["spatial"])
-        lo, hi = starts[index], starts[index + 1]
-        rows = chosen[(chosen >= lo) & (chosen < hi)] - lo
+        rows = slice(None) if only_kept else kept_rows[index]
         kept[index] = {k: v[rows] for k, v in feats.items()}
     _check_sizes(info, sizes)
     out: dict[str, Any] = {
@@ -200,6 +218,7 @@ def _cache_key(cfg: AdmConfig, info: dict, inception: str | None) -> str:
     payload["code"] = code_version()  # the Inception port and feature code live in models/
     if info["kind"] == "shards":
         payload["keep"] = cfg.evaluation.reference_images
+        payload["stats"] = cfg.evaluation.reference_statistics
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -1,8 +1,8 @@
 """The demo's independent judge and its yardsticks.
 
-* **Judge**: a small CNN (:mod:`models.judge`) trained on 80% of the labelled real images of
-  the base model's data set, at its resolution; its accuracy on the other 20% is reported so
-  the reader knows how far to trust it. It never sees the guidance classifier nor a sample.
+* **Judge**: an ensemble of small CNNs (:mod:`models.judge`) trained on 80% of the labelled
+  real images of the base model's data set, at its resolution; its accuracy on the other 20%
+  is reported so the reader knows how far to trust it. It never sees the guidance classifier nor a sample.
 * **FID floor**: the FID between two disjoint halves of the real reference images, each as
   large as a sample set. FID is biased upwards at small N, so this is the best score a perfect
   model could get at the demo's sample count: the number to read every other FID against.
@@ -24,10 +24,11 @@ import torch
 from admflow import storage
 from admflow.config import AdmConfig
 from models import metrics as M
-from models.judge import JudgeCNN, fit_judge, holdout_split, judge_accuracy, judge_predict
+from models.judge import JudgeEnsemble, fit_judge, holdout_split, judge_accuracy, judge_predict
 from tasks.eval_io import Unit
 
-JUDGE_VERSION = 2
+JUDGE_VERSION = 3  # 3: an ensemble of JUDGE_MEMBERS networks
+JUDGE_MEMBERS = 4
 JUDGE_MAX_IMAGES = 20_000  # a larger data set trains the judge on this many of its images
 
 
@@ -89,7 +90,9 @@ def build_judge(
         )
     train, held = holdout_split(len(images), 0.2, seed=0)
     num_classes = int(cfg.model.num_classes or labels.max() + 1)
-    model = fit_judge(images[train], labels[train], num_classes, seed=cfg.training.seed)
+    model = fit_judge(
+        images[train], labels[train], num_classes, members=JUDGE_MEMBERS, seed=cfg.training.seed
+    )
     pool = np.asarray(load_features(reference_features)["pool"], np.float64)
     summary = {
         "uri": uri,
@@ -97,6 +100,7 @@ def build_judge(
         "judge_train_images": int(len(train)),
         "judge_heldout_images": int(len(held)),
         "judge_image_size": int(model.image_size),
+        "judge_members": len(model.members),
         "num_classes": num_classes,
         **_fid_floor(pool, num_samples, cfg.evaluation.fid_method),
     }
@@ -115,9 +119,10 @@ def _fid_floor(pool: np.ndarray, num_samples: int, method: str) -> dict[str, Any
     return {"fid_floor": float(fid), "fid_floor_images": int(half)}
 
 
-def read_judge(uri: str) -> tuple[JudgeCNN, dict[str, Any]]:
+def read_judge(uri: str) -> tuple[JudgeEnsemble, dict[str, Any]]:
     summary = storage.read_json(uri + ".json")
-    model = JudgeCNN(summary["num_classes"], summary["judge_image_size"])
+    members = int(summary.get("judge_members", 1))
+    model = JudgeEnsemble(summary["num_classes"], summary["judge_image_size"], members)
     state = torch.load(io.BytesIO(storage.read_bytes(uri + ".pt")), weights_only=True)
     model.load_state_dict(state)
     return model.eval(), summary

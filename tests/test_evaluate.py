@@ -345,6 +345,31 @@ def test_reference_from_a_sharded_data_set_keeps_stats_of_all_and_a_subset(cfg, 
     assert ref["sigma_s"].shape == (2023, 2023)
 
 
+def test_a_reference_with_statistics_of_the_kept_images_reads_only_those(
+    cfg, tmp_path, model, monkeypatch
+):
+    data = _write_shards(tmp_path / "data", [3, 3])
+    evaluation = {"reference_images": 4, "reference_statistics": "kept"}
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update=evaluation)})
+    seen = []
+    features = ev.FeatureWorker.run
+
+    def counting(self, index, unit, rows=None):
+        out = features(self, index, unit, rows)
+        seen.append(len(out[1].get("pool", [])))
+        return out
+
+    monkeypatch.setattr(ev.FeatureWorker, "run", counting)
+    ref = ev.load_features(ev.build_reference(cfg, data))
+    assert sum(seen) == 4 and ref["pool"].shape == (4, 2048)  # 4 of 6 images through Inception
+    every = np.concatenate([_images(1, 16, seed=100 + k) for k in range(6)])
+    chosen = np.sort(np.random.default_rng(0).choice(6, size=4, replace=False))
+    direct = model.features(every[chosen])
+    np.testing.assert_allclose(ref["pool"], direct["pool"], atol=1e-4)
+    np.testing.assert_allclose(ref["mu"], direct["pool"].astype(np.float64).mean(0), atol=1e-5)
+    np.testing.assert_allclose(ref["sigma"], np.cov(direct["pool"], rowvar=False), atol=1e-5)
+
+
 # ------------------------------------------------------------------- CLI and MLflow
 
 

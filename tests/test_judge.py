@@ -35,6 +35,19 @@ def test_judge_learns_shapes_and_reads_larger_images_at_its_own_size():
     np.testing.assert_array_equal(judge_predict(again, test_x), judge_predict(model, test_x))
 
 
+def test_the_judge_averages_the_probabilities_of_members_trained_from_different_seeds():
+    x, y = _two_class_images(128, 16, seed=0)
+    model = fit_judge(x, y, num_classes=2, members=3, steps=20, seed=5)
+    first, second = model.members[0], model.members[1]
+    assert not torch.equal(first.net[0][0].weight, second.net[0][0].weight)
+    alone = fit_judge(x, y, num_classes=2, members=1, steps=20, seed=6)  # member 1's seed
+    assert torch.equal(alone.members[0].net[0][0].weight, second.net[0][0].weight)
+    inputs = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        mean = sum(F.softmax(m(inputs), 1) for m in model.members) / 3
+        np.testing.assert_allclose(model(inputs).exp().numpy(), mean.numpy(), rtol=1e-5)
+
+
 def test_judge_rejects_labels_outside_its_classes():
     x, y = _two_class_images(8, 16, seed=0)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
@@ -91,7 +104,9 @@ def test_a_bilinear_set_is_judged_on_the_base_set_it_was_made_from(tmp_path):
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     storage.write_bytes(judge + ".pt", buf.getvalue())
-    storage.write_json(judge + ".json", {"num_classes": 2, "judge_image_size": 16})
+    storage.write_json(
+        judge + ".json", {"num_classes": 2, "judge_image_size": 16, "judge_members": 4}
+    )
     acc = class_accuracy(judge, up)
     assert acc == class_accuracy(judge, base) == judge_accuracy(model, x, y) >= 0.95
     _write_set(base, x, 1 - y)  # the base set's labels are what the bilinear row is judged by
