@@ -136,7 +136,9 @@ def _fit_member(
 
 
 @torch.no_grad()
-def judge_predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def judge_predict(
+    model: JudgeCNN | JudgeEnsemble, images: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
     """Predicted class of each uint8 NHWC image."""
     model.eval()
     out = []
@@ -146,7 +148,9 @@ def judge_predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def judge_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+def judge_accuracy(
+    model: JudgeCNN | JudgeEnsemble, images: np.ndarray, labels: np.ndarray
+) -> float:
     labels = np.asarray(labels)
     if len(labels) == 0:
         raise ValueError("accuracy of an empty set")

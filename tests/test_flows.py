@@ -15,9 +15,9 @@ SCALES = (0.0, 8.0, 32.0, 128.0)
 UPSAMPLED = (128.0,)
 CHECKPOINTS = [100, 500, 900]
 # Margins for the findings, well inside what the demo showed on a 2-core AMD EPYC (judge
-# accuracy 0.66 unguided -> 0.99 at scale 128; recall 0.30 -> 0.11; FID 367 -> 252 -> 217
-# over training).
-ACC_UNGUIDED_MIN = 0.5
+# accuracy 0.72 unguided -> 1.00 at scale 128; recall 0.29 -> 0.10; FID 370 -> 258 -> 221
+# over training). Another CPU draws other samples from the same seeds, hence the margins.
+ACC_UNGUIDED_MIN = 0.6
 ACC_GUIDED_MIN = 0.9
 RECALL_DROP_MIN = 0.08
 CURVE_LAST_OVER_FIRST_MAX = 0.75
@@ -79,8 +79,8 @@ def test_demo_shows_the_papers_findings(pipeline):
     trading diversity for class fidelity (ADM §4): class accuracy up to the paper's 90% and
     recall down across the sweep. Not asserted: precision up. Every set is scored at 32px
     against real 32px renders, and a 16px sample taken up bilinearly is blurrier than any of
-    them, so precision stays ~0.00 at every scale (real 16px images taken up the same way
-    reach only 0.2; see the README's demo section)."""
+    them, so precision stays between 0.00 and 0.06 at every scale (real 16px images taken up
+    the same way reach only 0.2; see the README's demo section)."""
     result = pipeline["state"].result()
     judge = result["yardsticks"]["32px"]
     assert judge["judge_heldout_accuracy"] >= 0.95, judge
