@@ -332,9 +332,8 @@ def _write_shards(root, n_per_shard: list[int], size: int = 16) -> str:
 
 def test_reference_from_a_sharded_data_set_keeps_stats_of_all_and_a_subset(cfg, tmp_path, model):
     data = _write_shards(tmp_path / "data", [3, 3])
-    cfg = cfg.model_copy(
-        update={"evaluation": cfg.evaluation.model_copy(update={"reference_images": 4})}
-    )
+    evaluation = {"reference_images": 4, "reference_statistics": "all"}
+    cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update=evaluation)})
     uri = ev.build_reference(cfg, data)
     ref = ev.load_features(uri)
     assert ref["pool"].shape == (4, 2048) and int(ref["num_images"]) == 6
