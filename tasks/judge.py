@@ -2,7 +2,8 @@
 
 * **Judge**: an ensemble of small CNNs (:mod:`models.judge`) trained on 80% of the labelled
   real images of the base model's data set, at its resolution; its accuracy on the other 20%
-  is reported so the reader knows how far to trust it. It never sees the guidance classifier nor a sample.
+  is reported so the reader knows how far to trust it. It never sees the guidance classifier
+  nor a sample.
 * **FID floor**: the FID between two disjoint halves of the real reference images, each as
   large as a sample set. FID is biased upwards at small N, so this is the best score a perfect
   model could get at the demo's sample count: the number to read every other FID against.
