@@ -69,10 +69,10 @@ class JudgeEnsemble(nn.Module):
     """``members`` judges whose softmax outputs are averaged; ``forward`` returns the log of
     that average (so ``argmax`` is the ensemble's class)."""
 
-    def __init__(self, num_classes: int, image_size: int, members: int = 4):
+    def __init__(self, members: list[JudgeCNN]):
         super().__init__()
-        self.image_size = image_size
-        self.members = nn.ModuleList(JudgeCNN(num_classes, image_size) for _ in range(members))
+        self.image_size = members[0].image_size
+        self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([F.softmax(m(x), dim=1) for m in self.members]).mean(0)
@@ -101,15 +101,15 @@ def fit_judge(
         raise ValueError(
             f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
         )
-    ensemble = JudgeEnsemble(num_classes, images.shape[1], members)
     x_all = to_judge_input(images, images.shape[1])
     y_all = torch.from_numpy(labels)
+    trained = []
     for i in range(members):
         torch.manual_seed(seed + i)  # each member's initialisation and batches from its seed
         member = JudgeCNN(num_classes, images.shape[1])
         _fit_member(member, x_all, y_all, steps, batch_size, lr, seed + i)
-        ensemble.members[i] = member
-    return ensemble.eval()
+        trained.append(member)
+    return JudgeEnsemble(trained).eval()
 
 
 def _fit_member(

@@ -25,7 +25,14 @@ import torch
 from admflow import storage
 from admflow.config import AdmConfig
 from models import metrics as M
-from models.judge import JudgeEnsemble, fit_judge, holdout_split, judge_accuracy, judge_predict
+from models.judge import (
+    JudgeCNN,
+    JudgeEnsemble,
+    fit_judge,
+    holdout_split,
+    judge_accuracy,
+    judge_predict,
+)
 from tasks.eval_io import Unit
 
 JUDGE_VERSION = 3  # 3: an ensemble of JUDGE_MEMBERS networks
@@ -123,7 +130,8 @@ def _fid_floor(pool: np.ndarray, num_samples: int, method: str) -> dict[str, Any
 def read_judge(uri: str) -> tuple[JudgeEnsemble, dict[str, Any]]:
     summary = storage.read_json(uri + ".json")
     members = int(summary.get("judge_members", 1))
-    model = JudgeEnsemble(summary["num_classes"], summary["judge_image_size"], members)
+    size, classes = summary["judge_image_size"], summary["num_classes"]
+    model = JudgeEnsemble([JudgeCNN(classes, size) for _ in range(members)])
     state = torch.load(io.BytesIO(storage.read_bytes(uri + ".pt")), weights_only=True)
     model.load_state_dict(state)
     return model.eval(), summary

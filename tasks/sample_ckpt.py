@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from admflow import storage
 from admflow.config import AdmConfig, config_from_dict
 from models.ema import ema_horizon, ema_is_warm
+from tasks.train_checkpoint import ema_filename, ema_rate_of
 
 log = logging.getLogger(__name__)
 
@@ -62,39 +63,33 @@ def _read_meta(uri: str) -> tuple[AdmConfig | None, int | None]:
 def _pick_weights(
     directory: str, use_ema: bool, ema_rates: list[float], step: int | None = None
 ) -> str:
-    """The EMA file (the first of ``ema_rates`` present, else any) or ``model.pt``. A
-    checkpoint saved before its EMA's horizon (``step`` < 1/(1-rate)) is sampled from its raw
-    weights: such an average is still mostly the random initialisation (a 50-step toy
-    upsampler's EMA at 0.99 drew samples its judge classed 6% right, its raw weights 90%)."""
+    """The EMA file (see :func:`_ema_file`) or ``model.pt``. A checkpoint saved before its
+    EMA's horizon (``step`` < 1/(1-rate)) is sampled from its raw weights: such an average is
+    still mostly the random initialisation (a 50-step toy upsampler's EMA at 0.99 drew samples
+    its judge classed 6% right, its raw weights 90%)."""
     files = {u.rsplit("/", 1)[-1]: u for u in storage.ls(directory, ".pt")}
-    if use_ema:
-        ema = next((f"ema_{r}.pt" for r in ema_rates if f"ema_{r}.pt" in files), None)
-        others = sorted(n for n in files if n.startswith("ema_"))
-        ema = ema or (others[-1] if others else None)
-        rate = _rate_of(ema) if ema else None
-        if ema is None:
-            log.warning(
-                "%s has no ema_<rate>.pt; sampling from the raw weights model.pt", directory
-            )
-        elif step is not None and rate is not None and not ema_is_warm(rate, step):
-            log.info(
-                "%s: %d training steps, fewer than the %d-step horizon of its EMA (rate %s); "
-                "sampling from the raw weights model.pt",
-                directory, step, ema_horizon(rate), rate,
-            )  # fmt: skip
-        else:
-            return files[ema]
+    ema = _ema_file(files, ema_rates) if use_ema else None
+    rate = ema_rate_of(ema) if ema else None
+    if use_ema and ema is None:
+        log.warning("%s has no ema_<rate>.pt; sampling from the raw weights model.pt", directory)
+    elif ema and step is not None and rate is not None and not ema_is_warm(rate, step):
+        log.info(
+            "%s: %d training steps, fewer than the %d-step horizon of its EMA (rate %s); "
+            "sampling from the raw weights model.pt",
+            directory, step, ema_horizon(rate), rate,
+        )  # fmt: skip
+    elif ema:
+        return files[ema]
     if "model.pt" not in files:
         raise storage.StorageError(f"{directory}: no model.pt (found {sorted(files) or 'nothing'})")
     return files["model.pt"]
 
 
-def _rate_of(name: str) -> float | None:
-    """The rate in an ``ema_<rate>.pt`` file name (None for a name without one)."""
-    try:
-        return float(name.removeprefix("ema_").removesuffix(".pt"))
-    except ValueError:
-        return None
+def _ema_file(files: dict[str, str], ema_rates: list[float]) -> str | None:
+    """The first of ``ema_rates`` that has a file, else the last EMA file by name."""
+    named = [ema_filename(r) for r in ema_rates if ema_filename(r) in files]
+    others = sorted(n for n in files if n.startswith("ema_"))
+    return (named or others[-1:] or [None])[0]
 
 
 def resolve_checkpoint(

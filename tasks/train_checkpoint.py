@@ -39,6 +39,14 @@ def ema_filename(rate: float) -> str:
     return f"ema_{rate}.pt"
 
 
+def ema_rate_of(filename: str) -> float | None:
+    """The rate in an ``ema_<rate>.pt`` file name (None for a name without one)."""
+    try:
+        return float(filename.removeprefix("ema_").removesuffix(".pt"))
+    except ValueError:
+        return None
+
+
 def step_dirname(step: int) -> str:
     return f"step-{step:06d}"
 
