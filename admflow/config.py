@@ -596,8 +596,9 @@ class AdmConfig(Section):
 
     @property
     def two_stage(self) -> bool:
-        """Base model + upsampler at a higher resolution (ADM-G + ADM-U): every sample set is
-        then scored at the upsampler's resolution."""
+        """Base model + upsampler at a higher resolution (ADM-G + ADM-U): the base model's sets
+        are scored at its resolution, the upsampled ones (and their bilinear baseline) at the
+        upsampler's."""
         return self.upsampler.enabled and self.upsampler.unet.image_size > self.model.image_size
 
     def upsampler_data(self) -> AdmConfig:
@@ -605,16 +606,6 @@ class AdmConfig(Section):
         the data set at its own, higher resolution (ADM-U on ImageNet 256 under a 64px base)."""
         data = self.data.model_copy(update={"image_size": self.upsampler.unet.image_size})
         return self.model_copy(update={"data": data})
-
-    def evaluation_data(self) -> AdmConfig:
-        """The config whose data set every sample set is scored against (two-stage: the
-        upsampler's size)."""
-        return self.upsampler_data() if self.two_stage else self
-
-    @property
-    def score_size(self) -> int | None:
-        """The size base samples are upscaled to before scoring (two-stage), else None."""
-        return self.upsampler.unet.image_size if self.two_stage else None
 
     @property
     def curve_reuses_unguided_set(self) -> bool:

@@ -18,12 +18,10 @@ def find_new_checkpoints(cfg, run_uri: str) -> list[dict]:
 
 
 @task(name="evaluate-checkpoint", **stages.RETRY)  # type: ignore[arg-type]
-def evaluate_checkpoint(
-    cfg, ckpt: dict, reference_uri: str, num_samples: int, upscale_to: int | None
-) -> dict:
+def evaluate_checkpoint(cfg, ckpt: dict, reference_uri: str, num_samples: int) -> dict:
     from tasks.periodic import evaluate_checkpoint as run
 
-    return run(cfg, ckpt, reference_uri, num_samples, upscale_to=upscale_to)
+    return run(cfg, ckpt, reference_uri, num_samples)
 
 
 @flow(name="evaluate-periodic", log_prints=True)
@@ -45,13 +43,12 @@ def evaluate_periodic(
     if not new:  # the usual scheduled tick: no reference features to compute
         log.info("evaluated 0 new checkpoint(s)")
         return []
-    # The reference of the reproduce flow (same cache key): a two-stage pipeline scores the
-    # base model's samples upscaled to the upsampler's size.
-    eval_cfg = cfg.evaluation_data()
-    data_key = chain_key("shard", eval_cfg, ("data",))
-    data = stages.shard(eval_cfg, cache_key=data_key)
-    ref_key = chain_key("reference", eval_cfg, ("evaluation",), data_key)
-    ref = stages.reference(eval_cfg, data, cache_key=ref_key)
-    results = [evaluate_checkpoint(cfg, c, ref["uri"], num_samples, cfg.score_size) for c in new]
+    # The reproduce flow's reference for the base model (same cache keys): real images at the
+    # model's own resolution, also in a two-stage pipeline.
+    data_key = chain_key("shard", cfg, ("data",))
+    data = stages.shard(cfg, cache_key=data_key)
+    ref_key = chain_key("reference", cfg, ("evaluation",), data_key)
+    ref = stages.reference(cfg, data, cache_key=ref_key)
+    results = [evaluate_checkpoint(cfg, c, ref["uri"], num_samples) for c in new]
     log.info("evaluated %d new checkpoint(s)", len(results))
     return results

@@ -37,23 +37,26 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
 
     data_key = chain_key("shard", cfg, ("data",))
     data = stages.shard(cfg, cache_key=data_key, parent_run_id=parent)
-    # Two stages (ADM-G + ADM-U): the upsampler trains on the data at its own resolution, and
-    # every set is scored there, the base samples upscaled bilinearly (the baseline ADM-U must
-    # beat) beside the upsampler's output.
-    two_stage = cfg.two_stage
-    eval_cfg = cfg.evaluation_data()
-    eval_key = chain_key("shard", eval_cfg, ("data",))
-    eval_data = stages.shard(eval_cfg, cache_key=eval_key, parent_run_id=parent)
+    # Two stages (ADM-G + ADM-U): the upsampler trains on the data at its own resolution.
+    # The base model is scored where it works (the sweep and the FID curve against real images
+    # at its size, as the paper scores ADM-G at 64 or 128); the upsampled sets against real
+    # images at the upsampler's size, its output beside the same base samples upscaled
+    # bilinearly (the baseline ADM-U must beat).
+    up_cfg, up_key, up_data = cfg, data_key, data
+    if cfg.two_stage:
+        up_cfg = cfg.upsampler_data()
+        up_key = chain_key("shard", up_cfg, ("data",))
+        up_data = stages.shard(up_cfg, cache_key=up_key, parent_run_id=parent)
 
     train_keys = {
         "diffusion": chain_key("train", cfg, DIFFUSION_SECTIONS, data_key),
         "classifier": chain_key("train", cfg, CLASSIFIER_SECTIONS, data_key),
-        "upsampler": chain_key("train", cfg, UPSAMPLER_SECTIONS, eval_key),
+        "upsampler": chain_key("train", cfg, UPSAMPLER_SECTIONS, up_key),
     }
     wanted = ["diffusion"]
     wanted += ["classifier"] if cfg.classifier.enabled else []
     wanted += ["upsampler"] if cfg.upsampler.enabled else []
-    train_data = {"diffusion": data, "classifier": data, "upsampler": eval_data}
+    train_data = {"diffusion": data, "classifier": data, "upsampler": up_data}
 
     def submit(kind: str) -> Any:
         return stages.train.submit(
@@ -63,14 +66,18 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     # The diffusion model is the long pole: it is asked for first, and the reference features
     # (half the evaluation workers) and the shorter trainings queue for what is left.
     futures = {"diffusion": submit("diffusion")}
-    ref_key = chain_key("reference", eval_cfg, ("evaluation",), eval_key)
     ref_workers = max(1, cfg.evaluation.workers // 2)
-    ref = stages.reference(eval_cfg, eval_data, cache_key=ref_key, workers=ref_workers)
+    ref_key = chain_key("reference", cfg, ("evaluation",), data_key)
+    ref = stages.reference(cfg, data, cache_key=ref_key, workers=ref_workers)
     judge = None
-    if eval_cfg.data.class_cond and not cfg.evaluation.reference:
+    if cfg.data.class_cond and not cfg.evaluation.reference:
         j_key = chain_key("judge", cfg, (), data_key, ref_key, num_samples=cfg.sampling.num_samples)
-        judge = stages.judge(eval_cfg, data, ref, cache_key=j_key)
+        judge = stages.judge(cfg, data, ref, cache_key=j_key)
     futures.update({kind: submit(kind) for kind in wanted[1:]})
+    up_ref, up_ref_key = ref, ref_key
+    if cfg.two_stage:  # (every upsample_sets choice takes at least the largest scale up)
+        up_ref_key = chain_key("reference", up_cfg, ("evaluation",), up_key)
+        up_ref = stages.reference(up_cfg, up_data, cache_key=up_ref_key, workers=ref_workers)
     runs = {kind: f.result() for kind, f in futures.items()}
 
     rows = []
@@ -86,17 +93,20 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
             scale=scale,
         )
         base = stages.sample(cfg, runs["diffusion"], runs.get("classifier"), scale, s_key, parent)
-        sets = [] if two_stage else [(s_key, base)]
-        if two_stage:
-            b_key = chain_key("bilinear", cfg, ("upsampler",), s_key)
-            sets.append((b_key, stages.bilinear(cfg, base, cache_key=b_key)))
+        sets = [(s_key, base, ref, ref_key)]
         if "upsampler" in runs and cfg.sampling.upsampled(scale):
+            if cfg.two_stage:
+                b_key = chain_key("bilinear", cfg, ("upsampler",), s_key)
+                sets.append(
+                    (b_key, stages.bilinear(cfg, base, cache_key=b_key), up_ref, up_ref_key)
+                )
             u_key = chain_key("upsample", cfg, ("sampling",), s_key, train_keys["upsampler"])
-            sets.append((u_key, stages.upsample(cfg, base, runs["upsampler"], u_key, parent)))
-        for set_key, sset in sets:
-            e_key = chain_key("evaluate", cfg, ("evaluation",), ref_key, set_key)
+            upsampled = stages.upsample(cfg, base, runs["upsampler"], u_key, parent)
+            sets.append((u_key, upsampled, up_ref, up_ref_key))
+        for set_key, sset, set_ref, set_ref_key in sets:
+            e_key = chain_key("evaluate", cfg, ("evaluation",), set_ref_key, set_key)
             tags = lineage.sample_tags(sset, runs, data)
-            row = stages.evaluate(cfg, ref, sset, e_key, parent, tags, judge=judge)
+            row = stages.evaluate(cfg, set_ref, sset, e_key, parent, tags, judge=judge)
             rows.append({**row, "base_samples": base["uri"]})
 
     curve: list[dict] = []
@@ -105,7 +115,10 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
         scored = _final_unguided(cfg, runs["diffusion"], rows)
         curve = stages.training_curve(cfg, runs["diffusion"], ref, judge, c_key, scored)
 
-    yardsticks = {f"{eval_cfg.data.image_size}px": judge}
+    yardsticks = {f"{cfg.data.image_size}px": judge}
+    if up_ref is not ref:
+        f_key = chain_key("floor", cfg, (), up_ref_key, num_samples=cfg.sampling.num_samples)
+        yardsticks[f"{up_cfg.data.image_size}px"] = stages.floor(cfg, up_ref, cache_key=f_key)
     summary = report.write_report(cfg, rows, parent, curve=curve, yardsticks=yardsticks)
     lineage.register_models(cfg, runs)
     lineage.finish_parent_run(parent, summary)
@@ -114,13 +127,12 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
 
 
 def _final_unguided(cfg: AdmConfig, diffusion_run: dict, rows: list[dict]) -> dict[str, dict]:
-    """The final checkpoint's unguided row (bilinear when two-stage), which the FID curve
-    takes as its last point instead of drawing and scoring the same set twice."""
+    """The final checkpoint's unguided row, which the FID curve takes as its last point
+    instead of drawing and scoring the same set twice."""
     if not cfg.curve_reuses_unguided_set:
         return {}
-    stage = "bilinear" if cfg.two_stage else "base"
     for row in rows:
-        if row["classifier_scale"] == 0.0 and row["stage"] == stage:
+        if row["classifier_scale"] == 0.0 and row["stage"] == "base":
             return {diffusion_run["checkpoint"]: row}
     return {}
 

@@ -170,6 +170,14 @@ def judge(cfg: AdmConfig, data: dict, ref: dict, cache_key: str) -> dict:
     return build_judge(cfg, data["uri"], ref["uri"], cfg.sampling.num_samples)
 
 
+@_stage_task("floor")
+def floor(cfg: AdmConfig, ref: dict, cache_key: str) -> dict:
+    """The FID floor of ``ref`` at the sample count (a reference with no judge of its own)."""
+    from tasks.judge import reference_floor
+
+    return reference_floor(cfg, ref["uri"], cfg.sampling.num_samples)
+
+
 @_stage_task("training-curve")
 def training_curve(
     cfg: AdmConfig,
@@ -187,11 +195,8 @@ def training_curve(
     judge_uri = judge["uri"] if judge else None
     known = scored or {}
     n = cfg.evaluation.checkpoint_samples
-    upscale = cfg.score_size
     return [
-        evaluate_checkpoint(
-            cfg, c, ref["uri"], n, judge=judge_uri, upscale_to=upscale, scored=known.get(c["uri"])
-        )
+        evaluate_checkpoint(cfg, c, ref["uri"], n, judge=judge_uri, scored=known.get(c["uri"]))
         for c in list_checkpoints(diffusion_run["run_uri"])
     ]
 

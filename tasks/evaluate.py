@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from itertools import pairwise
 from typing import Any, cast
@@ -315,9 +316,11 @@ def format_metrics(m: dict[str, Any]) -> str:
 def _log_input(mlflow: Any, feats: dict, uri: str, feature_uri: str, context: str) -> None:
     try:
         digest = hashlib.sha256(feature_uri.encode()).hexdigest()[:16]
-        ds = mlflow.data.from_numpy(
-            np.asarray(feats["pool"][:1000]), source=feature_uri, name=uri, digest=digest
-        )
+        with warnings.catch_warnings():  # "a local path can be read two ways": both the same
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_numpy(
+                np.asarray(feats["pool"][:1000]), source=feature_uri, name=uri, digest=digest
+            )
         mlflow.log_input(ds, context=context)
     except Exception as e:  # lineage is still in the tags
         log.warning("could not log %s as an MLflow dataset: %s", uri, e)

@@ -85,7 +85,6 @@ def build_judge(
     cfg: AdmConfig, data_uri: str, reference_features: str, num_samples: int
 ) -> dict[str, Any]:
     """Train the judge on ``data_uri`` and compute the FID floor of ``reference_features``."""
-    from tasks.evaluate import load_features
 
     uri = _judge_uri(cfg, data_uri, reference_features, num_samples)
     if storage.exists(uri + ".json"):
@@ -101,7 +100,6 @@ def build_judge(
     model = fit_judge(
         images[train], labels[train], num_classes, members=JUDGE_MEMBERS, seed=cfg.training.seed
     )
-    pool = np.asarray(load_features(reference_features)["pool"], np.float64)
     summary = {
         "uri": uri,
         "judge_heldout_accuracy": judge_accuracy(model, images[held], labels[held]),
@@ -110,7 +108,7 @@ def build_judge(
         "judge_image_size": int(model.image_size),
         "judge_members": len(model.members),
         "num_classes": num_classes,
-        **_fid_floor(pool, num_samples, cfg.evaluation.fid_method),
+        **reference_floor(cfg, reference_features, num_samples),
     }
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -119,7 +117,13 @@ def build_judge(
     return summary
 
 
-def _fid_floor(pool: np.ndarray, num_samples: int, method: str) -> dict[str, Any]:
+def reference_floor(cfg: AdmConfig, reference_features: str, num_samples: int) -> dict[str, Any]:
+    """The FID between two disjoint halves of the reference images, ``num_samples`` each
+    (fewer if the reference holds fewer than twice that)."""
+    from tasks.evaluate import load_features
+
+    pool = np.asarray(load_features(reference_features)["pool"], np.float64)
+    method = cfg.evaluation.fid_method
     half = min(num_samples, len(pool) // 2)
     order = np.random.default_rng(1).permutation(len(pool))
     a, b = pool[order[:half]], pool[order[half : 2 * half]]

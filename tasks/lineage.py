@@ -3,6 +3,7 @@ and registration of the final EMA models."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from admflow.config import AdmConfig
@@ -137,9 +138,13 @@ def _manifest_dataset(manifest: dict, data_uri: str):
         [{"shard": s["name"], "rows": s["rows"], "sha256": s["sha256"]} for s in manifest["shards"]]
     )
     fingerprint = (manifest.get("source") or {}).get("fingerprint", "")
-    return mlflow.data.from_pandas(  # type: ignore[attr-defined]
-        rows, source=data_uri, name=f"shards-{manifest['image_size']}px-{fingerprint[:8]}"
-    )
+    with warnings.catch_warnings():
+        # "a local path can be read two ways" (both the same) and "integer columns cannot
+        # hold missing values" (these never miss one): noise in the user's terminal
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(  # type: ignore[attr-defined]
+            rows, source=data_uri, name=f"shards-{manifest['image_size']}px-{fingerprint[:8]}"
+        )
 
 
 def close_parent_runs(cfg: AdmConfig, flow_run_id: str, status: str) -> list[str]:

@@ -38,13 +38,12 @@ def evaluate_checkpoint(
     reference_uri: str,
     num_samples: int,
     judge: str | None = None,
-    upscale_to: int | None = None,
     scored: dict | None = None,
 ) -> dict:
     """Sample ``num_samples`` images from one checkpoint, score them, log FID at its step.
 
-    ``upscale_to``: a reference at a higher resolution than the model (a two-stage pipeline)
-    scores the samples upscaled bilinearly to that size. ``scored``: the metrics (with their
+    The reference is at the model's resolution (a two-stage pipeline's base model is scored
+    at its own size, not upscaled). ``scored``: the metrics (with their
     ``samples`` URI) of this checkpoint's unguided set drawn and scored elsewhere with the
     same sampler and sample count (the reproduce flow's scale-0 set of the final
     checkpoint): recorded as this checkpoint's evaluation instead of drawing the set again."""
@@ -55,7 +54,7 @@ def evaluate_checkpoint(
     train_run = meta.get("mlflow_run_id") or _training_run_id(cfg, meta.get("run_name"))
     if scored is None:
         out, metrics = _sample_and_score(
-            cfg, ckpt, ledger, reference_uri, num_samples, judge, upscale_to, train_run
+            cfg, ckpt, ledger, reference_uri, num_samples, judge, train_run
         )
     else:
         out, metrics = scored["samples"], scored
@@ -79,7 +78,6 @@ def _sample_and_score(
     reference_uri: str,
     num_samples: int,
     judge: str | None,
-    upscale_to: int | None,
     train_run: str | None,
 ) -> tuple[str, dict]:
     from tasks.evaluate import evaluate_sets
@@ -87,10 +85,6 @@ def _sample_and_score(
 
     out = storage.join(ledger.removesuffix(".json") + "-samples")
     sample_set(cfg, ckpt["uri"], out, num_samples=num_samples, classifier_scale=0.0)
-    if upscale_to:
-        from tasks.upscale import bilinear_set
-
-        out = bilinear_set(out, out + f"-bilinear{upscale_to}", upscale_to)["uri"]
     tags = {"admflow.upstream.checkpoint": ckpt["uri"], "admflow.upstream.samples": out}
     if train_run:
         tags["admflow.upstream.train_run_id"] = train_run

@@ -39,6 +39,11 @@ def _stage(r: dict) -> str:
     return r.get("stage") or ("upsampler" if r.get("upsampled") else "base")
 
 
+def _resolution(cfg: AdmConfig, stage: str) -> int:
+    """The size a stage's sets are scored at: the base model's, or the upsampler's."""
+    return cfg.model.image_size if stage == "base" else cfg.upsampler.unet.image_size
+
+
 def rows_to_markdown(
     cfg: AdmConfig, rows: list[dict], run_links: dict[str, str] | None = None
 ) -> str:
@@ -46,7 +51,7 @@ def rows_to_markdown(
     lines = []
     for r in rows:
         stage = _stage(r)
-        res = cfg.model.image_size if stage == "base" else cfg.upsampler.unet.image_size
+        res = _resolution(cfg, stage)
         link = (run_links or {}).get(r.get("mlflow_run_id", ""), r.get("mlflow_run_id", ""))
         cells = [
             f"{cfg.name}{STAGES.get(stage, ' ' + stage)}",
@@ -71,12 +76,14 @@ def yardsticks_to_markdown(yardsticks: dict[str, dict | None]) -> str:
     lines = ["| reference | judge accuracy on held-out real images | FID floor (N) |",
              "|---|---|---|"]  # fmt: skip
     for name, y in yardsticks.items():
-        if y:
-            lines.append(
-                f"| {name} | {_fmt(y.get('judge_heldout_accuracy'))} "
-                f"({y.get('judge_heldout_images')} images) | {_fmt(y.get('fid_floor'))} "
-                f"({y.get('fid_floor_images')}) |"
-            )
+        if not y:
+            continue
+        judge = "-"  # a reference scored without a judge trained at its size
+        if y.get("judge_heldout_accuracy") is not None:
+            judge = f"{_fmt(y['judge_heldout_accuracy'])} ({y.get('judge_heldout_images')} images)"
+        lines.append(
+            f"| {name} | {judge} | {_fmt(y.get('fid_floor'))} ({y.get('fid_floor_images')}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -116,9 +123,11 @@ def _by_stage(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def plot_guidance_sweep(rows: list[dict], path: str) -> str:
+def plot_guidance_sweep(rows: list[dict], path: str, sizes: dict[str, int] | None = None) -> str:
     """FID, class fidelity (IS where Inception logits exist, else the judge's class accuracy)
-    against the classifier scale, and precision against recall (paper Fig. 4/5)."""
+    against the classifier scale, and precision against recall (paper Fig. 4/5). ``sizes``:
+    the resolution each stage is scored at, for the legend (an FID at 16px and one at 32px are
+    measured against different references)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,18 +143,19 @@ def plot_guidance_sweep(rows: list[dict], path: str) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8))
     titles = {"fid": "FID (lower is better)", "inception_score": "Inception Score",
               "class_accuracy": "class accuracy (judge)"}  # fmt: skip
+    labels = {st: f"{st} ({sizes[st]}px)" if sizes and st in sizes else st for st in stages}
     for ax, key in zip(axes, panels, strict=True):
         for stage, rs in stages.items():
             if key == "pr":
                 xs, ys = [r.get("recall") for r in rs], [r.get("precision") for r in rs]
-                ax.plot(xs, ys, "o-", label=stage)
+                ax.plot(xs, ys, "o-", label=labels[stage])
                 for r in rs:
                     ax.annotate(f"s={r['classifier_scale']:g}", (r.get("recall"), r.get("precision")),
                                 fontsize=8, xytext=(3, 3), textcoords="offset points")  # fmt: skip
             else:
                 pts = [(r["classifier_scale"], r.get(key)) for r in rs if r.get(key) is not None]
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), "o-", label=stage)
+                    ax.plot(*zip(*pts, strict=True), "o-", label=labels[stage])
         if key == "pr":
             ax.set(xlabel="recall", ylabel="precision", title="precision vs recall")
         else:
@@ -206,7 +216,11 @@ def write_report(
     tmp = tempfile.mkdtemp(prefix="admflow-report-")
     local = [
         os.path.join(tmp, "results.md"),
-        plot_guidance_sweep(rows, os.path.join(tmp, "guidance_sweep.png")),
+        plot_guidance_sweep(
+            rows,
+            os.path.join(tmp, "guidance_sweep.png"),
+            {st: _resolution(cfg, st) for st in STAGES},
+        ),
     ]
     if curve:
         local.append(plot_training_curve(curve, floor, os.path.join(tmp, "training_curve.png")))

@@ -1,0 +1,53 @@
+"""The report of a two-stage run: base rows at the base model's size, the upsampled pair at the
+upsampler's, each reference with its own floor, and the verdict said plainly."""
+
+from __future__ import annotations
+
+import os
+
+from admflow.config import load_config
+from tasks.report import write_report
+
+
+def _row(scale: float, stage: str, fid: float, precision: float, recall: float) -> dict:
+    return {
+        "classifier_scale": scale,
+        "stage": stage,
+        "fid": fid,
+        "sfid": fid + 40.0,
+        "inception_score": None,
+        "class_accuracy": 0.7 + scale / 500,
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def test_two_stage_report_keeps_each_reference_with_its_floor(tmp_path):
+    cfg = load_config("tiny", [f"storage.root={tmp_path / 'store'}"])
+    rows = [
+        _row(0.0, "base", 156.7, 0.03, 0.82),
+        _row(128.0, "base", 184.8, 0.10, 0.32),
+        _row(128.0, "bilinear", 243.0, 0.02, 0.10),
+        _row(128.0, "upsampler", 367.87, 0.0, 0.0),
+    ]
+    judge = {"judge_heldout_accuracy": 1.0, "judge_heldout_images": 120, "fid_floor": 61.86,
+             "fid_floor_images": 100}  # fmt: skip
+    yardsticks = {"16px": judge, "32px": {"fid_floor": 70.5, "fid_floor_images": 100}}
+    curve = [{"step": 100, "fid": 317.7}, {"step": 900, "fid": 156.7}]
+    out = write_report(cfg, rows, None, curve=curve, yardsticks=yardsticks)
+
+    table = out["table"].splitlines()
+    assert "| tiny | base | 16 |" in table[2] and "| 156.70 |" in table[2]
+    assert "| tiny +bilinear | bilinear | 32 |" in table[4]
+    text = out["report"]
+    assert "| 16px | 1.00 (120 images) | 61.86 (100) |" in text
+    assert "| 32px | - | 70.50 (100) |" in text  # no judge at 32px, its floor all the same
+    # the curve is read against the base model's floor, the first yardstick
+    assert "Floor (real vs real at the same N): FID 61.86." in text
+    assert "scale 128: the upsampler does not beat bilinear (FID 367.87 vs 243.00)" in text
+    assert sorted(os.path.basename(p) for p in out["local_files"]) == [
+        "guidance_sweep.png",
+        "results.md",
+        "training_curve.png",
+    ]
+    assert all(os.path.getsize(p) > 1000 for p in out["local_files"][1:])  # plots, not blanks
