@@ -593,6 +593,13 @@ class AdmConfig(Section):
                 f"data.image_size ({self.data.image_size}) must equal model.image_size "
                 f"({self.model.image_size}): the shards feed the model; set both"
             )
+        if self.two_stage and self.evaluation.reference:
+            raise ConfigError(
+                f"evaluation.reference ({self.evaluation.reference}) is one reference, but a "
+                f"two-stage pipeline scores at two sizes ({self.model.image_size}px base sets, "
+                f"{self.upsampler.unet.image_size}px upsampled ones): unset it to build both "
+                "from the data set, or set upsampler.enabled=false"
+            )
 
     @property
     def two_stage(self) -> bool:

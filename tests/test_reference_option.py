@@ -36,3 +36,16 @@ def test_reproduce_rejects_a_non_batch_reference(tmp_path):
     np.savez(bad, something=np.zeros(3))
     with pytest.raises(ConfigError, match="neither arr_0"):
         check_reference(load_config("tiny", [f"evaluation.reference={bad}"]))
+
+
+def test_a_two_stage_pipeline_rejects_a_single_reference(tmp_path):
+    """The tiny preset scores its base sets at 16px and the upsampled ones at 32px: one given
+    reference cannot serve both, and the flow says so before anything starts."""
+    from admflow.config import ConfigError
+
+    ref = tmp_path / "VIRTUAL_tiny.npz"
+    np.savez(ref, arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    cfg = load_config("tiny", [f"evaluation.reference={ref}"])
+    with pytest.raises(ConfigError, match=r"16px base sets, 32px upsampled ones\): unset it"):
+        cfg.check_pipeline()
+    load_config("tiny", [f"evaluation.reference={ref}", "upsampler.enabled=false"]).check_pipeline()
