@@ -16,9 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Runs `admflow reproduce --config tiny` with embedded defaults: local Ray, "
             "Prefect's ephemeral API, MLflow in ./admflow-store/mlflow.db and the object store "
             "in ./admflow-store. The two-stage pipeline at toy scale: a 16px base model, a "
-            "noisy classifier and a 16->32 upsampler; FID over training, a guidance sweep "
-            "scored bilinear and upsampled at 32px, class accuracy from an independent judge. "
-            "About 16 minutes on 2 idle CPU cores; a rerun is all cache hits. Override any "
+            "noisy classifier and a 16->32 upsampler; FID over training and a guidance sweep "
+            "scored at 16px, the most guided set taken to 32px by the upsampler and "
+            "bilinearly, class accuracy from an independent judge. About 13 minutes on 2 idle "
+            "CPU cores (more on slower ones); a rerun is all cache hits. Override any "
             "preset field with --set, e.g. --set training.steps=1500."
         ),
     )
