@@ -154,13 +154,14 @@ def test_changing_guidance_scale_reruns_only_sampling_and_evaluation(pipeline):
     from flows.reproduce import reproduce
 
     overrides = [o for o in pipeline["overrides"] if not o.startswith("sampling.classifier_scales")]
-    overrides.append("sampling.classifier_scales=[0.0, 3.0]")
+    # one scale more, below the largest: only its set is drawn and scored
+    overrides.append("sampling.classifier_scales=[0.0, 3.0, 8.0, 32.0, 128.0]")
     state = reproduce(preset="tiny", overrides=overrides, return_state=True)
     states = _task_states(state.state_details.flow_run_id)
-    for stage in ("shard", "train", "reference"):
+    for stage in ("shard", "train", "reference", "judge", "bilinear", "upsample", "training"):
         assert set(states[stage]) == {"Cached"}, (stage, states)
-    assert "Completed" in states["sample"] and "Cached" in states["sample"]
-    assert "Completed" in states["evaluate"]
+    assert sorted(states["sample"]) == ["Cached"] * len(SCALES) + ["Completed"], states
+    assert states["evaluate"].count("Completed") == 1, states
 
 
 def test_mlflow_lineage_from_fid_to_shard_manifest(pipeline):
