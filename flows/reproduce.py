@@ -100,7 +100,10 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
                 sets.append(
                     (b_key, stages.bilinear(cfg, base, cache_key=b_key), up_ref, up_ref_key)
                 )
-            u_key = chain_key("upsample", cfg, ("sampling",), s_key, train_keys["upsampler"])
+            # (like a sample set's, without the scale list: another list redraws nothing here)
+            u_key = chain_key(
+                "upsample", cfg, (), s_key, train_keys["upsampler"], sampling=_sampling_key(cfg)
+            )
             upsampled = stages.upsample(cfg, base, runs["upsampler"], u_key, parent)
             sets.append((u_key, upsampled, up_ref, up_ref_key))
         for set_key, sset, set_ref, set_ref_key in sets:
