@@ -119,7 +119,7 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
         curve = stages.training_curve(cfg, runs["diffusion"], ref, judge, c_key, scored)
 
     yardsticks = {f"{cfg.data.image_size}px": judge}
-    if up_ref is not ref:
+    if cfg.two_stage:  # the upsampled pair has a reference of its own
         f_key = chain_key("floor", cfg, (), up_ref_key, num_samples=cfg.sampling.num_samples)
         yardsticks[f"{up_cfg.data.image_size}px"] = stages.floor(cfg, up_ref, cache_key=f_key)
     summary = report.write_report(cfg, rows, parent, curve=curve, yardsticks=yardsticks)
