@@ -61,7 +61,7 @@ def init_ray(num_cpus: int) -> None:
 
 def scaling(tmp: Path, shards: int) -> dict:
     from admflow.config import load_config
-    from tasks.sample import sample_set
+    from tasks.sampling.sample_set import sample_set
 
     overrides = ["sampling.shard_size=16", "sampling.batch_size=16", "compute.torch_threads=1"]
     cfg = load_config("bench-32", overrides)
@@ -82,7 +82,7 @@ def scaling(tmp: Path, shards: int) -> dict:
 def rss_child(n: int, out: str, ckpt: str) -> None:
     """One driver run; prints its peak RSS (the driver process only, not the actors)."""
     from admflow.config import load_config
-    from tasks.sample import sample_set
+    from tasks.sampling.sample_set import sample_set
 
     cfg = load_config("tiny", RSS_MODEL)
     init_ray(num_cpus=2)

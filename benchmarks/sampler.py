@@ -32,8 +32,8 @@ from admflow.config import load_config
 from models.build import build_unet
 from models.diffusion_factory import create_diffusion
 from models.fast import native_bf16, prepare_for_inference
-from tasks.sample_plan import SamplerSpec
-from tasks.sample_worker import ShardSampler
+from tasks.sampling.spec import SamplerSpec
+from tasks.sampling.worker import ShardSampler
 
 Model = Callable[..., torch.Tensor]
 

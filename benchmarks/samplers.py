@@ -21,7 +21,7 @@ Defaults find the demo's latest runs under the store (storage.root, ./admflow-st
     python benchmarks/samplers.py --checkpoint STORE/runs/diffusion-…/checkpoints/step-000200 \\
         --classifier … --reference STORE/data/… --nfes 5,10 --samplers ddim,unipc --num-samples 16
 
-The judge is by default the demo's (tasks.judge: a small CNN trained on the labelled reference
+The judge is by default the demo's (tasks.scoring.judge: a small CNN trained on the labelled reference
 images, with its held-out accuracy and the FID floor of real images at
 this sample count in the JSON); ``--judge module:function`` plugs in any classifier of clean
 images instead: function(uint8 NHWC array) -> predicted class ids. FID from a few hundred images is biased upwards (compare sets of the
@@ -56,7 +56,7 @@ SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 
 def latest_run_checkpoint(root: str, kind: str) -> str | None:
     """The newest checkpoint of the newest ``kind`` run under ``root``/runs (or None)."""
-    from tasks.train_checkpoint import checkpoints_uri, latest_checkpoint
+    from tasks.training.checkpoint import checkpoints_uri, latest_checkpoint
 
     runs_dir = storage.join(root, "runs")
     if not storage.exists(runs_dir):
@@ -88,7 +88,7 @@ def load_network(uri: str, cfg: AdmConfig, kind: str, device: torch.device) -> t
     """(network, its config section) from one of our checkpoints or a released .pt."""
     from models.build import build_classifier, build_unet
     from models.checkpoints import load_state_dict_strict, read_state_dict
-    from tasks.sample_ckpt import resolve_checkpoint
+    from tasks.sampling.weights import resolve_checkpoint
 
     ckpt = resolve_checkpoint(uri, cfg.sampling.use_ema, cfg.training.ema_rate)
     source = ckpt.config or cfg
@@ -149,10 +149,10 @@ def draw_set(loop, model, labels, noise, cond_fn, batch: int) -> np.ndarray:
 class Scorer:
     def __init__(self, cfg: AdmConfig, reference: str, device: torch.device):
         from models.inception import load_inception
-        from tasks.evaluate import features_for
+        from tasks.scoring.evaluate import features_for
 
         feats, self.reference_features = features_for(cfg, reference, workers=0)
-        from tasks.evaluate import _stats
+        from tasks.scoring.evaluate import _stats
 
         self.ref_stats = _stats(feats, "pool", "mu", "sigma")
         self.inception = load_inception(cfg.evaluation.inception_weights, device)
@@ -180,7 +180,7 @@ def demo_judge(
     checkout has one and the reference is labelled: (accuracy(images, labels), its summary)."""
     try:
         from models.judge import judge_accuracy
-        from tasks.judge import build_judge, read_judge
+        from tasks.scoring.judge import build_judge, read_judge
     except ImportError:
         return None, {"judge": "none in this checkout"}
     try:
@@ -276,7 +276,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         metavar="MODULE:FUNCTION",
         help="clean-image classifier: function(uint8 NHWC) -> class ids; auto: the demo's "
-        "judge (tasks.judge) when there is one; none",
+        "judge (tasks.scoring.judge) when there is one; none",
     )
     p.add_argument("--random-init", action="store_true", help="random weights, timing only")
     p.add_argument("--out", default="benchmark-samplers", help="folder for JSON and plot")

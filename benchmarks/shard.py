@@ -52,7 +52,7 @@ def plain_loop(root: str) -> tuple[float, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.shard import center_crop, encode_png
+    from tasks.data.shard import center_crop, encode_png
 
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
@@ -72,7 +72,7 @@ def _warm() -> int:
     import PIL.JpegImagePlugin  # noqa: F401  (the imports a shard task needs)
     import pyarrow.parquet  # noqa: F401
 
-    import tasks.shard  # noqa: F401
+    import tasks.data.shard  # noqa: F401
 
     return os.getpid()
 
@@ -81,8 +81,8 @@ def ray_run(src: str, dest: str) -> dict[str, float]:
     """Shard on Ray; time Ray start-up (init + two warmed workers) apart from the work,
     because a flow shares one Ray session between stages."""
     from admflow.config import load_config
-    from tasks.ray_utils import ensure_ray
-    from tasks.shard import shard_dataset
+    from tasks.data.shard import shard_dataset
+    from tasks.runtime.ray_session import ensure_ray
 
     cfg = load_config(
         "tiny", ["data.image_size=64", "data.shard_rows=250", "compute.num_workers=2"]

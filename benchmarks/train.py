@@ -2,7 +2,7 @@
 global batch 16, and for the demo's own model (``tiny``), all in one run:
 
 * ``plain``: one process, all cores, fp32 NCHW, the real training step (data, L_hybrid,
-  AdamW, EMA) through :class:`tasks.train_loop.Trainer` with a local session;
+  AdamW, EMA) through :class:`tasks.training.loop.Trainer` with a local session;
 * ``tuned``: the same with bf16 autocast and channels_last;
 * ``ray``: Ray Train, 2 workers x 1 thread (DDP over gloo), fp32, batch 8 per worker.
 
@@ -36,8 +36,8 @@ from PIL import Image
 
 from admflow import storage
 from admflow.config import load_config
-from tasks.demo_data import CLASS_NAMES, render
-from tasks.train_loop import LocalSession, LoopSpec, Trainer
+from tasks.data.demo import CLASS_NAMES, render
+from tasks.training.loop import LocalSession, LoopSpec, Trainer
 
 BASE = ["training.batch_size=16", "training.ema_rate=[0.9999]"]
 
@@ -111,7 +111,7 @@ def ray_images_per_s(
 ) -> float:
     import ray
 
-    from tasks.train import train_diffusion
+    from tasks.training.launch import train_diffusion
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

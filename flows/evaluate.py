@@ -12,14 +12,14 @@ from flows.stages import chain_key
 
 @task(name="find-new-checkpoints", **stages.RETRY)  # type: ignore[arg-type]
 def find_new_checkpoints(cfg, run_uri: str) -> list[dict]:
-    from tasks.periodic import unevaluated_checkpoints
+    from tasks.scoring.periodic import unevaluated_checkpoints
 
     return unevaluated_checkpoints(cfg, run_uri)
 
 
 @task(name="evaluate-checkpoint", **stages.RETRY)  # type: ignore[arg-type]
 def evaluate_checkpoint(cfg, ckpt: dict, reference_uri: str, num_samples: int) -> dict:
-    from tasks.periodic import evaluate_checkpoint as run
+    from tasks.scoring.periodic import evaluate_checkpoint as run
 
     return run(cfg, ckpt, reference_uri, num_samples)
 
@@ -34,7 +34,7 @@ def evaluate_periodic(
     """Evaluate the checkpoints of ``run_name`` (default: every diffusion run under the
     storage root) that have not been evaluated yet, against the reproduce flow's reference."""
     from admflow import storage
-    from tasks.periodic import training_runs
+    from tasks.scoring.periodic import training_runs
 
     cfg = load_config(preset, overrides or [])
     log = get_run_logger()

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 def _closer(status: str):
     def close_parent(flow: Any, flow_run: Any, state: Any) -> None:
         from admflow.config import load_config
-        from tasks.lineage import close_parent_runs
+        from tasks.reporting.lineage import close_parent_runs
 
         params = flow_run.parameters or {}
         try:

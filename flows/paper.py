@@ -24,7 +24,7 @@ def paper(
 ) -> dict[str, Any]:
     """E.g. row=imagenet256-adm-g, checkpoints=s3://models/openai (holding 256x256_diffusion.pt
     and 256x256_classifier.pt), reference=VIRTUAL_imagenet256_labeled.npz."""
-    from tasks import lineage, paper_report
+    from tasks.reporting import lineage, paper_report
 
     registry = load_rows()
     entry = registry.row(row)

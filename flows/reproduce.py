@@ -28,7 +28,7 @@ def _sampling_key(cfg: AdmConfig) -> dict:
 @flow(name="reproduce", log_prints=True, **PARENT_RUN_HOOKS)
 def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the paper's pipeline for one preset; returns the metrics rows and report paths."""
-    from tasks import lineage, report
+    from tasks.reporting import lineage, report
 
     cfg = load_config(preset, overrides or [])
     cfg.check_pipeline()

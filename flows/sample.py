@@ -29,7 +29,7 @@ def sample_released(
 
     ``parent_run_id``: log under a caller's MLflow run (left open for it to finish);
     ``final_only``: score only the last stage (the reference is at the upsampler's size)."""
-    from tasks import lineage, report
+    from tasks.reporting import lineage, report
 
     cfg = load_config(preset, overrides or [])
     scale = cfg.sampling.classifier_scales[0] if classifier_scale is None else classifier_scale

@@ -72,8 +72,8 @@ def _stage_task(name: str):
 
 @_stage_task("shard")
 def shard(cfg: AdmConfig, cache_key: str, parent_run_id: str | None = None) -> dict:
-    from tasks.lineage import log_shard_run
-    from tasks.shard import shard_dataset
+    from tasks.data.shard import shard_dataset
+    from tasks.reporting.lineage import log_shard_run
 
     dest = join(cfg.storage.root, "data", cache_key)
     manifest = shard_dataset(cfg, cfg.data.source, dest)
@@ -88,7 +88,7 @@ def shard(cfg: AdmConfig, cache_key: str, parent_run_id: str | None = None) -> d
 
 @_stage_task("train")
 def train(cfg: AdmConfig, kind: str, data: dict, cache_key: str, parent_run_id: str | None) -> dict:
-    from tasks import train as training
+    from tasks.training import launch as training
 
     fn = {
         "diffusion": training.train_diffusion,
@@ -101,7 +101,7 @@ def train(cfg: AdmConfig, kind: str, data: dict, cache_key: str, parent_run_id: 
 
 @_stage_task("reference")
 def reference(cfg: AdmConfig, data: dict, cache_key: str, workers: int | None = None) -> dict:
-    from tasks.evaluate import build_reference
+    from tasks.scoring.evaluate import build_reference
 
     if cfg.evaluation.reference:  # e.g. the paper's reference batch, instead of our shards
         return {"uri": cfg.evaluation.reference}
@@ -118,7 +118,7 @@ def sample(
     cache_key: str,
     parent_run_id: str | None,
 ) -> dict:
-    from tasks.sample import sample_set
+    from tasks.sampling.sample_set import sample_set
 
     out = join(cfg.storage.root, "samples", cache_key)
     result = sample_set(
@@ -136,7 +136,7 @@ def sample(
 def upsample(
     cfg: AdmConfig, base: dict, upsampler_run: dict, cache_key: str, parent_run_id: str | None
 ) -> dict:
-    from tasks.sample import upsample_set
+    from tasks.sampling.sample_set import upsample_set
 
     out = join(cfg.storage.root, "samples", cache_key)
     result = upsample_set(
@@ -148,7 +148,7 @@ def upsample(
 @_stage_task("bilinear")
 def bilinear(cfg: AdmConfig, base: dict, cache_key: str) -> dict:
     """The two-stage baseline: the base samples upscaled bilinearly to the upsampler's size."""
-    from tasks.upscale import bilinear_set
+    from tasks.sampling.bilinear import bilinear_set
 
     out = join(cfg.storage.root, "samples", cache_key)
     result = bilinear_set(base["uri"], out, cfg.upsampler.unet.image_size)
@@ -165,7 +165,7 @@ def bilinear(cfg: AdmConfig, base: dict, cache_key: str) -> dict:
 @_stage_task("judge")
 def judge(cfg: AdmConfig, data: dict, ref: dict, cache_key: str) -> dict:
     """The class-accuracy judge (trained on ``data``) and the FID floor of ``ref``."""
-    from tasks.judge import build_judge
+    from tasks.scoring.judge import build_judge
 
     return build_judge(cfg, data["uri"], ref["uri"], cfg.sampling.num_samples)
 
@@ -173,7 +173,7 @@ def judge(cfg: AdmConfig, data: dict, ref: dict, cache_key: str) -> dict:
 @_stage_task("floor")
 def floor(cfg: AdmConfig, ref: dict, cache_key: str) -> dict:
     """The FID floor of ``ref`` at the sample count (a reference with no judge of its own)."""
-    from tasks.judge import reference_floor
+    from tasks.scoring.judge import reference_floor
 
     return reference_floor(cfg, ref["uri"], cfg.sampling.num_samples)
 
@@ -189,8 +189,8 @@ def training_curve(
 ) -> list[dict]:
     """Periodic evaluation of every checkpoint of the diffusion run (FID against step);
     ``scored``: checkpoint URI -> its unguided set's metrics, already drawn and scored."""
-    from tasks.periodic import evaluate_checkpoint
-    from tasks.train_checkpoint import list_checkpoints
+    from tasks.scoring.periodic import evaluate_checkpoint
+    from tasks.training.checkpoint import list_checkpoints
 
     judge_uri = judge["uri"] if judge else None
     known = scored or {}
@@ -211,7 +211,7 @@ def evaluate(
     tags: dict,
     judge: dict | None = None,
 ) -> dict:
-    from tasks.evaluate import evaluate_sets
+    from tasks.scoring.evaluate import evaluate_sets
 
     metrics = evaluate_sets(
         cfg,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.ema import EMA, ema_horizon, ema_is_warm
-from tasks.sample_ckpt import resolve_checkpoint
+from tasks.sampling.weights import resolve_checkpoint
 
 
 def test_the_horizon_is_where_the_initial_weights_fall_to_a_third():

@@ -15,8 +15,8 @@ from admflow import storage
 from admflow.config import load_config
 from models import inception as inc
 from models import metrics as M
-from tasks import evaluate as ev
-from tasks.eval_io import EvaluationInputError, describe
+from tasks.scoring import evaluate as ev
+from tasks.scoring.inputs import EvaluationInputError, describe
 
 RNG = np.random.default_rng(1234)
 

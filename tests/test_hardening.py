@@ -40,16 +40,16 @@ def _refuse_ray(monkeypatch):
     """Every failure here must come before any Ray work. A Ray session that an earlier test
     of the suite left running would hide that from ``ray.is_initialized()``, so the one way
     in, ``ensure_ray``, refuses and records the call instead."""
-    import tasks.ray_utils
-    import tasks.sample
+    import tasks.runtime.ray_session
+    import tasks.sampling.sample_set
 
     def refuse(*args, **kwargs):
         _RAY_REACHED.append("ensure_ray")
         raise AssertionError("the error came after Ray started")
 
     _RAY_REACHED.clear()
-    monkeypatch.setattr(tasks.ray_utils, "ensure_ray", refuse)
-    monkeypatch.setattr(tasks.sample, "ensure_ray", refuse)
+    monkeypatch.setattr(tasks.runtime.ray_session, "ensure_ray", refuse)
+    monkeypatch.setattr(tasks.sampling.sample_set, "ensure_ray", refuse)
 
 
 def assert_no_ray() -> None:
@@ -134,7 +134,7 @@ def test_data_and_model_size_must_agree_before_the_pipeline_starts(capsys):
 
 
 def test_labels_beyond_the_models_classes_fail_before_training():
-    from tasks.train import check_data
+    from tasks.training.launch import check_data
 
     cfg = load_config("tiny")
     size = cfg.model.image_size
@@ -170,8 +170,8 @@ def test_relative_paths_are_resolved_at_the_cli(tmp_path, capsys, monkeypatch):
 def test_a_diverged_model_fails_naming_the_shard():
     from admflow.config import UNetConfig
     from models.build import build_unet
-    from tasks.sample_plan import NonFiniteSampleError, SamplerSpec
-    from tasks.sample_worker import ShardSampler
+    from tasks.sampling.spec import NonFiniteSampleError, SamplerSpec
+    from tasks.sampling.worker import ShardSampler
 
     net = UNetConfig(
         image_size=8,
@@ -368,8 +368,8 @@ def test_every_stage_key_changes_with_the_code(monkeypatch):
 
 
 def test_classifier_augmentation_crops_80_to_100_percent_and_flips():
-    from tasks.train_data import augment
-    from tasks.train_jobs import make_job
+    from tasks.training.jobs import make_job
+    from tasks.training.stream import augment
 
     # the paper's classifiers crop; the 16px demo turns it off (training.classifier_random_crop)
     assert make_job("classifier", load_config("imagenet64")).random_crop

@@ -75,7 +75,7 @@ def test_bilinear_upscale_is_the_upsamplers_own_resize():
 
 def _write_set(out: str, images: np.ndarray, labels: np.ndarray) -> None:
     from admflow import storage
-    from tasks import sample_io
+    from tasks.sampling import files as sample_io
 
     data = sample_io.encode_npz(images, labels)
     storage.write_bytes(sample_io.shard_uri(out, 0), data)
@@ -90,8 +90,8 @@ def test_a_bilinear_set_is_judged_on_the_base_set_it_was_made_from(tmp_path):
     import io
 
     from admflow import storage
-    from tasks.judge import class_accuracy, judged_set
-    from tasks.upscale import bilinear_set
+    from tasks.sampling.bilinear import bilinear_set
+    from tasks.scoring.judge import class_accuracy, judged_set
 
     x, y = _two_class_images(64, 16, seed=1)
     base, up = str(tmp_path / "base"), str(tmp_path / "up")

@@ -18,7 +18,7 @@ DRIVER = """
 import json, os, sys, time
 import psutil
 from admflow.config import load_config
-from tasks.ray_utils import ensure_ray
+from tasks.runtime.ray_session import ensure_ray
 
 ray = ensure_ray(load_config("tiny", []))
 pid = ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker has started too

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from admflow.config import load_config
-from tasks.report import write_report
+from tasks.reporting.report import write_report
 
 
 def _row(scale: float, stage: str, fid: float, precision: float, recall: float) -> dict:

@@ -22,8 +22,8 @@ import torch
 
 from admflow import storage
 from admflow.config import load_config
-from tasks import sample_io
-from tasks.sample import ACTOR_PREFIX, sample_set, upsample_set
+from tasks.sampling import files as sample_io
+from tasks.sampling.sample_set import ACTOR_PREFIX, sample_set, upsample_set
 from tests.test_unet import randomize
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -59,7 +59,7 @@ def randomized(net: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def save_checkpoint(directory: Path, kind: str, cfg, net: torch.nn.Module, seed=None) -> str:
-    """A checkpoint dir in the layout tasks/train.py writes (model.pt, ema_<rate>.pt, meta.json).
+    """A checkpoint dir in the layout tasks/training/launch.py writes (model.pt, ema_<rate>.pt, meta.json).
 
     With ``seed``, model.pt and the EMA files hold different randomised weights."""
     directory.mkdir(parents=True)
@@ -70,7 +70,7 @@ def save_checkpoint(directory: Path, kind: str, cfg, net: torch.nn.Module, seed=
     torch.save(net.state_dict(), directory / "model.pt")
     for rate in cfg.training.ema_rate:
         torch.save(ema, directory / f"ema_{rate}.pt")
-    # a checkpoint past its EMA's horizon (tasks.sample_ckpt samples younger ones raw)
+    # a checkpoint past its EMA's horizon (tasks.sampling.weights samples younger ones raw)
     meta = {"step": 1000, "kind": kind, "config": cfg.model_dump(mode="json")}
     (directory / "meta.json").write_text(json.dumps(meta))
     return str(directory)
@@ -363,7 +363,7 @@ def test_mlflow_child_run_gets_metadata_and_grid(reference, tmp_path):
     import mlflow
 
     from admflow.tracking import setup_mlflow
-    from tasks.sample import _log_mlflow
+    from tasks.sampling.sample_set import _log_mlflow
 
     out = reference[0]
     cfg = tiny(f"storage.root={tmp_path}")

@@ -16,8 +16,8 @@ import torch
 from admflow.config import load_config
 from models.build import build_classifier, build_unet, build_upsampler
 from models.fast import InferenceModel, plan_inference
-from tasks.sample_plan import SamplerSpec
-from tasks.sample_worker import ShardSampler
+from tasks.sampling.spec import SamplerSpec
+from tasks.sampling.worker import ShardSampler
 
 
 def _weights(net: torch.nn.Module) -> bytes:

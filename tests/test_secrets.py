@@ -27,10 +27,10 @@ STAGES = textwrap.dedent(
     import sys
     from admflow import storage
     from admflow.config import load_config
-    from tasks.evaluate import evaluate_sets
-    from tasks.sample import sample_set
-    from tasks.shard import shard_dataset
-    from tasks.train import train
+    from tasks.scoring.evaluate import evaluate_sets
+    from tasks.sampling.sample_set import sample_set
+    from tasks.data.shard import shard_dataset
+    from tasks.training.launch import train
 
     root = sys.argv[1]
     storage.ensure_bucket(root, create=True)

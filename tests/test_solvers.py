@@ -163,7 +163,7 @@ def test_cfg_weight_zero_is_the_conditional_sampler_and_w_moves_to_the_class(sam
 
 
 def test_label_dropout_is_a_function_of_the_step_seed():
-    from tasks.train_loop import step_seed
+    from tasks.training.loop import step_seed
 
     y = torch.arange(10).repeat(100)
 
@@ -207,8 +207,8 @@ def test_sample_worker_runs_each_sampler_and_free_guidance(tmp_path):
 
     from admflow.config import load_config
     from models.build import build_unet
-    from tasks.sample_plan import SamplerSpec
-    from tasks.sample_worker import ShardSampler
+    from tasks.sampling.spec import SamplerSpec
+    from tasks.sampling.worker import ShardSampler
 
     cfg = small_cfg(tmp_path, "model.null_class=true")
     torch.manual_seed(0)

@@ -25,10 +25,10 @@ from PIL import Image
 
 from admflow import storage
 from admflow.config import load_config
-from tasks import train_checkpoint as ckpt
-from tasks.demo_data import CLASS_NAMES, render
-from tasks.train_data import ShardStream, batch_positions
-from tasks.train_loop import LocalSession, LoopSpec, Trainer
+from tasks.data.demo import CLASS_NAMES, render
+from tasks.training import checkpoint as ckpt
+from tasks.training.loop import LocalSession, LoopSpec, Trainer
+from tasks.training.stream import ShardStream, batch_positions
 
 SMALL = [
     "data.image_size=16",
@@ -259,7 +259,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_last_checkpoint(
     cfg = small_cfg(
         tmp_path, "training.steps=6", "training.checkpoint_every=2", "training.log_every=2"
     )
-    from tasks import train_jobs
+    from tasks.training import jobs as train_jobs
 
     real = train_jobs.Job.losses
 
@@ -306,7 +306,7 @@ def final_model(out: dict) -> dict:
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_diffusion_loss_falls_then_resume_continues(ray_session, shards, tmp_path):
-    from tasks.train import train_diffusion
+    from tasks.training.launch import train_diffusion
 
     cfg = small_cfg(tmp_path, *RAY_FAST, "training.steps=120", "training.checkpoint_every=60")
     out = train_diffusion(cfg, shards, "diff")
@@ -353,7 +353,7 @@ def easy_shards(tmp_path_factory) -> str:
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_classifier_beats_chance_on_lightly_noised_holdout(ray_session, easy_shards, tmp_path):
-    from tasks.train import train_classifier
+    from tasks.training.launch import train_classifier
 
     cfg = small_cfg(
         tmp_path,
@@ -377,7 +377,7 @@ def test_classifier_beats_chance_on_lightly_noised_holdout(ray_session, easy_sha
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_upsampler_trains(ray_session, shards, tmp_path):
-    from tasks.train import train_upsampler
+    from tasks.training.launch import train_upsampler
 
     cfg = small_cfg(
         tmp_path, *RAY_FAST, "training.upsampler_steps=40", "training.checkpoint_every=40"
@@ -402,7 +402,7 @@ EQUIV = [
 @pytest.fixture(scope="module")
 def reference_run(ray_session, shards, tmp_path_factory):
     """An uninterrupted 2-worker run that the interrupted runs must reproduce exactly."""
-    from tasks.train import train_diffusion
+    from tasks.training.launch import train_diffusion
 
     cfg = small_cfg(tmp_path_factory.mktemp("ref"), *EQUIV)
     return train_diffusion(cfg, shards, "reference")
@@ -413,7 +413,7 @@ def reference_run(ray_session, shards, tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_interrupted_and_resumed_equals_uninterrupted(reference_run, shards, tmp_path):
     """A worker fails at step 13; Ray restarts the group from the step-8 checkpoint."""
-    from tasks.train import train_diffusion
+    from tasks.training.launch import train_diffusion
 
     out = train_diffusion(small_cfg(tmp_path, *EQUIV), shards, "interrupted", fail_at_step=13)
     assert storage.exists(storage.join(out["run_uri"], "_fault-injected-13"))
@@ -464,7 +464,7 @@ def _train_workers() -> list[int]:
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_killed_worker_run_completes(reference_run, shards, tmp_path):
-    from tasks.train import train_diffusion
+    from tasks.training.launch import train_diffusion
 
     cfg = small_cfg(tmp_path, *EQUIV)
     result: dict = {}
@@ -508,7 +508,7 @@ def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
     import mlflow
     import s3fs
 
-    from tasks.train import train_classifier
+    from tasks.training.launch import train_classifier
     from tests.conftest import free_port, stop_process, wait_for_port
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)

@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.evaluate import EVALUATION_ERRORS, evaluate_sets, format_metrics
+    from tasks.scoring.evaluate import EVALUATION_ERRORS, evaluate_sets, format_metrics
 
     args.inception = local_abs(args.inception)
     cfg = config_from_args(args, EXTRACTION_FLAGS)

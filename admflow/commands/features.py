@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.evaluate import EVALUATION_ERRORS, features_for, save_features
+    from tasks.scoring.evaluate import EVALUATION_ERRORS, features_for, save_features
 
     args.inception = local_abs(args.inception)
     cfg = config_from_args(args, EXTRACTION_FLAGS)

@@ -37,7 +37,7 @@ def check_reference(cfg: AdmConfig) -> None:
     """A given evaluation.reference must be readable before hours of training start."""
     if not cfg.evaluation.reference:
         return
-    from tasks.eval_io import EvaluationInputError, describe
+    from tasks.scoring.inputs import EvaluationInputError, describe
 
     try:
         describe(cfg.evaluation.reference)

@@ -151,7 +151,7 @@ def parse_classes(text: str | None) -> list[int] | None:
 @contextlib.contextmanager
 def nonfinite_as_exit():
     """A diverged model's NaN images: a one-line error (exit 2), no shard written."""
-    from tasks.sample_plan import NonFiniteSampleError
+    from tasks.sampling.spec import NonFiniteSampleError
 
     try:
         yield
@@ -165,7 +165,7 @@ def common_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.sample import sample_set
+    from tasks.sampling.sample_set import sample_set
 
     given = args.classifier_scale is not None
     args.scales = [args.classifier_scale] if given else None

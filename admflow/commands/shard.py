@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.shard import ShardError, shard_dataset
+    from tasks.data.shard import ShardError, shard_dataset
 
     cfg = config_from_args(args, SHARD_FLAGS)
     src = args.src if args.src == "demo" else local_abs(args.src)

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tasks.train import NonFiniteLossError, train
+    from tasks.training.launch import NonFiniteLossError, train
 
     cfg = config_from_args(args)
     run_name = args.run_name or f"{args.kind}-{cfg.name}"

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.sample import upsample_set
+    from tasks.sampling.sample_set import upsample_set
 
     cfg = config_from_args(args, SAMPLING_FLAGS)
     base, ckpt, out = (local_abs(u) for u in (args.base, args.checkpoint, args.out))

@@ -32,10 +32,10 @@ from admflow.config import config_from_dict
 from models.ema import EMA
 from models.precision import DynamicLossScaler, autocast
 from models.resample import LossSecondMomentResampler
-from tasks import train_checkpoint as ckpt
-from tasks.progress import write_progress
-from tasks.train_data import ShardStream, augment, batch_positions, to_model_input
-from tasks.train_jobs import Job, make_job
+from tasks.training import checkpoint as ckpt
+from tasks.training.jobs import Job, make_job
+from tasks.training.progress import write_progress
+from tasks.training.stream import ShardStream, augment, batch_positions, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +494,7 @@ class Trainer:
         return metrics
 
     def _progress(self, metrics: dict[str, Any]) -> None:
-        """Rank 0 leaves a progress record for the driver's terminal (tasks.progress)."""
+        """Rank 0 leaves a progress record for the driver's terminal (tasks.training.progress)."""
         if self.session.rank != 0:
             return
         rate = metrics.get("images_per_s") or 0.0

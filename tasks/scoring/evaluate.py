@@ -27,7 +27,7 @@ from admflow.config import AdmConfig
 from admflow.version import code_version
 from models import inception as inc
 from models import metrics as M
-from tasks.eval_io import (
+from tasks.scoring.inputs import (
     STAT_KEYS,
     EvaluationInputError,
     Unit,
@@ -106,12 +106,12 @@ class FeatureWorker:
         feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         feats["image_hw"] = np.asarray(images.shape[1:3])
         if labels is not None and len(labels) == len(images):
-            feats["labels"] = labels  # for the class-accuracy judge (tasks.judge)
+            feats["labels"] = labels  # for the class-accuracy judge (tasks.scoring.judge)
         return index, feats
 
 
 def _ensure_ray(cfg: AdmConfig) -> Any:
-    from tasks.ray_utils import ensure_ray
+    from tasks.runtime.ray_session import ensure_ray
 
     return ensure_ray(cfg)
 
@@ -350,8 +350,8 @@ def evaluate_sets(
     ref_feats, ref_fu = features_for(cfg, ref, workers, inception)
     smp_feats, smp_fu = features_for(cfg, samples, workers, inception)
     metrics: dict[str, Any] = compute_metrics(ref_feats, smp_feats, cfg.evaluation.fid_method)
-    if judge:  # the demo's independent class-fidelity judge (tasks.judge)
-        from tasks.judge import class_accuracy
+    if judge:  # the demo's independent class-fidelity judge (tasks.scoring.judge)
+        from tasks.scoring.judge import class_accuracy
 
         metrics["class_accuracy"] = class_accuracy(judge, samples)
     metrics.update(reference_features=ref_fu, sample_features=smp_fu, mlflow_run_id=None)

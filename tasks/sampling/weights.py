@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from admflow import storage
 from admflow.config import AdmConfig, config_from_dict
 from models.ema import ema_horizon, ema_is_warm
-from tasks.train_checkpoint import ema_filename, ema_rate_of
+from tasks.training.checkpoint import ema_filename, ema_rate_of
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What differs between the three training jobs: network, losses, optimiser settings.
 
 Each job turns one micro-batch into per-example terms (``{"loss": (B,), ...}``); the shared
-loop in :mod:`tasks.train_loop` weights, averages, back-propagates and reports them.
+loop in :mod:`tasks.training.loop` weights, averages, back-propagates and reports them.
 """
 
 from __future__ import annotations

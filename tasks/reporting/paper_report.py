@@ -28,7 +28,7 @@ def start_parent_run(
     """The MLflow parent run of a row: tagged with the row id and linked to its input files."""
     import mlflow
 
-    from tasks import lineage
+    from tasks.reporting import lineage
 
     parent = lineage.start_parent_run(cfg, "paper", flow_run_id, row.preset, overrides)
     mlflow.MlflowClient().set_tag(parent, "admflow.paper_row", row.id)

@@ -1,7 +1,7 @@
 """The plan of a sample set, without torch: what each actor builds, and the seeds of shard i.
 
 Everything random in shard ``i`` (its class labels, x_T and every step's noise) comes from
-seeds derived from ``(run seed, i)`` alone; see :mod:`tasks.sample_worker` for their use.
+seeds derived from ``(run seed, i)`` alone; see :mod:`tasks.sampling.worker` for their use.
 The driver imports only this module, so it stays small (no torch) however large N is.
 """
 

@@ -11,7 +11,7 @@ step-NNNNNN`` (the run directory is Ray Train's run directory, so Ray records th
 directory instead of keeping a copy). On object storage the worker writes it to local disk
 and Ray uploads it in the background while training goes on (``meta.json`` last). A run
 keeps the newest ``training.keep_checkpoints`` plus every checkpoint the periodic evaluation
-has scored (its record ``<run>/evaluations/step-NNNNNN.json``, see tasks.periodic).
+has scored (its record ``<run>/evaluations/step-NNNNNN.json``, see tasks.scoring.periodic).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class Pending:
 
 
 def evaluations_uri(run_uri: str) -> str:
-    """Where the periodic evaluation records each scored checkpoint (tasks.periodic)."""
+    """Where the periodic evaluation records each scored checkpoint (tasks.scoring.periodic)."""
     return storage.join(run_uri, "evaluations")
 
 

@@ -33,7 +33,7 @@ from models.judge import (
     judge_accuracy,
     judge_predict,
 )
-from tasks.eval_io import Unit
+from tasks.scoring.inputs import Unit
 
 JUDGE_VERSION = 3  # 3: an ensemble of JUDGE_MEMBERS networks
 JUDGE_MEMBERS = 4
@@ -52,7 +52,7 @@ def read_images(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndar
     """Images (uint8 NHWC) and labels (None if unlabelled) of a data or sample set; of a set
     larger than ``limit``, that many from units taken in a fixed random order (so that a
     class-sorted data set does not give only its first classes)."""
-    from tasks.eval_io import describe
+    from tasks.scoring.inputs import describe
 
     units = describe(uri)["units"]
     total = sum(stop - start for _, _, start, stop in units)
@@ -75,7 +75,7 @@ def read_images(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndar
 
 def _read_units(units: list[Unit]) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(images, labels) of each work unit in turn."""
-    from tasks.eval_io import read_unit, read_unit_labels
+    from tasks.scoring.inputs import read_unit, read_unit_labels
 
     for unit in units:
         yield read_unit(unit), read_unit_labels(unit)
@@ -120,7 +120,7 @@ def build_judge(
 def reference_floor(cfg: AdmConfig, reference_features: str, num_samples: int) -> dict[str, Any]:
     """The FID between two disjoint halves of the reference images, ``num_samples`` each
     (fewer if the reference holds fewer than twice that)."""
-    from tasks.evaluate import load_features
+    from tasks.scoring.evaluate import load_features
 
     pool = np.asarray(load_features(reference_features)["pool"], np.float64)
     method = cfg.evaluation.fid_method
@@ -142,7 +142,7 @@ def read_judge(uri: str) -> tuple[JudgeEnsemble, dict[str, Any]]:
 
 
 def judged_set(samples_uri: str) -> str:
-    """The set the judge reads for ``samples_uri``: a bilinear upscale (tasks.upscale) is
+    """The set the judge reads for ``samples_uri``: a bilinear upscale (tasks.sampling.bilinear) is
     judged on the base set it was made from. Upscaling adds nothing the judge could use, and
     reducing it back to the judge's size blurs every edge: on one demo run a judge read the
     sets at scales 0 / 8 / 32 0.66 / 0.78 / 0.85 through the round trip, 0.68 / 0.79 / 0.87
@@ -159,7 +159,7 @@ def class_accuracy(judge_uri: str, samples_uri: str) -> float | None:
     read one unit at a time so a 50K-image set never sits in memory at once."""
     model, _ = read_judge(judge_uri)
     hits = total = 0
-    from tasks.eval_io import describe
+    from tasks.scoring.inputs import describe
 
     for images, labels in _read_units(describe(judged_set(samples_uri))["units"]):
         if labels is None or (labels < 0).any():

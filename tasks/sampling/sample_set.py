@@ -4,7 +4,7 @@ one of a pool of actors (one model replica each) and written atomically by the d
 The driver records every finished shard in ``OUT/manifest.json`` right away, so a rerun
 skips shards that exist with the recorded checksum; a shard whose actor dies is sampled
 again by a replacement actor. Shard contents depend only on the config and ``(seed, i)``
-(see :mod:`tasks.sample_worker`), so the set is byte-identical however it was scheduled.
+(see :mod:`tasks.sampling.worker`), so the set is byte-identical however it was scheduled.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 
 from admflow import storage
 from admflow.config import AdmConfig, ConfigError
-from tasks import sample_io
-from tasks.ray_utils import ensure_ray
-from tasks.sample_ckpt import ResolvedCheckpoint, resolve_checkpoint
-from tasks.sample_plan import LATER_DEFAULTS, NonFiniteSampleError, SamplerSpec, draw_labels
+from tasks.runtime.ray_session import ensure_ray
+from tasks.sampling import files as sample_io
+from tasks.sampling.spec import LATER_DEFAULTS, NonFiniteSampleError, SamplerSpec, draw_labels
+from tasks.sampling.weights import ResolvedCheckpoint, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class _ActorPool:
     def __init__(self, job: ShardJob, options: dict[str, Any], workers: int, max_restarts: int):
         import ray
 
-        from tasks.sample_worker import ShardSampler
+        from tasks.sampling.worker import ShardSampler
 
         self.ray = ray
         self.cls = ray.remote(ShardSampler)

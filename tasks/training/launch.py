@@ -3,7 +3,7 @@
 One ``TorchTrainer`` per job: ``cfg.compute`` sets the workers (DDP over gloo on CPU, NCCL
 on GPU), the global batch is split across them. Each checkpoint is written once, to
 ``<storage.root>/runs/<run_name>/checkpoints/step-NNNNNN``, and recorded by Ray Train (see
-tasks.train_checkpoint: uploaded in the background on object storage, the newest
+tasks.training.checkpoint: uploaded in the background on object storage, the newest
 ``training.keep_checkpoints`` kept plus the scored ones). Calling a job again with the
 same run name continues from the newest checkpoint; a lost worker is survived by restarting
 the group from the last checkpoint (``max_failures``). MLflow: the driver opens the stage
@@ -24,11 +24,11 @@ import torch
 from admflow import storage
 from admflow.config import AdmConfig, ConfigError
 from admflow.tracking import stage_run
-from tasks import train_checkpoint as ckpt
-from tasks.train_checkpoint import latest_checkpoint, list_checkpoints
-from tasks.train_data import data_root, load_manifest
-from tasks.train_jobs import KINDS, make_job
-from tasks.train_loop import LoopSpec, NonFiniteLossError, train_loop_per_worker
+from tasks.training import checkpoint as ckpt
+from tasks.training.checkpoint import latest_checkpoint, list_checkpoints
+from tasks.training.jobs import KINDS, make_job
+from tasks.training.loop import LoopSpec, NonFiniteLossError, train_loop_per_worker
+from tasks.training.stream import data_root, load_manifest
 
 __all__ = [
     "KINDS",
@@ -166,7 +166,7 @@ def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tasks.ray_utils import ensure_ray
+    from tasks.runtime.ray_session import ensure_ray
 
     ensure_ray(cfg)
     runs = storage.join(cfg.storage.root, "runs")
@@ -198,7 +198,7 @@ def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
-    from tasks.progress import ProgressPrinter
+    from tasks.training.progress import ProgressPrinter
 
     steps = make_job(spec.kind, cfg).steps
     with ProgressPrinter(spec.run_uri, spec.kind, steps):

@@ -57,8 +57,8 @@ def _init(ray: Any, cfg: AdmConfig) -> None:
 
 def _end_with_driver(ray: Any) -> None:
     """A local session ends with this process even when it is SIGKILLed: Ray's agents
-    would otherwise outlive it (see tasks.ray_reaper)."""
-    from tasks import ray_reaper
+    would otherwise outlive it (see tasks.runtime.ray_reaper)."""
+    from tasks.runtime import ray_reaper
 
     node = getattr(ray._private.worker, "_global_node", None)  # the local node's processes
     if node is None:

@@ -107,7 +107,7 @@ def _mixed(source: Source) -> Source:
 
 
 def _demo_source(cfg: AdmConfig) -> Source:
-    from tasks.demo_data import CLASS_NAMES, VERSION, demo_keys
+    from tasks.data.demo import CLASS_NAMES, VERSION, demo_keys
 
     pairs = demo_keys(cfg.data.demo_images_per_class)
     fp = f"demo-v{VERSION}-{cfg.data.demo_images_per_class}"
@@ -321,7 +321,7 @@ class RemoteRows:
 
 def _load_item(source: Source, index: int, size: int, npz: Any) -> np.ndarray:
     if source.kind == "demo":
-        from tasks.demo_data import parse_key, render
+        from tasks.data.demo import parse_key, render
 
         label, i = parse_key(source.keys[index])
         return center_crop(Image.fromarray(render(label, i, size)), size)
@@ -460,7 +460,7 @@ def shard_dataset(
 def _run_shards(cfg, source, plan, specs, uris, todo, workers, progress, records) -> list[str]:
     from tqdm import tqdm
 
-    from tasks.ray_utils import ensure_ray
+    from tasks.runtime.ray_session import ensure_ray
 
     if not todo:
         return []

@@ -13,7 +13,7 @@ from typing import Any
 
 from admflow import storage
 from models.resize import upsample_bilinear_uint8
-from tasks import sample_io
+from tasks.sampling import files as sample_io
 
 VERSION = 1
 

@@ -31,7 +31,7 @@ def start(root_pids: list[int]) -> int:
     not inherited by programs the driver starts): its closing is the signal."""
     read_fd, _write_fd = os.pipe()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.ray_reaper", str(read_fd), *map(str, root_pids)],
+        [sys.executable, "-m", "tasks.runtime.ray_reaper", str(read_fd), *map(str, root_pids)],
         pass_fds=(read_fd,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from admflow import storage
 from admflow.config import AdmConfig
-from tasks.train_checkpoint import list_checkpoints, read_meta
+from tasks.training.checkpoint import list_checkpoints, read_meta
 
 
 def training_runs(cfg: AdmConfig, kind: str = "diffusion") -> list[str]:
@@ -80,8 +80,8 @@ def _sample_and_score(
     judge: str | None,
     train_run: str | None,
 ) -> tuple[str, dict]:
-    from tasks.evaluate import evaluate_sets
-    from tasks.sample import sample_set
+    from tasks.sampling.sample_set import sample_set
+    from tasks.scoring.evaluate import evaluate_sets
 
     out = storage.join(ledger.removesuffix(".json") + "-samples")
     sample_set(cfg, ckpt["uri"], out, num_samples=num_samples, classifier_scale=0.0)
@@ -95,7 +95,7 @@ def _sample_and_score(
 
 
 def _training_run_id(cfg: AdmConfig, run_name: str | None) -> str | None:
-    """The MLflow run that trained ``run_name`` (tagged ``admflow.run_name`` by tasks.train)."""
+    """The MLflow run that trained ``run_name`` (tagged ``admflow.run_name`` by tasks.training.launch)."""
     if not run_name:
         return None
     import mlflow

@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from admflow import storage
-from tasks.data import load_manifest
-from tasks.data import shard_root as data_root
+from tasks.data.read import load_manifest
+from tasks.data.read import shard_root as data_root
 
 DEFAULT_WINDOW_SHARDS = 8
 

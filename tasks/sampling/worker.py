@@ -24,7 +24,7 @@ from admflow.config import (
 )
 from models.fast import InferencePlan, apply_plan, plan_inference
 from models.solvers import make_sample_loop
-from tasks.sample_plan import NonFiniteSampleError, SamplerSpec, batch_seed
+from tasks.sampling.spec import NonFiniteSampleError, SamplerSpec, batch_seed
 
 
 def pick_device(requested: str = "auto") -> torch.device:
