@@ -24,10 +24,10 @@ echo "== mypy models tasks"; mypy models tasks
 echo "== pytest"
 set +e
 if [ "$(id -u)" = 0 ] && unshare --net --fork true 2>/dev/null; then
-  unshare --net --fork sh -c 'ip link set lo up 2>/dev/null || true; exec pytest "$@"' pytest -q -ra "$@"
+  unshare --net --fork sh -c 'ip link set lo up 2>/dev/null || true; exec pytest "$@"' pytest -q -ra --durations=30 "$@"
 else
   echo "warning: cannot create a loopback-only network namespace; running tests without it" >&2
-  pytest -q -ra "$@"
+  pytest -q -ra --durations=30 "$@"
 fi
 rc=$?
 # pytest exits 5 when it collected nothing: that is a failure here, never hidden.

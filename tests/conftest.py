@@ -125,3 +125,22 @@ def ray_session(s3_server):
         )
     yield ray
     ray.shutdown()
+
+
+# A test is marked by what it starts, whatever its author wrote: one that uses the S3 server
+# is `services`, one on the shared Ray session is `ray` (that session also starts the S3
+# server, as a cluster's nodes have their object store). The fast tier (scripts/fast.sh)
+# deselects both.
+_MARK_BY_FIXTURE = {
+    "s3_server": ("services",),
+    "s3_bucket": ("services",),
+    "ray_session": ("ray",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for mark in _MARK_BY_FIXTURE.get(fixture, ()):
+                if mark not in item.keywords:
+                    item.add_marker(getattr(pytest.mark, mark))
