@@ -20,7 +20,8 @@ is untouched. What it does, and why:
   oneDNN emulates it and bf16 is slower than float32.
 * Attention calls the fused (flash) SDPA kernel with contiguous q, k, v (the plain module's
   transposed views make PyTorch fall back to the unfused math path); ResBlocks apply AdaGN as
-  one ``addcmul`` followed by an in-place SiLU, and add the residual in place.
+  one ``addcmul`` followed by an in-place SiLU, and add the residual in place. Both are modes
+  of the network's own modules (``QKVAttention.contiguous``, ``ResBlock.fused``).
 * GroupNorm followed by SiLU (each ResBlock's ``in_layers`` and the output head) runs as one
   module that applies SiLU in place on the fresh GroupNorm output: one tensor fewer per block.
 * ``compile=True``: :func:`torch.compile` (inductor) with weight freezing; it fuses the
@@ -32,9 +33,8 @@ only differences come from summing in another order (NHWC convolution kernels, t
 attention kernel) and from ``addcmul`` rounding once where ``a * b + c`` rounds twice: max abs
 difference ~3e-6 on unit-scale outputs, tested against FP32_ATOL = 1e-4. bf16 DDIM samples
 are held to BF16_SAMPLE_ATOL / BF16_SAMPLE_RMSE of the fp32 ones from the same noise.
-Measured on a 2-core Cascade Lake (no native bf16) for bench-32 at batch 16: compiling took
-6 min (fp32) to 10 min (bf16) on the loaded machine and the compiled fp32 forward was no
-faster than this eager path, so ``compile`` is off by default.
+``compile`` is off by default: compiling costs minutes per input shape, paid by every
+sampling process.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def plan_inference(device: torch.device, use_fp16: bool, compile: bool = False) 
     CPU: float32 (the fast path is numerically the plain network; half precision is emulated
     or no faster on most CPUs). CUDA: the released ``use_fp16`` torso in float16 (as the paper
     sampled), TF32 for the float32 parts, channels_last for cuDNN's NHWC kernels.
-    ``compile`` is the config's switch (off by default: it did not pay on the CPUs measured).
+    ``compile`` is the config's switch (``sampling.compile``).
     """
     if device.type == "cuda":
         precision: Precision = "fp16" if use_fp16 else "fp32"
@@ -159,57 +159,13 @@ def fuse_norms(model: nn.Module) -> None:
                 setattr(parent, name, _as(child, MixedGroupNorm))
 
 
-class FlashQKVAttention(QKVAttention):
-    """QKVAttention with q, k, v made contiguous ``[N, H, T, C]`` first.
-
-    PyTorch's fused (flash) CPU kernel needs unit stride in the last dimension; the transposed
-    views of the plain module fall back to the unfused math path (3-4x slower here). Same
-    attention, summed in another order.
-    """
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        bs, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        if self.legacy:
-            heads = qkv.reshape(bs, self.n_heads, 3 * ch, length).transpose(-1, -2).contiguous()
-            q, k, v = heads.split(ch, dim=-1)
-        else:
-            parts = qkv.reshape(bs, 3, self.n_heads, ch, length).transpose(-1, -2).contiguous()
-            q, k, v = parts.unbind(dim=1)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(-1, -2).reshape(bs, self.n_heads * ch, length)
-
-
-class FusedResBlock(ResBlock):
-    """ResBlock whose AdaGN is one ``addcmul`` with SiLU in place and an in-place residual add.
-
-    Same parameters and operations as :class:`ResBlock`; only fewer temporary tensors.
-    """
-
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.updown:
-            h = self.in_layers[:-1](x)
-            h = self.in_layers[-1](self.h_upd(h))
-            x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).to(h.dtype)[..., None, None]
-        if self.use_scale_shift_norm:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = torch.addcmul(shift, self.out_layers[0](h), 1 + scale)
-            h = self.out_layers[3](self.out_layers[2](F.silu(h, inplace=True)))
-        else:
-            h = self.out_layers(h + emb_out)
-        return h.add_(self.skip_connection(x))  # h is the fresh conv output
-
-
 def fuse_blocks(model: nn.Module) -> None:
-    """Switch ResBlocks and attention to the fused classes above (same state-dict keys)."""
+    """Put ResBlocks and attention in their fused inference modes (no new modules or keys)."""
     for module in model.modules():
-        if type(module) is ResBlock:
-            module.__class__ = FusedResBlock
-        elif type(module) is QKVAttention:
-            module.__class__ = FlashQKVAttention
+        if isinstance(module, ResBlock):
+            module.fused = True
+        elif isinstance(module, QKVAttention):
+            module.contiguous = True
 
 
 def convert_torso(model: UNetModel, dtype: torch.dtype) -> None:

@@ -29,18 +29,33 @@ from .nn import (
 # ---------------------------------------------------------------------------- attention
 
 
-def qkv_attention(qkv: torch.Tensor, n_heads: int, legacy: bool) -> torch.Tensor:
+def qkv_attention(
+    qkv: torch.Tensor, n_heads: int, legacy: bool, contiguous: bool = False
+) -> torch.Tensor:
     """Multi-head self-attention on a packed ``[N, 3*H*C, T]`` tensor -> ``[N, H*C, T]``.
 
     ``legacy``: channels are laid out heads-major (each head holds its own q, k, v), the
     order of the released checkpoints trained without ``use_new_attention_order``.
     Otherwise the tensor is split into q, k, v first and each of those into heads.
     The scale is 1/sqrt(C) per head, as in softmax(Q K^T / sqrt(d)) V.
+
+    ``contiguous`` copies q, k, v into ``[N, H, T, C]`` first: PyTorch's fused (flash) CPU
+    kernel needs unit stride in the last dimension and falls back to the unfused math path on
+    the transposed views. Same attention, summed in another order (the inference fast path).
     """
     bs, width, length = qkv.shape
     if width % (3 * n_heads):
         raise ValueError(f"qkv width {width} is not divisible by 3 * {n_heads} heads")
     ch = width // (3 * n_heads)
+    if contiguous:
+        if legacy:
+            heads = qkv.reshape(bs, n_heads, 3 * ch, length).transpose(-1, -2).contiguous()
+            q, k, v = heads.split(ch, dim=-1)
+        else:
+            parts = qkv.reshape(bs, 3, n_heads, ch, length).transpose(-1, -2).contiguous()
+            q, k, v = parts.unbind(dim=1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(-1, -2).reshape(bs, n_heads * ch, length)
     if legacy:
         q, k, v = qkv.reshape(bs, n_heads, 3 * ch, length).split(ch, dim=2)
     else:
@@ -53,15 +68,19 @@ def qkv_attention(qkv: torch.Tensor, n_heads: int, legacy: bool) -> torch.Tensor
 
 
 class QKVAttention(nn.Module):
-    """Parameter-free attention; ``legacy`` selects the channel layout (see qkv_attention)."""
+    """Parameter-free attention; ``legacy`` selects the channel layout (see qkv_attention).
+
+    ``contiguous`` (off; set by models.fast for inference) picks the flash-kernel layout.
+    """
 
     def __init__(self, n_heads: int, legacy: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.legacy = legacy
+        self.contiguous = False
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        return qkv_attention(qkv, self.n_heads, self.legacy)
+        return qkv_attention(qkv, self.n_heads, self.legacy, self.contiguous)
 
 
 class AttentionBlock(nn.Module):
@@ -183,6 +202,11 @@ class ResBlock(TimestepBlock):
     With ``use_scale_shift_norm`` the embedding enters as AdaGN:
     ``GroupNorm(h) * (1 + scale) + shift``; otherwise it is added before the norm.
     ``up``/``down`` resample inside the block (BigGAN style) on both paths.
+
+    ``fused`` (off; set by models.fast for inference only) computes the same values with
+    fewer temporary tensors: AdaGN as one ``addcmul`` (rounding once where ``a * b + c``
+    rounds twice), SiLU in place, and the residual added in place to the fresh conv output.
+    In-place ops break autograd, so training never sets it.
     """
 
     def __init__(
@@ -202,6 +226,7 @@ class ResBlock(TimestepBlock):
         self.out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.fused = False
         out_ch = self.out_channels
 
         self.in_layers = nn.Sequential(
@@ -248,10 +273,16 @@ class ResBlock(TimestepBlock):
         emb_out = self.emb_layers(emb).to(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            if self.fused:
+                h = torch.addcmul(shift, self.out_layers[0](h), 1 + scale)
+                h = self.out_layers[3](self.out_layers[2](F.silu(h, inplace=True)))
+            else:
+                h = self.out_layers[0](h) * (1 + scale) + shift
+                h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
+        if self.fused:
+            return h.add_(self.skip_connection(x))  # h is the fresh output of the last conv
         return self.skip_connection(x) + h
 
 
