@@ -223,7 +223,7 @@ def _upload(local_dir, uri):
 
 
 def test_folder_and_npz_on_s3_shard_like_their_local_copies(tmp_path, s3_bucket, ray_session):
-    from tasks.data.shard import RemoteRows, open_npz
+    from tasks.data.sources import RemoteRows, open_npz
 
     src = tmp_path / "src" / "imgs"
     for cls, colour in (("n02_zebra", (250, 250, 250)), ("n01_ant", (200, 10, 10))):
