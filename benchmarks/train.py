@@ -37,7 +37,8 @@ from PIL import Image
 from admflow import storage
 from admflow.config import load_config
 from tasks.data.demo import CLASS_NAMES, render
-from tasks.training.loop import LocalSession, LoopSpec, Trainer
+from tasks.training.loop import LoopSpec, Trainer
+from tasks.training.sessions import LocalSession
 
 BASE = ["training.batch_size=16", "training.ema_rate=[0.9999]"]
 

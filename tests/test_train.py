@@ -27,8 +27,10 @@ from admflow import storage
 from admflow.config import load_config
 from tasks.data.demo import CLASS_NAMES, render
 from tasks.training import checkpoint as ckpt
-from tasks.training.loop import LocalSession, LoopSpec, Trainer
+from tasks.training.loop import LoopSpec, Trainer
+from tasks.training.sessions import LocalSession
 from tasks.training.stream import ShardStream, batch_positions
+from tests.faults import FailOnce
 
 SMALL = [
     "data.image_size=16",
@@ -142,17 +144,17 @@ def small_cfg(root, *overrides):
     return load_config("tiny", [*SMALL, f"storage.root={root}", *overrides])
 
 
-def local_run(cfg, kind, data, run_name, before_run=None, **spec_kw):
+def local_run(cfg, kind, data, run_name, before_run=None, fail_at_step=None):
+    """One in-process run; ``fail_at_step``: a worker fault there (tests.faults.FailOnce)."""
     spec = LoopSpec(
         kind=kind,
         config=cfg.model_dump(mode="json"),
         data_uri=data,
         run_uri=storage.join(cfg.storage.root, "runs", run_name),
         run_name=run_name,
-        **spec_kw,
     )
     session = LocalSession()
-    trainer = Trainer(spec, session)
+    trainer = Trainer(spec, session, [] if fail_at_step is None else [FailOnce(fail_at_step)])
     if before_run is not None:
         before_run(trainer)
     trainer.run()
@@ -259,18 +261,18 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_last_checkpoint(
     cfg = small_cfg(
         tmp_path, "training.steps=6", "training.checkpoint_every=2", "training.log_every=2"
     )
-    from tasks.training import jobs as train_jobs
+    from models.training_losses import HybridDiffusionLoss
 
-    real = train_jobs.Job.losses
+    real = HybridDiffusionLoss.__call__
 
-    def poisoned(self, model, x, y, t, gen):
-        out = real(self, model, x, y, t, gen)
+    def poisoned(self, net, batch, generator):
+        out = real(self, net, batch, generator)
         if trainer_ref and trainer_ref[0].step == 3:
             out["loss"] = out["loss"] * float("nan")
         return out
 
     trainer_ref: list = []
-    monkeypatch.setattr(train_jobs.Job, "losses", poisoned)
+    monkeypatch.setattr(HybridDiffusionLoss, "__call__", poisoned)
     spec = LoopSpec(
         "diffusion", cfg.model_dump(mode="json"), shards, str(tmp_path / "runs/nan"), "nan"
     )
@@ -415,7 +417,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(reference_run, shards, tmp
     """A worker fails at step 13; Ray restarts the group from the step-8 checkpoint."""
     from tasks.training.launch import train_diffusion
 
-    out = train_diffusion(small_cfg(tmp_path, *EQUIV), shards, "interrupted", fail_at_step=13)
+    cfg = small_cfg(tmp_path, *EQUIV)
+    out = train_diffusion(cfg, shards, "interrupted", callbacks=[FailOnce(13)])
     assert storage.exists(storage.join(out["run_uri"], "_fault-injected-13"))
     assert out["step"] == 24
     assert_same_params(final_model(reference_run), final_model(out))

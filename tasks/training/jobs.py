@@ -1,23 +1,27 @@
-"""What differs between the three training jobs: network, losses, optimiser settings.
-
-Each job turns one micro-batch into per-example terms (``{"loss": (B,), ...}``); the shared
-loop in :mod:`tasks.training.loop` weights, averages, back-propagates and reports them.
+"""What differs between the three training jobs, as data chosen once by name: the network,
+its loss (an object from :mod:`models.training_losses`), the timestep sampler and the
+optimiser settings. The loop in :mod:`tasks.training.loop` reads these fields and never asks
+which job it runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from admflow.config import AdmConfig
 from models.build import build_classifier, build_unet, build_upsampler
 from models.diffusion_factory import create_diffusion
-from models.guidance import drop_labels
 from models.resample import ScheduleSampler, UniformSampler, create_named_schedule_sampler
+from models.training_losses import (
+    HybridDiffusionLoss,
+    NoisyClassifierLoss,
+    TrainingLoss,
+    UpsamplerLoss,
+)
 
 KINDS = ("diffusion", "classifier", "upsampler")
 
@@ -25,34 +29,28 @@ KINDS = ("diffusion", "classifier", "upsampler")
 @dataclass
 class Job:
     kind: str
-    cfg: AdmConfig
+    build_model: Callable[[], nn.Module]
+    loss: TrainingLoss
+    schedule_sampler: Callable[[], ScheduleSampler]  # a fresh one per run: it holds history
     steps: int
     lr: float
     weight_decay: float
     ema_rates: list[float]
-    flip: bool
+    image_size: int  # what the shards must hold
+    num_classes: int | None  # labels must stay below it
+    classes_field: str  # the config field that sets num_classes, for error messages
+    flip: bool = True
     random_crop: bool = False  # the classifier's 80-100% scale-and-crop (ADM)
-    holdout_every: int = 0
+    holdout_every: int = 0  # > 0: every n-th row is held out and scored at checkpoints
     anneal_lr: bool = False
-    terms: tuple[str, ...] = ("loss", "mse", "vb")
-    diffusion: Any = field(default=None, repr=False)
 
     @property
     def num_timesteps(self) -> int:
-        return int(self.diffusion.num_timesteps)
+        return int(self.loss.diffusion.num_timesteps)
 
-    def build_model(self) -> nn.Module:
-        if self.kind == "diffusion":
-            return build_unet(self.cfg.model)
-        if self.kind == "classifier":
-            return build_classifier(self.cfg.classifier)
-        return build_upsampler(self.cfg.upsampler)
-
-    def schedule_sampler(self) -> ScheduleSampler:
-        if self.kind == "classifier":
-            return UniformSampler(self.num_timesteps)
-        section = self.cfg.upsampler.diffusion if self.kind == "upsampler" else self.cfg.diffusion
-        return create_named_schedule_sampler(section.schedule_sampler, self.num_timesteps)
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return self.loss.terms
 
     def lr_at(self, step: int) -> float:
         """Constant (diffusion) or linearly annealed to 0 at ``steps`` (classifier)."""
@@ -60,86 +58,79 @@ class Job:
             return self.lr
         return self.lr * (1.0 - step / self.steps)
 
-    def losses(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        t: torch.Tensor,
-        generator: torch.Generator,
-    ) -> dict[str, torch.Tensor]:
-        if self.kind == "classifier":
-            return self._classifier_losses(model, x, y, t, generator)
-        kwargs: dict[str, torch.Tensor] = {}
-        if self.kind == "upsampler":
-            small = self.cfg.upsampler.small_size
-            kwargs["low_res"] = F.interpolate(x, size=(small, small), mode="area")
-            if self.cfg.upsampler.unet.num_classes is not None:
-                kwargs["y"] = y
-        elif self.cfg.model.num_classes is not None:
-            # classifier-free guidance: some labels become the null class ∅, drawn from the
-            # step's generator so a resumed run drops the same ones (0: every label kept)
-            kwargs["y"] = drop_labels(
-                y, self.cfg.training.label_dropout, self.cfg.model.num_classes, generator
-            )
-        return self.diffusion.training_losses(model, x, t, model_kwargs=kwargs, generator=generator)
 
-    def _classifier_losses(self, model, x, y, t, generator) -> dict[str, torch.Tensor]:
-        if self.cfg.training.classifier_noised:
-            x = self.diffusion.q_sample(x, t, generator=generator)
-        else:
-            t = torch.zeros_like(t)
-        logits = model(x, t).float()
-        return {"loss": F.cross_entropy(logits, y, reduction="none"), **topk_hits(logits, y)}
+def diffusion_job(cfg: AdmConfig) -> Job:
+    """The ADM UNet on L_hybrid, with EMA (and label dropout for classifier-free guidance)."""
+    t, diffusion = cfg.training, create_diffusion(cfg.diffusion)
+    return Job(
+        "diffusion",
+        build_model=partial(build_unet, cfg.model),
+        loss=HybridDiffusionLoss(diffusion, cfg.model.num_classes, t.label_dropout),
+        schedule_sampler=partial(
+            create_named_schedule_sampler, cfg.diffusion.schedule_sampler, diffusion.num_timesteps
+        ),
+        steps=t.steps,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        ema_rates=list(t.ema_rate),
+        image_size=cfg.model.image_size,
+        num_classes=cfg.model.num_classes,
+        classes_field="model.num_classes",
+    )
 
 
-def topk_hits(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-example 0/1 hits for top-1 and top-5 (top-k with k capped at the class count)."""
-    k = min(5, logits.shape[-1])
-    top = logits.topk(k, dim=-1).indices
-    hits = top == y[:, None]
-    return {"top1": hits[:, 0].float(), "top5": hits.any(dim=-1).float()}
+def classifier_job(cfg: AdmConfig) -> Job:
+    """The noisy classifier: uniform t, linearly annealed lr, no EMA, a held-out split."""
+    if not cfg.data.class_cond:
+        raise ValueError("the classifier needs labelled data (data.class_cond: true)")
+    t, diffusion = cfg.training, create_diffusion(cfg.diffusion)
+    return Job(
+        "classifier",
+        build_model=partial(build_classifier, cfg.classifier),
+        loss=NoisyClassifierLoss(diffusion, noised=t.classifier_noised),
+        schedule_sampler=partial(UniformSampler, diffusion.num_timesteps),
+        steps=t.classifier_steps,
+        lr=t.classifier_lr,
+        weight_decay=t.classifier_weight_decay,
+        ema_rates=[],
+        image_size=cfg.classifier.image_size,
+        num_classes=cfg.classifier.num_classes,
+        classes_field="classifier.num_classes",
+        random_crop=t.classifier_random_crop,
+        holdout_every=10,
+        anneal_lr=True,
+    )
+
+
+def upsampler_job(cfg: AdmConfig) -> Job:
+    """The super-resolution UNet (ADM-U) on its own diffusion, with EMA."""
+    t, up = cfg.training, cfg.upsampler
+    diffusion = create_diffusion(up.diffusion)
+    return Job(
+        "upsampler",
+        build_model=partial(build_upsampler, up),
+        loss=UpsamplerLoss(diffusion, up.small_size, class_cond=up.unet.num_classes is not None),
+        schedule_sampler=partial(
+            create_named_schedule_sampler, up.diffusion.schedule_sampler, diffusion.num_timesteps
+        ),
+        steps=t.upsampler_steps,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        ema_rates=list(t.ema_rate),
+        image_size=up.unet.image_size,
+        num_classes=up.unet.num_classes,
+        classes_field="upsampler.unet.num_classes",
+    )
+
+
+JOBS: dict[str, Callable[[AdmConfig], Job]] = {
+    "diffusion": diffusion_job,
+    "classifier": classifier_job,
+    "upsampler": upsampler_job,
+}
 
 
 def make_job(kind: str, cfg: AdmConfig) -> Job:
-    t = cfg.training
-    if kind == "diffusion":
-        return Job(
-            kind,
-            cfg,
-            steps=t.steps,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            ema_rates=list(t.ema_rate),
-            flip=True,
-            diffusion=create_diffusion(cfg.diffusion),
-        )
-    if kind == "classifier":
-        if not cfg.data.class_cond:
-            raise ValueError("the classifier needs labelled data (data.class_cond: true)")
-        return Job(
-            kind,
-            cfg,
-            steps=t.classifier_steps,
-            lr=t.classifier_lr,
-            weight_decay=t.classifier_weight_decay,
-            ema_rates=[],
-            flip=True,
-            random_crop=t.classifier_random_crop,
-            holdout_every=10,
-            anneal_lr=True,
-            terms=("loss", "top1", "top5"),
-            diffusion=create_diffusion(cfg.diffusion),
-        )
-    if kind == "upsampler":
-        return Job(
-            kind,
-            cfg,
-            steps=t.upsampler_steps,
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            ema_rates=list(t.ema_rate),
-            flip=True,
-            diffusion=create_diffusion(cfg.upsampler.diffusion),
-        )
-    raise ValueError(f"unknown training job {kind!r}; use one of {', '.join(KINDS)}")
+    if kind not in JOBS:
+        raise ValueError(f"unknown training job {kind!r}; use one of {', '.join(KINDS)}")
+    return JOBS[kind](cfg)

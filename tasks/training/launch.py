@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -25,9 +26,11 @@ from admflow import storage
 from admflow.config import AdmConfig, ConfigError
 from admflow.tracking import stage_run
 from tasks.training import checkpoint as ckpt
+from tasks.training.callbacks import Callback
 from tasks.training.checkpoint import latest_checkpoint, list_checkpoints
 from tasks.training.jobs import KINDS, make_job
-from tasks.training.loop import LoopSpec, NonFiniteLossError, train_loop_per_worker
+from tasks.training.loop import LoopSpec, NonFiniteLossError
+from tasks.training.sessions import train_loop_per_worker
 from tasks.training.stream import data_root, load_manifest
 
 __all__ = [
@@ -81,21 +84,14 @@ def run_uri(cfg: AdmConfig, run_name: str) -> str:
 
 
 def check_data(kind: str, cfg: AdmConfig, manifest: dict) -> None:
-    size = {
-        "diffusion": cfg.model.image_size,
-        "classifier": cfg.classifier.image_size,
-        "upsampler": cfg.upsampler.unet.image_size,
-    }[kind]
-    if manifest["image_size"] != size:
+    job = make_job(kind, cfg)
+    if manifest["image_size"] != job.image_size:
         raise ConfigError(
-            f"the shards hold {manifest['image_size']}px images but the {kind} model is {size}px; "
-            f"re-shard with data.image_size={size} or pick a matching preset"
+            f"the shards hold {manifest['image_size']}px images but the {kind} model is "
+            f"{job.image_size}px; re-shard with data.image_size={job.image_size} or pick a "
+            "matching preset"
         )
-    field, classes = {
-        "diffusion": ("model.num_classes", cfg.model.num_classes),
-        "classifier": ("classifier.num_classes", cfg.classifier.num_classes),
-        "upsampler": ("upsampler.unet.num_classes", cfg.upsampler.unet.num_classes),
-    }[kind]
+    field, classes = job.classes_field, job.num_classes
     found = manifest.get("num_classes")
     if found and classes and found > classes:  # labels would index past the embedding
         raise ConfigError(
@@ -112,11 +108,12 @@ def train(
     parent_run_id: str | None = None,
     *,
     max_failures: int = 3,
-    fail_at_step: int | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Run (or continue) one training job; returns checkpoint URIs, step, run id, metrics.
 
-    ``fail_at_step`` injects one worker failure at that step (tests of the recovery path).
+    ``callbacks`` join the standard ones (MLflow, progress) on every worker; they are pickled
+    into the workers.
     """
     make_job(kind, cfg)  # fail early on an impossible job
     data_uri = data_root(data_uri)
@@ -136,9 +133,8 @@ def train(
             run_name=run_name,
             tracking_uri=mlflow.get_tracking_uri(),
             mlflow_run_id=run.info.run_id,
-            fail_at_step=fail_at_step,
         )
-        result = fit(spec, cfg, max_failures=max_failures)
+        result = fit(spec, cfg, max_failures=max_failures, callbacks=callbacks)
         metrics = dict(result.metrics or {})
         if metrics.get("error"):
             raise NonFiniteLossError(metrics["error"])
@@ -161,7 +157,7 @@ def train(
         }
 
 
-def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
+def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3, callbacks: Sequence[Callback] = ()):
     """One TorchTrainer.fit; resumes when ``<runs>/<run_name>`` already holds checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -181,6 +177,7 @@ def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3):
         train_loop_config={
             "spec": asdict(spec),
             "torch_threads": cfg.compute.threads_for(spec.kind),
+            "callbacks": list(callbacks),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.compute.num_workers,

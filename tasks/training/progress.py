@@ -5,6 +5,7 @@ cluster, not even its machine). Rank 0 therefore writes a small ``progress.json`
 checkpoints at every log step (:func:`write_progress`), and the driver polls it
 (:class:`ProgressPrinter`) and prints one line whenever it moved, or a heartbeat while nothing
 moved (start-up, checkpointing), so a long training never leaves the terminal silent.
+:class:`ProgressCallback` is the loop's side: it writes that record at every log step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 from admflow import storage
+from tasks.training.callbacks import Callback, Trainer
 
 POLL_S = 5.0
 HEARTBEAT_S = 45.0
@@ -28,6 +30,28 @@ def write_progress(run_uri: str, record: dict[str, Any]) -> None:
         storage.write_json(progress_uri(run_uri), record)
     except Exception:  # progress is cosmetic; never let it stop training
         pass
+
+
+class ProgressCallback(Callback):
+    """Leaves the progress record of a run for the driver's terminal (rank 0)."""
+
+    def __init__(self, run_uri: str):
+        self.run_uri = run_uri
+
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        job = trainer.job
+        rate = metrics.get("images_per_s") or 0.0
+        left = (job.steps - trainer.step) * trainer.global_batch / rate if rate else None
+        record = {
+            "kind": job.kind,
+            "step": trainer.step,
+            "steps": job.steps,
+            "loss": metrics.get("loss"),
+            "images_per_s": rate,
+            "eta_s": left,
+            "time": time.time(),
+        }
+        write_progress(self.run_uri, record)
 
 
 def _duration(seconds: float) -> str:
