@@ -107,8 +107,3 @@ class DynamicLossScaler:
         self.log2_scale = float(state["log2_scale"])
         self.growth_per_step = float(state["growth_per_step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-
-
-def loss_scaler_for(mode: str) -> DynamicLossScaler:
-    """A scaler that is active only for fp16."""
-    return DynamicLossScaler(enabled=mode == "fp16")
