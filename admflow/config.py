@@ -58,18 +58,27 @@ def _resolve_mult(image_size: int, channel_mult: list[float] | None) -> tuple[fl
         raise ValueError(f"channel_mult: {e}") from None
 
 
-def _reachable_resolutions(image_size: int, levels: int) -> list[int]:
-    return [image_size // 2**i for i in range(levels)]
-
-
-def _check_levels(image_size: int, mult: tuple[float, ...]) -> None:
-    """Each of the len(mult) - 1 downsamplings halves the side exactly (skips must match)."""
+def _check_levels(
+    image_size: int, mult: tuple[float, ...], attention_resolutions: list[int], skip_above: bool
+) -> list[int]:
+    """Each of the len(mult) - 1 downsamplings halves the side exactly (skips must match), and
+    each attention resolution is one that a level works at (``skip_above``: resolutions above
+    ``image_size`` pass, as the classifier's network ignores them); returns the levels'
+    resolutions."""
     if image_size % 2 ** (len(mult) - 1):
         raise ValueError(
             f"image_size {image_size} cannot be halved {len(mult) - 1} times "
             f"(channel_mult has {len(mult)} levels); use a multiple of {2 ** (len(mult) - 1)} "
             f"or fewer levels"
         )
+    reachable = [image_size // 2**i for i in range(len(mult))]
+    for r in attention_resolutions:
+        if r not in reachable and not (skip_above and r > image_size):
+            raise ValueError(
+                f"attention_resolutions: {r} is never reached by image_size {image_size} "
+                f"with {len(mult)} levels; allowed values: {reachable}"
+            )
+    return reachable
 
 
 class DataConfig(Section):
@@ -111,24 +120,13 @@ class UNetConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> UNetConfig:
         mult = self.resolved_channel_mult()
-        _check_levels(self.image_size, mult)
-        reachable = _reachable_resolutions(self.image_size, len(mult))
-        for r in self.attention_resolutions:
-            if r not in reachable:
-                raise ValueError(
-                    f"attention_resolutions: {r} is never reached by image_size "
-                    f"{self.image_size} with {len(mult)} levels; allowed values: {reachable}"
-                )
+        reachable = _check_levels(self.image_size, mult, self.attention_resolutions, False)
         if self.num_head_channels != -1 and self.num_head_channels <= 0:
             raise ValueError("num_head_channels: must be -1 (use num_heads) or > 0")
         if self.num_head_channels > 0:
             for level, m in enumerate(mult):
                 ch = int(m * self.model_channels)
-                if (
-                    _reachable_resolutions(self.image_size, len(mult))[level]
-                    in (self.attention_resolutions)
-                    and ch % self.num_head_channels
-                ):
+                if reachable[level] in self.attention_resolutions and ch % self.num_head_channels:
                     raise ValueError(
                         f"num_head_channels: {self.num_head_channels} does not divide the "
                         f"{ch} channels at resolution {reachable[level]}"
@@ -198,15 +196,9 @@ class ClassifierConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ClassifierConfig:
-        mult = self.resolved_channel_mult()
-        _check_levels(self.image_size, mult)
-        reachable = _reachable_resolutions(self.image_size, len(mult))
-        for r in self.attention_resolutions:
-            if r not in reachable and r <= self.image_size:
-                raise ValueError(
-                    f"attention_resolutions: {r} is never reached by image_size "
-                    f"{self.image_size}; allowed values: {reachable}"
-                )
+        _check_levels(
+            self.image_size, self.resolved_channel_mult(), self.attention_resolutions, True
+        )
         return self
 
     def resolved_channel_mult(self) -> tuple[float, ...]:
@@ -335,8 +327,8 @@ class SamplingConfig(Section):
     use_ema: bool = True
     compile: bool = Field(
         False,
-        description="torch.compile the diffusion network in the sampling actors (off: on the "
-        "CPUs measured it did not pay for its compile time)",
+        description="torch.compile the diffusion network in the sampling actors (off: each "
+        "input shape compiles for minutes; docs/trade-offs.md)",
     )
     clip_denoised: bool = True
     seed: int = 0

@@ -7,18 +7,11 @@ classifier on clean real images only, never on samples. Its accuracy on held-out
 says how far it can be trusted; its accuracy on a sample set (each sample's label being the
 class it was drawn for) is the "class accuracy" column of the demo's report.
 
-Why not a linear probe on the evaluator's Inception pool features: at 16-32 px the pool
-features of samples that a person names without hesitation (a slightly grainy ring, a soft
-checkerboard) land near the "smooth gradient" class of the real images, so such a probe
-scored guided and unguided samples alike at ~0.4 while the same samples were ~0.8 right by
-eye and by this judge. The judge works at the base model's resolution; larger images (an
-upsampler's output) are area-reduced to it first.
-
-The judge is an ensemble (:class:`JudgeEnsemble`) of a few such networks trained from different
-seeds, their class probabilities averaged. Every single network is right on every held-out real
-image, but how it reads a sample a little off the data distribution hinges on its seed: on one
-unguided demo set, four single networks read 0.63 to 0.75, two disjoint four-network ensembles
-0.71 and 0.72.
+The judge works at the base model's resolution; larger images (an upsampler's output) are
+area-reduced to it first. It is an ensemble (:class:`JudgeEnsemble`) of a few such networks
+trained from different seeds, their class probabilities averaged: a single network's reading
+of samples a little off the data distribution hinges on its seed. Why a CNN rather than a
+linear probe on Inception features, and the measurements: docs/trade-offs.md.
 """
 
 from __future__ import annotations

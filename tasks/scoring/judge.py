@@ -138,10 +138,8 @@ def read_judge(uri: str) -> tuple[JudgeEnsemble, dict[str, Any]]:
 
 def judged_set(samples_uri: str) -> str:
     """The set the judge reads for ``samples_uri``: a bilinear upscale (tasks.sampling.bilinear) is
-    judged on the base set it was made from. Upscaling adds nothing the judge could use, and
-    reducing it back to the judge's size blurs every edge: on one demo run a judge read the
-    sets at scales 0 / 8 / 32 0.66 / 0.78 / 0.85 through the round trip, 0.68 / 0.79 / 0.87
-    directly."""
+    judged on the base set it was made from: upscaling adds nothing the judge could use, and
+    reducing it back to the judge's size blurs every edge (docs/trade-offs.md)."""
     meta_uri = storage.join(samples_uri, "metadata.json")
     if not storage.exists(meta_uri):
         return samples_uri
