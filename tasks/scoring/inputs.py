@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -197,9 +196,3 @@ def _describe_manifest(base: str) -> dict[str, Any]:
         "has_stats": False,
         "identity": storage.sha256_bytes(raw),
     }
-
-
-def iter_unit_batches(unit: Unit, batch_size: int) -> Iterator[np.ndarray]:
-    images = read_unit(unit)
-    for i in range(0, len(images), batch_size):
-        yield images[i : i + batch_size]
