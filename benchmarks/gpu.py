@@ -40,6 +40,7 @@ from models.diffusion_factory import create_diffusion  # noqa: E402
 from models.ema import EMA  # noqa: E402
 from models.fast import apply_plan, plan_inference, prepare_for_inference  # noqa: E402
 from models.precision import DynamicLossScaler, autocast  # noqa: E402
+from models.samplers import make_sample_loop  # noqa: E402
 from models.unet import UNetModel  # noqa: E402
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
@@ -164,7 +165,7 @@ def sampling(net, diffusion, device, batch, repeats, use_fp16) -> dict[str, Any]
 
     def run(model):
         with torch.no_grad():
-            return diffusion.ddim_sample_loop(
+            return make_sample_loop(diffusion, "ddim")(
                 model, tuple(noise.shape), noise=noise, model_kwargs=kwargs, device=device
             )
 

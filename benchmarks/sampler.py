@@ -32,6 +32,7 @@ from admflow.config import load_config
 from models.build import build_unet
 from models.diffusion_factory import create_diffusion
 from models.fast import native_bf16, prepare_for_inference
+from models.samplers import make_sample_loop
 from tasks.sampling.spec import SamplerSpec
 from tasks.sampling.worker import ShardSampler
 
@@ -81,7 +82,7 @@ def flops_per_forward(model: Model, x: torch.Tensor, t: torch.Tensor, y: torch.T
 
 
 def sample(diffusion: Any, model: Model, noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return diffusion.ddim_sample_loop(
+    return make_sample_loop(diffusion, "ddim")(
         model, tuple(noise.shape), noise=noise, model_kwargs={"y": y}, clip_denoised=True
     )
 

@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from admflow import storage  # noqa: E402
 from admflow.config import AdmConfig, load_config  # noqa: E402
-from models.solvers import SOLVERS, FastSolver  # noqa: E402
+from models.samplers import make_sample_loop  # noqa: E402
+from models.solvers import SOLVERS  # noqa: E402
 
 SAMPLERS = ("ddpm", "ddim", *SOLVERS)
 
@@ -117,14 +118,16 @@ def sample_loop(cfg: AdmConfig, sampler: str, nfe: int, schedule: str) -> Callab
     from models.diffusion_factory import create_diffusion
 
     if sampler in SOLVERS:
-        return FastSolver(create_diffusion(cfg.diffusion), sampler, nfe, schedule).sample_loop
+        return make_sample_loop(
+            create_diffusion(cfg.diffusion), sampler, steps=nfe, schedule=schedule
+        )
     try:  # ADM's DDIM stride where it exists, else evenly spaced steps
         diffusion = create_diffusion(cfg.diffusion, f"ddim{nfe}" if sampler == "ddim" else "")
         if sampler == "ddpm" or diffusion.num_timesteps != nfe:
             raise ValueError
     except ValueError:
         diffusion = create_diffusion(cfg.diffusion, str(nfe))
-    return diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    return make_sample_loop(diffusion, sampler)
 
 
 def draw_set(loop, model, labels, noise, cond_fn, batch: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Gaussian diffusion: forward process q, reverse process p_θ, losses and samplers.
+"""Gaussian diffusion: forward process q, reverse process p_θ, losses and the likelihood bound.
 
 Notation follows Ho et al. 2020 (DDPM) and Nichol & Dhariwal 2021 (Improved DDPM); timesteps
 are 0-based indices, so the paper's t = 1..T is ``t = 0..T-1`` here and ``t == 0`` is the decoder
@@ -10,16 +10,16 @@ step p_θ(x_0 | x_1).
                        LEARNED_RANGE: Σ = exp(v log β_t + (1−v) log β̃_t)    (IDDPM eq. 15)
 * training_losses:     L_simple (DDPM eq. 14), L_vlb (eq. 5), L_hybrid = L_simple + λ L_vlb
                        with a stop-gradient on μ in the L_vlb term          (IDDPM §3.1)
-* p_sample(_loop):     ancestral sampling (DDPM Alg. 2); classifier guidance by condition_mean
-* ddim_sample(_loop):  DDIM (Song et al. 2020) with η; classifier guidance by condition_score
 * calc_bpd_loop:       the full variational bound in bits/dim.
+
+Sampling (DDPM, DDIM and the ODE solvers) is in models.samplers: each sampler is a function of
+a models.denoiser.Denoiser, which turns this diffusion's p_θ into ε̂, x̂_0 and moments, guided.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,7 +29,6 @@ import torch
 from models.losses import discretized_gaussian_log_likelihood, normal_kl
 
 Model = Callable[..., torch.Tensor]
-CondFn = Callable[..., torch.Tensor]
 DenoisedFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -65,7 +64,7 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-def _extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """table[t] shaped (B, 1, ..., 1) to broadcast against ``like``.
 
     Tables are float64; values are gathered on the CPU (some devices lack float64) and cast to
@@ -189,9 +188,9 @@ class GaussianDiffusion:
         self, x_start: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and log variance of q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = _extract(1.0 - self.alphas_cumprod, t, x_start)
-        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, x_start)
+        mean = extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+        variance = extract(1.0 - self.alphas_cumprod, t, x_start)
+        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start)
         return mean, variance, log_variance
 
     def q_sample(
@@ -207,8 +206,8 @@ class GaussianDiffusion:
                 x_start.shape, device=x_start.device, generator=generator, dtype=x_start.dtype
             )
         return (
-            _extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+            extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
         )
 
     def q_posterior_mean_variance(
@@ -216,27 +215,29 @@ class GaussianDiffusion:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """μ̃_t(x_t, x_0), β̃_t and clipped log β̃_t of q(x_{t−1} | x_t, x_0)."""
         mean = (
-            _extract(self.posterior_mean_coef1, t, x_t) * x_start
-            + _extract(self.posterior_mean_coef2, t, x_t) * x_t
+            extract(self.posterior_mean_coef1, t, x_t) * x_start
+            + extract(self.posterior_mean_coef2, t, x_t) * x_t
         )
-        variance = _extract(self.posterior_variance, t, x_t)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t)
+        variance = extract(self.posterior_variance, t, x_t)
+        log_variance = extract(self.posterior_log_variance_clipped, t, x_t)
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------ parameterisations
 
-    def _predict_xstart_from_eps(
+    def predict_xstart_from_eps(
         self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
     ) -> torch.Tensor:
+        """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, inverting q_sample."""
         return (
-            _extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
         )
 
-    def _predict_eps_from_xstart(
+    def predict_eps_from_xstart(
         self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
     ) -> torch.Tensor:
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / _extract(
+        """ε = (x_t/√ᾱ_t − x̂_0) / √(1/ᾱ_t − 1): the noise that x̂_0 implies."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / extract(
             self.sqrt_recipm1_alphas_cumprod, t, x_t
         )
 
@@ -244,8 +245,8 @@ class GaussianDiffusion:
         self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor
     ) -> torch.Tensor:
         # invert μ̃ = c1 x_0 + c2 x_t
-        coef1 = _extract(self.posterior_mean_coef1, t, x_t)
-        coef2 = _extract(self.posterior_mean_coef2, t, x_t)
+        coef1 = extract(self.posterior_mean_coef1, t, x_t)
+        coef2 = extract(self.posterior_mean_coef2, t, x_t)
         return (xprev - coef2 * x_t) / coef1
 
     # ------------------------------------------------------------------ reverse process p_θ
@@ -277,8 +278,8 @@ class GaussianDiffusion:
             return torch.exp(var_values), var_values
         if self.model_var_type == ModelVarType.LEARNED_RANGE:
             # IDDPM eq. 15: interpolate in the log domain between the bounds β̃_t and β_t.
-            min_log = _extract(self.posterior_log_variance_clipped, t, x)
-            max_log = _extract(np.log(self.betas), t, x)
+            min_log = extract(self.posterior_log_variance_clipped, t, x)
+            max_log = extract(np.log(self.betas), t, x)
             frac = (var_values + 1.0) / 2.0
             log_variance = frac * max_log + (1.0 - frac) * min_log
             return torch.exp(log_variance), log_variance
@@ -287,7 +288,7 @@ class GaussianDiffusion:
         else:
             tables = self.posterior_variance, self.posterior_log_variance_clipped
         ones = torch.ones_like(x)
-        return _extract(tables[0], t, x) * ones, _extract(tables[1], t, x) * ones
+        return extract(tables[0], t, x) * ones, extract(tables[1], t, x) * ones
 
     def p_mean_variance_from_output(
         self,
@@ -313,7 +314,7 @@ class GaussianDiffusion:
             if self.model_mean_type == ModelMeanType.START_X:
                 pred_xstart = process_xstart(mean_out)
             else:
-                pred_xstart = process_xstart(self._predict_xstart_from_eps(x, t, mean_out))
+                pred_xstart = process_xstart(self.predict_xstart_from_eps(x, t, mean_out))
             # μ_θ = μ̃_t(x_t, x̂_0): the posterior mean at the predicted x_0.
             mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {
@@ -339,209 +340,6 @@ class GaussianDiffusion:
         # the network may run in reduced precision; the diffusion math runs in x's dtype
         model_output = self.wrap_model(model)(x, t, **(model_kwargs or {})).to(x.dtype)
         return self.p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
-
-    # ------------------------------------------------------------------ classifier guidance
-
-    def condition_mean(
-        self,
-        cond_fn: CondFn,
-        p_mean_var: dict[str, torch.Tensor],
-        x: torch.Tensor,
-        t: torch.Tensor,
-        model_kwargs: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
-        """Guided mean for ancestral sampling (ADM Alg. 1): μ + Σ · s∇_x log p_φ(y | x_t).
-
-        ``cond_fn`` returns the already scaled gradient s∇ log p_φ.
-        """
-        gradient = self.wrap_model(cond_fn)(x, t, **(model_kwargs or {}))
-        mean = p_mean_var["mean"]
-        return mean + p_mean_var["variance"] * gradient.to(mean.dtype)
-
-    def condition_score(
-        self,
-        cond_fn: CondFn,
-        p_mean_var: dict[str, torch.Tensor],
-        x: torch.Tensor,
-        t: torch.Tensor,
-        model_kwargs: dict[str, Any] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Guided prediction for DDIM (ADM Alg. 2): ε̂ = ε_θ − √(1−ᾱ_t) · s∇_x log p_φ(y | x_t).
-
-        Returns ``p_mean_var`` with ``eps``, ``pred_xstart`` and ``mean`` replaced. x̂_0 is updated
-        as x̂_0 + (1−ᾱ_t)/√ᾱ_t · grad, which equals (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t but adds exactly zero
-        when the gradient is zero, so s = 0 reproduces unguided sampling bit for bit.
-        """
-        pred_xstart = p_mean_var["pred_xstart"]
-        gradient = self.wrap_model(cond_fn)(x, t, **(model_kwargs or {})).to(pred_xstart.dtype)
-        alpha_bar = _extract(self.alphas_cumprod, t, x)
-        eps = (
-            self._predict_eps_from_xstart(x, t, pred_xstart)
-            - torch.sqrt(1.0 - alpha_bar) * gradient
-        )
-        pred_xstart = pred_xstart + (1.0 - alpha_bar) / torch.sqrt(alpha_bar) * gradient
-        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return {**p_mean_var, "eps": eps, "pred_xstart": pred_xstart, "mean": mean}
-
-    # ------------------------------------------------------------------ ancestral sampling (DDPM)
-
-    def p_sample(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: DenoisedFn | None = None,
-        cond_fn: CondFn | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """One step x_t → x_{t−1} ~ p_θ(x_{t−1} | x_t) (no noise is added at t = 0)."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
-        if noise is None:
-            noise = randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
-        nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
-        """Sample x_0 with T ancestral steps; see :meth:`p_sample_loop_progressive` for arguments."""
-        (final,) = deque(self.p_sample_loop_progressive(model, shape, **kwargs), maxlen=1)
-        return final["sample"]
-
-    def p_sample_loop_progressive(
-        self,
-        model: Model,
-        shape: tuple[int, ...],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: DenoisedFn | None = None,
-        cond_fn: CondFn | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield each step's {"sample", "pred_xstart", "t"} from x_T ~ N(0, I) down to x_0.
-
-        ``noise`` fixes x_T; otherwise x_T and all step noise come from ``generator``.
-        """
-        img = self._initial_noise(model, shape, noise, device, generator)
-        for i in self._timestep_iter(progress):
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model, img, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, generator
-                )
-            yield {**out, "t": t}
-            img = out["sample"]
-
-    # ------------------------------------------------------------------ DDIM
-
-    def ddim_sample(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: DenoisedFn | None = None,
-        cond_fn: CondFn | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """One DDIM step x_t → x_{t−1} (Song et al. 2020 eq. 12); η = 0 is deterministic."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
-            eps = out["eps"]
-        else:
-            eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x)
-        sigma = (
-            eta
-            * torch.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
-            * torch.sqrt(1.0 - alpha_bar / alpha_bar_prev)
-        )
-        sample = (
-            out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
-            + torch.sqrt(1.0 - alpha_bar_prev - sigma**2) * eps
-        )
-        if eta > 0:
-            if noise is None:
-                noise = randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
-            nonzero = (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-            sample = sample + nonzero * sigma * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def ddim_reverse_sample(
-        self,
-        model: Model,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        clip_denoised: bool = True,
-        denoised_fn: DenoisedFn | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """One step of the deterministic DDIM ODE forwards, x_t → x_{t+1} (for encoding)."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract(self.alphas_cumprod_next, t, x)
-        sample = (
-            out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1.0 - alpha_bar_next) * eps
-        )
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def ddim_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs: Any) -> torch.Tensor:
-        """Sample x_0 with DDIM; see :meth:`ddim_sample_loop_progressive` for arguments."""
-        (final,) = deque(self.ddim_sample_loop_progressive(model, shape, **kwargs), maxlen=1)
-        return final["sample"]
-
-    def ddim_sample_loop_progressive(
-        self,
-        model: Model,
-        shape: tuple[int, ...],
-        noise: torch.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn: DenoisedFn | None = None,
-        cond_fn: CondFn | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield each DDIM step's {"sample", "pred_xstart", "t"} from x_T down to x_0."""
-        img = self._initial_noise(model, shape, noise, device, generator)
-        for i in self._timestep_iter(progress):
-            t = torch.full((shape[0],), i, device=img.device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.ddim_sample(
-                    model, img, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eta, generator
-                )
-            yield {**out, "t": t}
-            img = out["sample"]
-
-    def _initial_noise(
-        self,
-        model: Model,
-        shape: tuple[int, ...],
-        noise: torch.Tensor | None,
-        device: torch.device | str | None,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        if noise is not None:
-            return noise if device is None else noise.to(device)
-        if device is None:
-            params = getattr(model, "parameters", None)
-            first = next(iter(params()), None) if callable(params) else None
-            device = first.device if first is not None else "cpu"
-        return randn(shape, device=device, generator=generator)
 
     def _timestep_iter(self, progress: bool) -> Iterator[int]:
         steps: Any = range(self.num_timesteps - 1, -1, -1)
@@ -673,7 +471,7 @@ class GaussianDiffusion:
                 out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs=model_kwargs)
                 vb.append(self._vb_terms_bpd(out, x_start, x_t, t))
                 xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
-                eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
+                eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
                 mse.append(mean_flat((eps - noise) ** 2))
         # collected from t = T-1 down to 0; flip so column j is timestep j
         vb_t = torch.stack(vb[::-1], dim=1)

@@ -2,18 +2,19 @@
 
 A noisy classifier p_φ(y | x_t, t) steers sampling toward class y with scale s:
 
-* DDPM (Alg. 1, ``GaussianDiffusion.condition_mean``):  μ ← μ + Σ · s ∇_{x_t} log p_φ(y | x_t)
-* DDIM (Alg. 2, ``GaussianDiffusion.condition_score``): ε̂ ← ε_θ − √(1−ᾱ_t) · s ∇_{x_t} log p_φ(y | x_t)
+* DDPM (Alg. 1, :func:`condition_mean`):  μ ← μ + Σ · s ∇_{x_t} log p_φ(y | x_t)
+* DDIM (Alg. 2, :func:`condition_score`): ε̂ ← ε_θ − √(1−ᾱ_t) · s ∇_{x_t} log p_φ(y | x_t)
 
-Both receive a ``cond_fn(x, t, y=..., **model_kwargs)`` returning s ∇_x log p_φ(y | x_t); the
-samplers pass their ``model_kwargs`` (which hold the target labels ``y``) to it and call it with the
-timestep the networks see (original timestep for respaced diffusions). Guidance works the same for
-conditional and unconditional diffusion models; for the latter wrap the model in
-:func:`drop_class_labels` so the ``y`` meant for the classifier is not fed to it.
+A ``cond_fn(x, t, y=..., **model_kwargs)`` returns s ∇_x log p_φ(y | x_t); the denoiser
+(models.denoiser) passes it the sampler's ``model_kwargs`` (which hold the target labels ``y``)
+and the timestep the networks see (original timestep for respaced diffusions), and applies the
+form its sampler needs. Guidance works the same for conditional and unconditional diffusion
+models; for the latter wrap the model in :func:`drop_class_labels` so the ``y`` meant for the
+classifier is not fed to it.
 
 Classifier-free guidance (Ho & Salimans 2022) needs no classifier: :func:`drop_labels` trains
-the model with a null class, :func:`classifier_free` mixes its two predictions when sampling.
-The few-step solvers (models.solvers) take the same cond_fn and guided models.
+the model with a null class, :func:`classifier_free` mixes its two predictions when sampling
+(the denoiser's ``cfg_scale``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from models.gaussian_diffusion import GaussianDiffusion, extract
+
 CondFn = Callable[..., torch.Tensor]
+Moments = dict[str, torch.Tensor]
 
 
 def cond_fn_from_classifier(
@@ -52,6 +56,40 @@ def cond_fn_from_classifier(
         return grad * float(classifier_scale)
 
     return cond_fn
+
+
+def condition_mean(p_mean_var: Moments, gradient: torch.Tensor) -> torch.Tensor:
+    """Guided mean for ancestral sampling (ADM Alg. 1): μ + Σ · s∇_x log p_φ(y | x_t).
+
+    ``gradient`` is the cond_fn's already scaled s∇ log p_φ.
+    """
+    mean = p_mean_var["mean"]
+    return mean + p_mean_var["variance"] * gradient.to(mean.dtype)
+
+
+def condition_score(
+    diffusion: GaussianDiffusion,
+    p_mean_var: Moments,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    gradient: torch.Tensor,
+) -> Moments:
+    """Guided prediction for DDIM (ADM Alg. 2): ε̂ = ε_θ − √(1−ᾱ_t) · s∇_x log p_φ(y | x_t).
+
+    Returns ``p_mean_var`` with ``eps``, ``pred_xstart`` and ``mean`` replaced. x̂_0 is updated
+    as x̂_0 + (1−ᾱ_t)/√ᾱ_t · grad, which equals (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t but adds exactly zero
+    when the gradient is zero, so s = 0 reproduces unguided sampling bit for bit.
+    """
+    pred_xstart = p_mean_var["pred_xstart"]
+    gradient = gradient.to(pred_xstart.dtype)
+    alpha_bar = extract(diffusion.alphas_cumprod, t, x)
+    eps = (
+        diffusion.predict_eps_from_xstart(x, t, pred_xstart)
+        - torch.sqrt(1.0 - alpha_bar) * gradient
+    )
+    pred_xstart = pred_xstart + (1.0 - alpha_bar) / torch.sqrt(alpha_bar) * gradient
+    mean, _, _ = diffusion.q_posterior_mean_variance(pred_xstart, x, t)
+    return {**p_mean_var, "eps": eps, "pred_xstart": pred_xstart, "mean": mean}
 
 
 def drop_class_labels(model: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from admflow.config import DiffusionConfig
+from models.denoiser import Denoiser
 from models.diffusion_factory import create_diffusion
 from models.ema import EMA
 from models.gaussian_diffusion import (
@@ -29,6 +30,7 @@ from models.losses import discretized_gaussian_log_likelihood, normal_kl
 from models.precision import DynamicLossScaler, autocast
 from models.resample import LossSecondMomentResampler, UniformSampler
 from models.respace import SpacedDiffusion, space_timesteps
+from models.samplers import ddim_reverse_step, ddim_step, ddpm_step, make_sample_loop
 from models.schedules import get_named_beta_schedule
 
 T = 50
@@ -253,10 +255,10 @@ def test_ddim_eta0_is_deterministic_and_reverse_ode_step_inverts():
     d = make_diffusion(steps=100)
     model = GaussianDataEps(d.alphas_cumprod, mean=0.1, std=0.5)
     noise = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    a = d.ddim_sample_loop(
+    a = make_sample_loop(d, "ddim")(
         model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(2)
     )
-    b = d.ddim_sample_loop(
+    b = make_sample_loop(d, "ddim")(
         model, noise.shape, noise=noise, generator=torch.Generator().manual_seed(3)
     )
     assert torch.equal(a, b)
@@ -268,8 +270,9 @@ def test_ddim_eta0_is_deterministic_and_reverse_ode_step_inverts():
     for step in (100, 600):
         t = torch.full((8,), step)
         x_t = d.q_sample(x0, t, generator=torch.Generator().manual_seed(5))
-        x_next = d.ddim_reverse_sample(model, x_t, t, clip_denoised=False)["sample"]
-        back = d.ddim_sample(model, x_next, t + 1, clip_denoised=False, eta=0.0)["sample"]
+        denoiser = Denoiser(d, model, clip_denoised=False)
+        x_next = ddim_reverse_step(denoiser, x_t, t)
+        back = ddim_step(denoiser, x_next, t + 1, t, eta=0.0)["sample"]
         moved = (x_next - x_t).norm()
         assert moved > 1e-3  # the step did move x
         # the way back is exact to first order: the error is O(step²), a few % of the O(step) move
@@ -280,7 +283,7 @@ def test_ddim_eta0_is_deterministic_and_reverse_ode_step_inverts():
 def test_samplers_reproduce_gaussian_data_and_seed(sampler):
     d = make_diffusion(steps=100, var_type=ModelVarType.FIXED_LARGE)
     model = GaussianDataEps(d.alphas_cumprod, mean=0.2, std=0.3)
-    loop = d.p_sample_loop if sampler == "ddpm" else d.ddim_sample_loop
+    loop = make_sample_loop(d, sampler)
     shape = (512, 1, 4, 4)
     x = loop(model, shape, clip_denoised=False, generator=torch.Generator().manual_seed(0))
     assert x.mean().item() == pytest.approx(0.2, abs=0.02)
@@ -294,9 +297,9 @@ def test_ddim_eta1_equals_ddpm_with_posterior_variance():
     d = make_diffusion(steps=40, var_type=ModelVarType.FIXED_SMALL)
     model = GaussianDataEps(d.alphas_cumprod, mean=-0.1, std=0.4)
     kw = dict(clip_denoised=False, generator=torch.Generator().manual_seed(3))
-    a = d.ddim_sample_loop(model, (16, 2, 3, 3), eta=1.0, **kw)
+    a = make_sample_loop(d, "ddim", eta=1.0)(model, (16, 2, 3, 3), **kw)
     kw["generator"] = torch.Generator().manual_seed(3)
-    b = d.p_sample_loop(model, (16, 2, 3, 3), **kw)
+    b = make_sample_loop(d, "ddpm")(model, (16, 2, 3, 3), **kw)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -385,7 +388,7 @@ def test_classifier_guidance_raises_target_probability(sampler, conditional):
         model = drop_class_labels(GaussianDataEps(base_abar, std=0.4, learned_v=0.0))
     y = torch.zeros(64, dtype=torch.long)  # target: bright
     shape = (64, 3, 4, 4)
-    loop = d.p_sample_loop if sampler == "ddpm" else d.ddim_sample_loop
+    loop = make_sample_loop(d, sampler)
 
     def run(cond_fn):
         return loop(
@@ -441,8 +444,8 @@ def test_condition_mean_shifts_the_ddpm_mean_by_sigma_s_c():
     cond_fn, c = constant_gradient(x.shape, s)
     kw = dict(clip_denoised=False, model_kwargs={"y": torch.zeros(4, dtype=torch.long)})
     model = drop_class_labels(model)
-    plain = d.p_sample(model, x, t, noise=noise, **kw)["sample"]
-    guided = d.p_sample(model, x, t, cond_fn=cond_fn, noise=noise, **kw)["sample"]
+    plain = ddpm_step(Denoiser(d, model, **kw), x, t, noise)["sample"]
+    guided = ddpm_step(Denoiser(d, model, cond_fn=cond_fn, **kw), x, t, noise)["sample"]
     sigma = torch.as_tensor(betas[t.numpy()])[:, None, None, None]
     torch.testing.assert_close(guided - plain, sigma * s * c, rtol=1e-9, atol=1e-12)
 
@@ -457,14 +460,14 @@ def test_condition_score_shifts_ddim_eps_by_sqrt_one_minus_alpha_bar_s_c():
     cond_fn, c = constant_gradient(x.shape, s)
     a, a_prev = (torch.as_tensor(v)[:, None, None, None] for v in (abar[t], abar[t - 1]))
     eps = model(x, t)
-    out = d.p_mean_variance(model, x, t, clip_denoised=False)
-    guided = d.condition_score(cond_fn, out, x, t)
+    denoiser = Denoiser(d, model, clip_denoised=False, cond_fn=cond_fn)
+    guided = denoiser.eps_and_xstart(x, t)
     eps_hat = eps - (1 - a).sqrt() * s * c
     torch.testing.assert_close(guided["eps"], eps_hat, rtol=1e-9, atol=1e-12)
     x0_hat = (x - (1 - a).sqrt() * eps_hat) / a.sqrt()
     torch.testing.assert_close(guided["pred_xstart"], x0_hat, rtol=1e-9, atol=1e-12)
     # the whole DDIM step (η = 0) with the guided ε̂: √ᾱ_{t−1} x̂_0 + √(1−ᾱ_{t−1}) ε̂
-    step = d.ddim_sample(model, x, t, clip_denoised=False, cond_fn=cond_fn)["sample"]
+    step = ddim_step(denoiser, x, t, t - 1)["sample"]
     torch.testing.assert_close(step, a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps_hat)
 
 

@@ -15,6 +15,7 @@ from models.fast import (
     GroupNormSiLU,
     prepare_for_inference,
 )
+from models.samplers import make_sample_loop
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +83,13 @@ def test_bf16_ddim_samples_close_to_fp32(tiny):
     samples = {}
     for precision in ("fp32", "bf16"):
         model = prepare_for_inference(net, precision)
-        samples[precision] = diffusion.ddim_sample_loop(
+        samples[precision] = make_sample_loop(diffusion, "ddim")(
             model, tuple(x.shape), noise=x, model_kwargs={"y": y}
         )
     with torch.no_grad():
-        plain = diffusion.ddim_sample_loop(net, tuple(x.shape), noise=x, model_kwargs={"y": y})
+        plain = make_sample_loop(diffusion, "ddim")(
+            net, tuple(x.shape), noise=x, model_kwargs={"y": y}
+        )
     assert (samples["fp32"] - plain).abs().max().item() <= FP32_ATOL
     d = samples["bf16"] - samples["fp32"]
     # observed on the tiny net with random weights: max abs 0.10, RMSE 0.010

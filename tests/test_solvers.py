@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from models.gaussian_diffusion import ModelVarType
+from models.grids import solver_grid
 from models.guidance import classifier_free, cond_fn_from_classifier, drop_labels
-from models.solvers import FastSolver, make_sample_loop, solver_timesteps
+from models.samplers import make_sample_loop
 from tests.test_diffusion import GaussianDataEps, bright_dark_classifier, make_diffusion, p_target
 from tests.test_train import assert_same_params, local_run, one_torch_thread, shards, small_cfg  # noqa: F401
 
@@ -39,10 +40,10 @@ def solver_error(kind: str, steps: int, schedule: str, order: int) -> float:
     d = make_diffusion(steps=1000, schedule=SCHEDULE, var_type=ModelVarType.LEARNED_RANGE)
     model = GaussianDataEps(d.alphas_cumprod, mean=MEAN, std=STD, learned_v=0.0)
     noise = torch.randn((64, 1, 2, 2), generator=torch.Generator().manual_seed(0)).double()
-    solver = FastSolver(d, kind, steps, schedule, order=order)
-    x0 = solver.sample_loop(model, noise.shape, noise=noise, clip_denoised=False)
+    loop = make_sample_loop(d, kind, steps=steps, schedule=schedule, order=order)
+    x0 = loop(model, noise.shape, noise=noise, clip_denoised=False)
     assert len(model.seen_t) == steps  # one network evaluation per grid point
-    return (x0 - exact_solution(d, solver.timesteps, noise)).abs().max().item()
+    return (x0 - exact_solution(d, solver_grid(d, steps, schedule), noise)).abs().max().item()
 
 
 @pytest.mark.parametrize(
@@ -78,20 +79,20 @@ def test_solver_grids_are_trained_timesteps_and_respaced_models_see_original_one
     d = make_diffusion(steps=1000, schedule="cosine", respacing="100")
     for schedule in ("time", "logsnr"):
         for steps in (3, 5, 10, 50, 100):
-            grid = solver_timesteps(d, steps, schedule)
+            grid = solver_grid(d, steps, schedule)
             assert len(grid) == steps and grid[0] == 99 and grid[-1] == 0
             assert (np.diff(grid) < 0).all()
     lin = make_diffusion(steps=1000, schedule="linear", respacing="100")
     lam = 0.5 * np.log(lin.alphas_cumprod / (1 - lin.alphas_cumprod))
-    gaps = np.diff(lam[solver_timesteps(lin, 10, "logsnr")])
+    gaps = np.diff(lam[solver_grid(lin, 10, "logsnr")])
     # uniform in log-SNR, but for the last steps, where 10 respaced indices are too coarse
     np.testing.assert_allclose(gaps[:-2], gaps[:-2].mean(), rtol=0.1)
     model = GaussianDataEps(make_diffusion(steps=1000, schedule="cosine").alphas_cumprod)
-    FastSolver(d, "unipc", 5).sample_loop(model, (2, 1, 2, 2))
+    make_sample_loop(d, "unipc", steps=5)(model, (2, 1, 2, 2))
     seen = sorted({int(t[0]) for t in model.seen_t})
-    assert seen == sorted(int(d.timestep_map[i]) for i in solver_timesteps(d, 5, "time"))
+    assert seen == sorted(int(d.timestep_map[i]) for i in solver_grid(d, 5, "time"))
     with pytest.raises(ValueError, match="steps"):
-        solver_timesteps(d, 2)
+        solver_grid(d, 2)
 
 
 @pytest.mark.parametrize("kind", ["dpm++2m", "unipc"])
@@ -106,12 +107,11 @@ def test_first_order_solvers_are_ddim(kind, guided):
         clip_denoised=not guided,  # (DDIM clips before guidance, the solvers after)
         generator=torch.Generator().manual_seed(3),
     )
-    ddim = d.ddim_sample_loop(model, (16, 3, 4, 4), **kw)
+    ddim = make_sample_loop(d, "ddim")(model, (16, 3, 4, 4), **kw)
     assert (ddim.abs() == 1).any() or guided  # clipping did act
     kw["generator"] = torch.Generator().manual_seed(3)
-    solver = FastSolver(d, kind, 10, "time", order=1)
-    assert solver.nfe == 10
-    x = solver.sample_loop(model, (16, 3, 4, 4), **kw)
+    assert len(solver_grid(d, 10, "time")) == 10  # NFE
+    x = make_sample_loop(d, kind, steps=10, schedule="time", order=1)(model, (16, 3, 4, 4), **kw)
     if kind == "dpm++2m":  # order 1 is DDIM exactly; UniC-1 adds its correction on top
         torch.testing.assert_close(x, ddim, rtol=1e-5, atol=1e-5)
     else:

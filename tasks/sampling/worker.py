@@ -22,8 +22,9 @@ from admflow.config import (
     UNetConfig,
     UpsamplerConfig,
 )
+from models.denoiser import Denoiser
 from models.fast import InferencePlan, apply_plan, plan_inference
-from models.solvers import make_sample_loop
+from models.samplers import SAMPLERS, initial_noise, sampler_grid, sampler_options
 from tasks.sampling.spec import NonFiniteSampleError, SamplerSpec, batch_seed
 
 
@@ -97,16 +98,20 @@ class ShardSampler:
             "compile": self.plan.compile,
         }
 
-    def _model_fn(self):
-        if self.net_cfg.num_classes is None:
-            from models.guidance import drop_class_labels
+    def _denoiser(self, kwargs: dict[str, torch.Tensor]) -> Denoiser:
+        """The network as D(x_t, t) with this set's clipping and guidance (models.denoiser)."""
+        from models.guidance import drop_class_labels
 
-            return drop_class_labels(self.model)
-        if self.spec.cfg_scale > 0:  # classifier-free guidance: ∅ is label num_classes
-            from models.guidance import classifier_free
-
-            return classifier_free(self.model, self.spec.cfg_scale, self.net_cfg.num_classes)
-        return self.model
+        unconditional = self.net_cfg.num_classes is None  # the labels are the classifier's only
+        return Denoiser(
+            self.diffusion,
+            drop_class_labels(self.model) if unconditional else self.model,
+            model_kwargs=kwargs,
+            clip_denoised=self.spec.clip_denoised,
+            cond_fn=self.cond_fn,
+            cfg_scale=self.spec.cfg_scale,
+            null_class=self.net_cfg.num_classes,  # classifier-free ∅ is label num_classes
+        )
 
     def _low_res(self, images: np.ndarray) -> torch.Tensor:
         """Base samples (uint8 NHWC) as the upsampler's [-1, 1] NCHW conditioning input."""
@@ -123,23 +128,11 @@ class ShardSampler:
     def _sample_batch(self, n: int, kwargs: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         size = self.net_cfg.image_size
-        shape = (n, self.net_cfg.in_channels, size, size)
-        common: dict[str, Any] = dict(
-            clip_denoised=self.spec.clip_denoised,
-            cond_fn=self.cond_fn,
-            model_kwargs=kwargs,
-            device=self.device,
-            generator=gen,
-        )
-        loop = make_sample_loop(
-            self.diffusion,
-            self.spec.sampler,
-            eta=self.spec.eta,
-            steps=self.spec.solver_steps,
-            schedule=self.spec.step_schedule,
-        )
-        with torch.no_grad():
-            out = loop(self._model_fn(), shape, **common)
+        x_T = initial_noise((n, self.net_cfg.in_channels, size, size), self.device, gen)
+        name = self.spec.sampler
+        grid = sampler_grid(name, self.diffusion, self.spec.solver_steps, self.spec.step_schedule)
+        options = sampler_options(name, eta=self.spec.eta)
+        out = SAMPLERS[name](self._denoiser(kwargs), x_T, grid, gen, **options)
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).flatten(1).any(1).sum())
             raise NonFiniteSampleError(f"{bad} of {n} images hold NaN/inf (batch seed {seed})")
