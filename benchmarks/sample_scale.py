@@ -61,17 +61,23 @@ def init_ray(num_cpus: int) -> None:
 
 def scaling(tmp: Path, shards: int) -> dict:
     from admflow.config import load_config
+    from tasks.sampling.build import build_spec
     from tasks.sampling.sample_set import sample_set
+    from tasks.sampling.spec import ExecutionOptions
 
     overrides = ["sampling.shard_size=16", "sampling.batch_size=16", "compute.torch_threads=1"]
     cfg = load_config("bench-32", overrides)
     ckpt = save_checkpoint(tmp / "bench32", cfg)
+    spec = build_spec(
+        cfg, ckpt, num_samples=shards * 16,
+        sampling={"timestep_respacing": "ddim25", "use_ema": False},
+    )  # fmt: skip
     init_ray(num_cpus=2)
     out: dict = {"preset": "bench-32", "steps": "ddim25", "images": shards * 16}
     for workers in (1, 2):
         r = sample_set(
-            cfg, ckpt, str(tmp / f"scale{workers}"), num_samples=shards * 16, steps="ddim25",
-            use_ema=False, workers=workers, progress=False,
+            cfg, spec, str(tmp / f"scale{workers}"),
+            ExecutionOptions.from_config(cfg, workers=workers, progress=False),
         )  # fmt: skip
         out[f"images_per_s_{workers}x1"] = round(shards * 16 / r["sampling_seconds"], 3)
     out["speedup"] = round(out["images_per_s_2x1"] / out["images_per_s_1x1"], 3)
@@ -82,15 +88,18 @@ def scaling(tmp: Path, shards: int) -> dict:
 def rss_child(n: int, out: str, ckpt: str) -> None:
     """One driver run; prints its peak RSS (the driver process only, not the actors)."""
     from admflow.config import load_config
+    from tasks.sampling.build import build_spec
     from tasks.sampling.sample_set import sample_set
+    from tasks.sampling.spec import ExecutionOptions
 
     cfg = load_config("tiny", RSS_MODEL)
     init_ray(num_cpus=2)
     start = time.perf_counter()
-    r = sample_set(
-        cfg, ckpt, out, num_samples=n, steps="1", use_ema=False, workers=2, merge=True,
-        progress=False,
-    )  # fmt: skip
+    spec = build_spec(
+        cfg, ckpt, num_samples=n, sampling={"timestep_respacing": "1", "use_ema": False}
+    )
+    options = ExecutionOptions.from_config(cfg, workers=2, progress=False)
+    r = sample_set(cfg, spec, out, options, merge=True)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"n": n, "peak_rss_mib": round(peak_kib / 1024, 1), "complete": r["complete"],
                       "seconds": round(time.perf_counter() - start, 1)}))  # fmt: skip

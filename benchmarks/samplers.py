@@ -320,7 +320,9 @@ def setup(args: argparse.Namespace, cfg: AdmConfig, device: torch.device) -> dic
         if not clf_uri:
             raise SystemExit("--guidance classifier: no --classifier and none under the store")
         clf, _ = load_network(clf_uri, cfg, "classifier", device)
-        scale = args.scale or next((s for s in cfg.sampling.classifier_scales if s), 1.0)
+        from tasks.sampling.spec import default_scale
+
+        scale = args.scale or default_scale(cfg.sampling.classifier_scales, True) or 1.0
         guided = {"name": f"+classifier{scale:g}", "cond_fn": cond_fn_from_classifier(clf, scale)}
     elif guidance == "free":
         w = args.scale or cfg.sampling.cfg_scale or 1.0

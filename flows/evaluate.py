@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger, task
 
 from admflow.config import load_config
 from flows import stages
-from flows.stages import chain_key
+from tasks.plan import plan_reproduce
 
 
 @task(name="find-new-checkpoints", **stages.RETRY)  # type: ignore[arg-type]
@@ -45,10 +45,9 @@ def evaluate_periodic(
         return []
     # The reproduce flow's reference for the base model (same cache keys): real images at the
     # model's own resolution, also in a two-stage pipeline.
-    data_key = chain_key("shard", cfg, ("data",))
-    data = stages.shard(cfg, cache_key=data_key)
-    ref_key = chain_key("reference", cfg, ("evaluation",), data_key)
-    ref = stages.reference(cfg, data, cache_key=ref_key)
+    keys = plan_reproduce(cfg).keys
+    data = stages.shard(cfg, cache_key=keys["data"])
+    ref = stages.reference(cfg, data, cache_key=keys["reference"])
     results = [evaluate_checkpoint(cfg, c, ref["uri"], num_samples) for c in new]
     log.info("evaluated %d new checkpoint(s)", len(results))
     return results

@@ -9,7 +9,7 @@ from prefect.runtime import flow_run
 from admflow.config import load_config
 from flows import stages
 from flows.hooks import PARENT_RUN_HOOKS
-from flows.stages import chain_key
+from tasks.plan import evaluate_key, set_key
 
 
 @flow(name="sample", log_prints=True, **PARENT_RUN_HOOKS)
@@ -28,29 +28,31 @@ def sample_released(
     reference=VIRTUAL_imagenet64_labeled.npz (the paper's reference batch).
 
     ``parent_run_id``: log under a caller's MLflow run (left open for it to finish);
-    ``final_only``: score only the last stage (the reference is at the upsampler's size)."""
+    ``final_only``: score only the last stage (the reference is at the upsampler's size).
+    Without ``classifier_scale`` a classifier guides at the preset's first non-zero scale
+    (:func:`tasks.sampling.spec.default_scale`)."""
+    from tasks.plan import released_set_spec
     from tasks.reporting import lineage, report
+    from tasks.sampling.build import build_upsample_spec
 
     cfg = load_config(preset, overrides or [])
-    scale = cfg.sampling.classifier_scales[0] if classifier_scale is None else classifier_scale
-    cfg.sampling.guided(scale, classifier is not None)  # a scale without a classifier: fail now
+    spec = released_set_spec(cfg, checkpoint, classifier, classifier_scale)
     log = get_run_logger()
     own_parent = parent_run_id is None
     parent = parent_run_id or lineage.start_parent_run(
         cfg, "sample", flow_run.get_id(), preset, overrides
     )
-    diffusion = {"checkpoint": checkpoint, "cache_key": checkpoint}
-    clf = {"checkpoint": classifier} if classifier else None
-    s_key = chain_key("sample", cfg, ("sampling",), checkpoint, classifier or "", scale=scale)
-    base = stages.sample(cfg, diffusion, clf, scale, s_key, parent)
+    s_key = set_key(spec, cfg.storage.root)
+    base = stages.sample(cfg, spec, s_key, parent)
     sets = [(s_key, base)]
     if upsampler:
-        u_key = chain_key("upsample", cfg, ("sampling",), s_key, upsampler)
-        sets.append((u_key, stages.upsample(cfg, base, {"checkpoint": upsampler}, u_key, parent)))
+        up_spec = build_upsample_spec(cfg, base["uri"], upsampler)
+        u_key = set_key(up_spec, cfg.storage.root)
+        sets.append((u_key, stages.upsample(cfg, up_spec, base, u_key, parent)))
     ref = {"uri": reference}
     rows = []
     for key, sset in sets[-1:] if final_only else sets:
-        e_key = chain_key("evaluate", cfg, ("evaluation",), reference, key)
+        e_key = evaluate_key(cfg, reference, key)
         tags = {"admflow.upstream.samples": sset["uri"], "admflow.upstream.checkpoint": checkpoint}
         rows.append(stages.evaluate(cfg, ref, sset, e_key, parent, tags))
     summary = report.write_report(cfg, rows, parent_run_id=parent)

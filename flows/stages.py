@@ -1,48 +1,31 @@
 """Prefect tasks: thin, cached, retried wrappers around the stages in ``tasks/``.
 
-Every task takes an explicit ``cache_key`` computed by the flow from the config sections
-the stage depends on plus the keys of its upstream stages (a hash chain), so a rerun with
-the same settings is all cache hits and a changed setting reruns only what depends on it.
+Every task takes an explicit ``cache_key`` from :mod:`tasks.plan` (the config sections the
+stage depends on plus the keys of its upstream stages, a hash chain; for a sample set its
+spec's fingerprint), so a rerun with the same settings is all cache hits and a changed
+setting reruns only what depends on it.
 Each stage is also idempotent on its own (finished shards, checkpoints and sample shards
 are skipped), so a lost cache record costs time, not correctness.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from prefect import task
 
 from admflow.config import AdmConfig
 from admflow.storage import join
-from admflow.version import code_version
 from flows.hooks import transient
+from tasks.plan import chain_key
+from tasks.sampling.spec import SampleSetSpec
+
+__all__ = ["chain_key"]  # the flows' key function lives with the plan (tasks.plan)
 
 # Transient storage/network errors get retried with backoff.
 RETRY = dict(
     retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5, retry_condition_fn=transient
 )
-
-
-def chain_key(stage: str, cfg: AdmConfig, sections: tuple[str, ...], *upstream: str, **extra: Any):
-    payload = {
-        "stage": stage,
-        "code": code_version(),  # another admflow or other math under models/: a new key
-        "sections": {s: _section(cfg, s) for s in sections},
-        "root": cfg.storage.root,
-        "upstream": list(upstream),
-        "extra": extra,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _section(cfg: AdmConfig, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
 
 
 def _by_key(ctx: Any, params: dict[str, Any]) -> str:
@@ -110,38 +93,29 @@ def reference(cfg: AdmConfig, data: dict, cache_key: str, workers: int | None = 
 
 
 @_stage_task("sample")
-def sample(
-    cfg: AdmConfig,
-    diffusion_run: dict,
-    classifier_run: dict | None,
-    classifier_scale: float,
-    cache_key: str,
-    parent_run_id: str | None,
-) -> dict:
+def sample(cfg: AdmConfig, spec: SampleSetSpec, cache_key: str, parent_run_id: str | None) -> dict:
+    """The base set ``spec`` (its key: the spec's fingerprint)."""
     from tasks.sampling.sample_set import sample_set
+    from tasks.sampling.spec import ExecutionOptions
 
     out = join(cfg.storage.root, "samples", cache_key)
     result = sample_set(
-        cfg,
-        diffusion_run["checkpoint"],
-        out,
-        classifier=classifier_run["checkpoint"] if classifier_run else None,
-        classifier_scale=classifier_scale,  # sample_set asks cfg.sampling.guided
-        parent_run_id=parent_run_id,
+        cfg, spec, out, ExecutionOptions.from_config(cfg), parent_run_id=parent_run_id
     )
-    return {**result, "uri": out, "classifier_scale": classifier_scale}
+    return {**result, "uri": out, "classifier_scale": spec.classifier_scale}
 
 
 @_stage_task("upsample")
 def upsample(
-    cfg: AdmConfig, base: dict, upsampler_run: dict, cache_key: str, parent_run_id: str | None
+    cfg: AdmConfig, spec: SampleSetSpec, base: dict, cache_key: str, parent_run_id: str | None
 ) -> dict:
+    """The upsampler's set ``spec``, conditioned on the base set ``base``."""
     from tasks.sampling.sample_set import upsample_set
+    from tasks.sampling.spec import ExecutionOptions
 
     out = join(cfg.storage.root, "samples", cache_key)
-    result = upsample_set(
-        cfg, base["uri"], upsampler_run["checkpoint"], out, parent_run_id=parent_run_id
-    )
+    options = ExecutionOptions.from_config(cfg)
+    result = upsample_set(cfg, spec, base["uri"], out, options, parent_run_id=parent_run_id)
     return {**result, "uri": out, "classifier_scale": base["classifier_scale"], "upsampled": True}
 
 

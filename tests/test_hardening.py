@@ -356,12 +356,12 @@ def test_code_version_follows_the_math_under_models(tmp_path):
 
 
 def test_every_stage_key_changes_with_the_code(monkeypatch):
-    from flows import stages
+    from tasks import plan
 
     cfg = load_config("tiny")
-    before = stages.chain_key("train", cfg, ("model",), "upstream")
-    monkeypatch.setattr(stages, "code_version", lambda: "0.2.0+models.000000000000")
-    assert stages.chain_key("train", cfg, ("model",), "upstream") != before
+    before = plan.chain_key("train", cfg, ("model",), "upstream")
+    monkeypatch.setattr(plan, "code_version", lambda: "0.2.0+models.000000000000")
+    assert plan.chain_key("train", cfg, ("model",), "upstream") != before
 
 
 # ------------------------------------------------------------- 16: the classifier's crops

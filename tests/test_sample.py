@@ -23,7 +23,10 @@ import torch
 from admflow import storage
 from admflow.config import load_config
 from tasks.sampling import files as sample_io
-from tasks.sampling.sample_set import ACTOR_PREFIX, sample_set, upsample_set
+from tasks.sampling.build import build_spec, build_upsample_spec
+from tasks.sampling.pool import ACTOR_PREFIX
+from tasks.sampling.sample_set import sample_set, upsample_set
+from tasks.sampling.spec import ExecutionOptions
 from tests.test_unet import randomize
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
@@ -47,6 +50,46 @@ OVERRIDES = [
 
 def tiny(*extra: str):
     return load_config("tiny", OVERRIDES + list(extra))
+
+
+def draw(
+    cfg,
+    checkpoint,
+    out,
+    *,
+    classifier=None,
+    classifier_scale=0.0,
+    num_samples=None,
+    steps=None,
+    workers=None,
+    max_shards=None,
+    merge=False,
+    progress=True,
+    **sampling,
+):
+    """A base set: its spec from the config with ``sampling`` overrides (``steps`` is the
+    respacing), drawn with the execution options given."""
+    if steps is not None:
+        sampling["timestep_respacing"] = steps
+    spec = build_spec(
+        cfg,
+        checkpoint,
+        classifier=classifier,
+        scale=classifier_scale,
+        num_samples=num_samples,
+        sampling=sampling,
+    )
+    options = ExecutionOptions.from_config(
+        cfg, workers=workers, max_shards=max_shards, progress=progress
+    )
+    return sample_set(cfg, spec, out, options, merge=merge)
+
+
+def upsample(cfg, base, checkpoint, out, *, steps=None, workers=None, merge=False, progress=True):
+    """The upsampler's set of ``base``, ``steps`` its respacing."""
+    spec = build_upsample_spec(cfg, base, checkpoint, sampling={"upsample_respacing": steps})
+    options = ExecutionOptions.from_config(cfg, workers=workers, progress=progress)
+    return upsample_set(cfg, spec, base, out, options, merge=merge)  # fmt: skip
 
 
 def randomized(net: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -110,7 +153,7 @@ def shard_hashes(out: str) -> list[tuple[int, int, str]]:
 def reference(ray_session, checkpoints, tmp_path_factory):
     """N=200 images in shards of 32 sampled by a single actor."""
     out = str(tmp_path_factory.mktemp("samples") / "ref")
-    result = sample_set(
+    result = draw(
         tiny(), checkpoints["diffusion"], out, num_samples=N, steps=STEPS, workers=1,
         merge=True, progress=False,
     )  # fmt: skip
@@ -150,7 +193,7 @@ def test_exact_count_labels_manifest_grid_and_merge(reference):
 
 def test_two_actors_give_the_same_bytes(reference, checkpoints, tmp_path):
     out = str(tmp_path / "two")
-    result = sample_set(
+    result = draw(
         tiny(), checkpoints["diffusion"], out, num_samples=N, steps=STEPS, workers=2,
         progress=False,
     )  # fmt: skip
@@ -164,7 +207,7 @@ def test_labels_and_the_ema_choice_change_the_bytes(ray_session, checkpoints, tm
 
     def images(name: str, **extra) -> np.ndarray:
         return _images(
-            sample_set(cfg, checkpoints["diffusion"], str(tmp_path / name), **kw, **extra)["uri"]
+            draw(cfg, checkpoints["diffusion"], str(tmp_path / name), **kw, **extra)["uri"]
         )
 
     ema3 = images("ema3", classes=[3], use_ema=True)
@@ -200,7 +243,7 @@ def test_killed_actor_shard_is_redone_with_same_bytes(reference, checkpoints, tm
     def run():
         try:
             result.update(
-                sample_set(
+                draw(
                     tiny(),
                     checkpoints["diffusion"],
                     out,
@@ -225,7 +268,7 @@ def test_killed_actor_shard_is_redone_with_same_bytes(reference, checkpoints, tm
 def test_stopped_and_rerun_job_resumes_with_same_bytes(reference, checkpoints, tmp_path):
     out = str(tmp_path / "resumed")
     cfg = tiny()
-    first = sample_set(
+    first = draw(
         cfg, checkpoints["diffusion"], out, num_samples=N, steps=STEPS, workers=2, max_shards=3,
         progress=False,
     )  # fmt: skip
@@ -233,17 +276,17 @@ def test_stopped_and_rerun_job_resumes_with_same_bytes(reference, checkpoints, t
     # A finished shard lost after the stop, another one corrupted: both are sampled again.
     Path(out, "shards", "samples-00001.npz").unlink()
     Path(out, "shards", "samples-00002.npz").write_bytes(b"garbage")
-    second = sample_set(
+    second = draw(
         cfg, checkpoints["diffusion"], out, num_samples=N, steps=STEPS, workers=2, progress=False
     )
     assert second["complete"] and second["shards_skipped"] == 1 and second["shards_sampled"] == 6
     assert shard_hashes(out) == shard_hashes(reference[0])
-    third = sample_set(
+    third = draw(
         cfg, checkpoints["diffusion"], out, num_samples=N, steps=STEPS, workers=2, progress=False
     )
     assert third["shards_sampled"] == 0 and third["shards_skipped"] == 7
     with pytest.raises(storage.StorageError, match="different sample set"):
-        sample_set(cfg, checkpoints["diffusion"], out, num_samples=N, steps=STEPS, seed=1)
+        draw(cfg, checkpoints["diffusion"], out, num_samples=N, steps=STEPS, seed=1)
 
 
 def _images(out: str) -> np.ndarray:
@@ -270,12 +313,12 @@ def _classifier_logp(ckpt: str, images: np.ndarray, result: dict) -> float:
 def test_classifier_guidance(ray_session, checkpoints, tmp_path, sampler, steps):
     cfg = tiny("sampling.shard_size=8", "sampling.batch_size=8")
     kw = dict(num_samples=8, sampler=sampler, steps=steps, workers=1, progress=False)
-    plain = sample_set(cfg, checkpoints["diffusion"], str(tmp_path / "plain"), **kw)
-    zero = sample_set(
+    plain = draw(cfg, checkpoints["diffusion"], str(tmp_path / "plain"), **kw)
+    zero = draw(
         cfg, checkpoints["diffusion"], str(tmp_path / "zero"),
         classifier=checkpoints["classifier"], classifier_scale=0.0, **kw,
     )  # fmt: skip
-    guided = sample_set(
+    guided = draw(
         cfg, checkpoints["diffusion"], str(tmp_path / "guided"),
         classifier=checkpoints["classifier"], classifier_scale=50.0, **kw,
     )  # fmt: skip
@@ -293,12 +336,12 @@ def test_classifier_guidance(ray_session, checkpoints, tmp_path, sampler, steps)
 
 def test_two_stage_upsampler(ray_session, checkpoints, tmp_path):
     cfg = tiny("model.image_size=16", "sampling.shard_size=16", "sampling.batch_size=16")
-    base = sample_set(
+    base = draw(
         cfg, checkpoints["diffusion16"], str(tmp_path / "base"), num_samples=40, steps=STEPS,
         workers=2, progress=False,
     )  # fmt: skip
     assert sample_io.read_manifest(base["uri"])["image_size"] == 16
-    up = upsample_set(
+    up = upsample(
         cfg, base["uri"], checkpoints["upsampler"], str(tmp_path / "up"), steps=STEPS, workers=2,
         merge=True, progress=False,
     )  # fmt: skip
@@ -322,17 +365,17 @@ def test_two_stage_upsampler(ray_session, checkpoints, tmp_path):
 
     # Another base set with the same labels and seeds (raw weights instead of EMA): only the
     # low-res images differ, and so must the upsampled ones; the same base gives the same bytes.
-    other = sample_set(
+    other = draw(
         cfg, checkpoints["diffusion16"], str(tmp_path / "other"), num_samples=16, steps=STEPS,
         workers=1, use_ema=False, progress=False,
     )  # fmt: skip
     assert (_images(other["uri"]) != _images(base["uri"])[:16]).mean() > 0.05
     kw = dict(steps=STEPS, workers=1, progress=False)
     a = _images(
-        upsample_set(cfg, other["uri"], checkpoints["upsampler"], str(tmp_path / "a"), **kw)["uri"]
+        upsample(cfg, other["uri"], checkpoints["upsampler"], str(tmp_path / "a"), **kw)["uri"]
     )
     b = _images(
-        upsample_set(cfg, other["uri"], checkpoints["upsampler"], str(tmp_path / "b"), **kw)["uri"]
+        upsample(cfg, other["uri"], checkpoints["upsampler"], str(tmp_path / "b"), **kw)["uri"]
     )
     np.testing.assert_array_equal(a, b)
     assert (a != _images(up["uri"])[:16]).mean() > 0.01  # ~3.5% of the bytes; 0 if ignored
@@ -363,7 +406,7 @@ def test_mlflow_child_run_gets_metadata_and_grid(reference, tmp_path):
     import mlflow
 
     from admflow.tracking import setup_mlflow
-    from tasks.sampling.sample_set import _log_mlflow
+    from tasks.sampling.finish import log_mlflow
 
     out = reference[0]
     cfg = tiny(f"storage.root={tmp_path}")
@@ -372,7 +415,7 @@ def test_mlflow_child_run_gets_metadata_and_grid(reference, tmp_path):
         mlflow.get_experiment_by_name("admflow").experiment_id
     )
     meta = storage.read_json(storage.join(out, "metadata.json"))
-    run_id = _log_mlflow(cfg, out, meta, parent.info.run_id, "sample")
+    run_id = log_mlflow(cfg, out, meta, parent.info.run_id, "sample")
     run = mlflow.get_run(run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.params["set.N"] == str(N) and run.data.params["set.steps"] == STEPS

@@ -28,6 +28,7 @@ STAGES = textwrap.dedent(
     from admflow import storage
     from admflow.config import load_config
     from tasks.scoring.evaluate import evaluate_sets
+    from tasks.sampling.build import build_spec
     from tasks.sampling.sample_set import sample_set
     from tasks.data.shard import shard_dataset
     from tasks.training.launch import train
@@ -49,7 +50,8 @@ STAGES = textwrap.dedent(
     run = train("diffusion", cfg, data, "secret-check")
     print("trained", run["checkpoint"])
     samples = f"{root}/samples"
-    print("sampled", sample_set(cfg, run["checkpoint"], samples, parent_run_id=run["mlflow_run_id"]))
+    spec = build_spec(cfg, run["checkpoint"])
+    print("sampled", sample_set(cfg, spec, samples, parent_run_id=run["mlflow_run_id"]))
     print("metrics", evaluate_sets(cfg, data, samples))
     """
 )

@@ -6,9 +6,13 @@ import argparse
 import contextlib
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from admflow.commands.common import add_config_args, config_from_args, count, local_abs
-from admflow.config import ConfigError
+from admflow.config import AdmConfig, ConfigError
+
+if TYPE_CHECKING:
+    from tasks.sampling.spec import ExecutionOptions
 
 EPILOG = """\
 examples:
@@ -58,7 +62,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sample from the EMA weights of our checkpoints (default: preset, usually yes)",
     )
-    p.add_argument("--batch-size", type=int, help="images per forward pass (part of the seed plan)")
+    p.add_argument(
+        "--batch-size", type=int, help="images per forward pass (part of the seed plan: a new set)"
+    )
     p.add_argument("--workers", type=int, help="Ray actors, one model replica each")
     p.add_argument("--seed", type=int, help="run seed; shard i uses (seed, i)")
     p.add_argument("--merge", action="store_true", help="also write one merged ADM .npz")
@@ -160,31 +166,31 @@ def nonfinite_as_exit():
         raise SystemExit(2) from None
 
 
-def common_kwargs(args: argparse.Namespace) -> dict:
-    return dict(merge=args.merge, max_shards=args.max_shards, progress=not args.no_progress)
+def execution(args: argparse.Namespace, cfg: AdmConfig) -> ExecutionOptions:
+    """How the set is produced: the config's workers, threads and device, and these flags."""
+    from tasks.sampling.spec import ExecutionOptions
+
+    return ExecutionOptions.from_config(
+        cfg, max_shards=args.max_shards, progress=not args.no_progress
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.sampling.build import build_spec
     from tasks.sampling.sample_set import sample_set
+    from tasks.sampling.spec import default_scale
 
     given = args.classifier_scale is not None
     args.scales = [args.classifier_scale] if given else None
     args.class_list = parse_classes(args.classes)
     cfg = config_from_args(args, SAMPLE_FLAGS)
     scales = cfg.sampling.classifier_scales
-    nonzero = [s for s in scales if s]
-    # An explicit scale is used as given; by default a classifier gets the preset's first
-    # non-zero scale. Whether that means guidance is decided by cfg.sampling.guided.
-    scale = scales[0] if given else (nonzero[0] if args.classifier and nonzero else 0.0)
+    # An explicit scale is used as given; whether it means guidance is cfg.sampling.guided's.
+    scale = scales[0] if given else default_scale(scales, args.classifier is not None)
     cfg.sampling.guided(scale, args.classifier is not None)  # fail here, before any start-up
+    checkpoint, classifier = local_abs(args.checkpoint), local_abs(args.classifier)
     with nonfinite_as_exit():
-        result = sample_set(
-            cfg,
-            local_abs(args.checkpoint),
-            local_abs(args.out),
-            classifier=local_abs(args.classifier),
-            classifier_scale=scale,
-            **common_kwargs(args),
-        )
+        spec = build_spec(cfg, checkpoint, classifier=classifier, scale=scale)
+        result = sample_set(cfg, spec, local_abs(args.out), execution(args, cfg), merge=args.merge)
     print(json.dumps(result, indent=2, default=str))
     return 0 if result["complete"] or args.max_shards else 1

@@ -6,12 +6,7 @@ import argparse
 import json
 
 from admflow.commands.common import add_config_args, config_from_args, local_abs
-from admflow.commands.sample import (
-    SAMPLING_FLAGS,
-    add_sampling_args,
-    common_kwargs,
-    nonfinite_as_exit,
-)
+from admflow.commands.sample import SAMPLING_FLAGS, add_sampling_args, execution, nonfinite_as_exit
 
 EPILOG = """\
 example:
@@ -48,11 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.sampling.build import build_upsample_spec
     from tasks.sampling.sample_set import upsample_set
 
     cfg = config_from_args(args, SAMPLING_FLAGS)
     base, ckpt, out = (local_abs(u) for u in (args.base, args.checkpoint, args.out))
     with nonfinite_as_exit():
-        result = upsample_set(cfg, base, ckpt, out, **common_kwargs(args))
+        spec = build_upsample_spec(cfg, base, ckpt)
+        result = upsample_set(cfg, spec, base, out, execution(args, cfg), merge=args.merge)
     print(json.dumps(result, indent=2, default=str))
     return 0 if result["complete"] or args.max_shards else 1

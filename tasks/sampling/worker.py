@@ -2,8 +2,9 @@
 
 Everything random in shard ``i`` (its class labels, x_T and every step's noise) comes from
 seeds derived from ``(run seed, i)`` alone, drawn on CPU generators. A shard is sampled in
-fixed micro-batches of ``batch_size``, each with its own generator, so an image depends on
-the config, never on which actor ran it, when, or what else it ran.
+fixed micro-batches of ``batch_size`` (part of the set's identity), each with its own
+generator, so an image depends on the set's spec, never on which actor ran it, when, or what
+else it ran.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from admflow.config import (
     ClassifierConfig,
@@ -24,6 +24,7 @@ from admflow.config import (
 )
 from models.denoiser import Denoiser
 from models.fast import InferencePlan, apply_plan, plan_inference
+from models.resize import downsample_area, upsample_bilinear
 from models.samplers import SAMPLERS, initial_noise, sampler_grid, sampler_options
 from tasks.sampling.spec import NonFiniteSampleError, SamplerSpec, batch_seed
 
@@ -120,9 +121,12 @@ class ShardSampler:
             - 1.0
         )
         small = UpsamplerConfig.model_validate(self.spec.network).small_size
-        if x.shape[-1] != small:  # a base set at another size: resample to what was trained
-            mode = "area" if x.shape[-1] > small else "bicubic"
-            x = F.interpolate(x, size=(small, small), mode=mode).clamp(-1.0, 1.0)
+        # a base set at another size: resampled to the size the upsampler was trained on, by
+        # the resizes of models.resize (box averaging down, as its training inputs were made)
+        if x.shape[-1] > small:
+            x = downsample_area(x, small)
+        elif x.shape[-1] < small:
+            x = upsample_bilinear(x, small).clamp(-1.0, 1.0)
         return x
 
     def _sample_batch(self, n: int, kwargs: dict[str, torch.Tensor], seed: int) -> torch.Tensor:

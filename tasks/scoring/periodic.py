@@ -80,11 +80,14 @@ def _sample_and_score(
     judge: str | None,
     train_run: str | None,
 ) -> tuple[str, dict]:
+    from tasks.sampling.build import build_spec
     from tasks.sampling.sample_set import sample_set
+    from tasks.sampling.spec import ExecutionOptions
     from tasks.scoring.evaluate import evaluate_sets
 
     out = storage.join(ledger.removesuffix(".json") + "-samples")
-    sample_set(cfg, ckpt["uri"], out, num_samples=num_samples, classifier_scale=0.0)
+    spec = build_spec(cfg, ckpt["uri"], num_samples=num_samples)  # unguided
+    sample_set(cfg, spec, out, ExecutionOptions.from_config(cfg))
     tags = {"admflow.upstream.checkpoint": ckpt["uri"], "admflow.upstream.samples": out}
     if train_run:
         tags["admflow.upstream.train_run_id"] = train_run
