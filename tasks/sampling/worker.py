@@ -61,9 +61,10 @@ class ShardSampler:
         self.spec = spec
         self.device = pick_device(spec.device)
         model: torch.nn.Module
+        self.small_size: int | None = None  # the upsampler's low-res input size
         if spec.kind == "upsample":
             up = UpsamplerConfig.model_validate(spec.network)
-            self.net_cfg = up.unet
+            self.net_cfg, self.small_size = up.unet, up.small_size
             model = build_upsampler(up, device="meta")
         else:
             self.net_cfg = UNetConfig.model_validate(spec.network)
@@ -120,7 +121,8 @@ class ShardSampler:
             torch.from_numpy(np.array(images)).to(self.device).permute(0, 3, 1, 2).float() / 127.5
             - 1.0
         )
-        small = UpsamplerConfig.model_validate(self.spec.network).small_size
+        small = self.small_size
+        assert small is not None, "only an upsampler takes low-resolution inputs"
         # a base set at another size: resampled to the size the upsampler was trained on, by
         # the resizes of models.resize (box averaging down, as its training inputs were made)
         if x.shape[-1] > small:
