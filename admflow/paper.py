@@ -19,6 +19,7 @@ from admflow.config import CONFIG_DIR, ConfigError, load_config
 REGISTRY = CONFIG_DIR / "paper" / "rows.yaml"
 DOWNLOAD_PREFIX = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+Setting = Literal["sampler", "steps", "classifier_scale"]
 
 
 class _Strict(BaseModel):
@@ -40,7 +41,7 @@ class Published(_Strict):
     inception_score: float | None = Field(None, gt=0)
     precision: float | None = Field(None, ge=0, le=1)
     recall: float | None = Field(None, ge=0, le=1)
-    table: str
+    table: str = Field(pattern=r"^Table \d+$", description="the paper's own table number")
 
 
 class PaperRow(_Strict):
@@ -53,6 +54,10 @@ class PaperRow(_Strict):
     sampler: Literal["ddpm", "ddim"]
     steps: str = Field(description="timestep respacing of every stage, e.g. '250' or 'ddim25'")
     classifier_scale: float = Field(ge=0)
+    unstated: list[Setting] = Field(
+        [], description="settings the paper does not give for this row (the note says why)"
+    )
+    note: str = Field("", description="where a setting comes from when not from the table")
     reference: str = Field(description="the paper's reference batch (.npz)")
     published: Published
 
@@ -64,7 +69,17 @@ class PaperRow(_Strict):
             )
         if (self.sampler == "ddim") != self.steps.startswith("ddim"):
             raise ValueError(f"sampler {self.sampler} does not match steps {self.steps!r}")
+        if self.unstated and not self.note:
+            raise ValueError("a row with unstated settings needs a note saying what it uses")
         return self
+
+    def settings(self) -> str:
+        """Sampler, steps and scale in one line, e.g. 'ddim, 25 steps, classifier scale 2.5'."""
+        steps = self.steps.removeprefix("ddim")
+        text = f"{self.sampler}, {steps} steps, classifier scale {self.classifier_scale:g}"
+        if self.unstated:
+            text += f" (not stated in the paper: {', '.join(self.unstated)})"
+        return text
 
     def networks(self) -> dict[str, Network]:
         named = {"diffusion": self.diffusion, "classifier": self.classifier}

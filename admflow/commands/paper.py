@@ -14,6 +14,11 @@ example:
 --checkpoints is a directory (local, file:// or s3://) holding the row's released .pt files
 under their released names; --reference is the reference batch .npz or a directory holding it.
 `admflow paper list` says which files each row needs and where to download them.
+
+Inception Score needs the 1008-way logits of the paper's Inception network, which the bundled
+feature network lacks: bring the weights yourself (a state dict in the pt_inception-2015-12-05
+layout with its 1008x2048 fc.weight) and pass --set evaluation.inception_weights=PATH. Without
+them the table's IS line reads n/a; FID, sFID, precision and recall need no extra file.
 """
 
 
@@ -64,7 +69,10 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     for row in registry.rows:
         p = row.published
-        print(f"{row.id:26s} FID {p.fid:5.2f}  ({p.table})  {row.description}")
+        print(f"{row.id:31s} FID {p.fid:5.2f}  ({p.table})  {row.description}")
+        print(f"    sampling: {row.settings()}")
+        if row.note:
+            print(f"    note: {row.note}")
         for name in row.files():
             print(f"    {name:32s} {registry.url(name)}")
     return 0

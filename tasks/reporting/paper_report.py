@@ -20,6 +20,10 @@ LABELS = {
     "recall": "recall",
 }
 FULL_SIZE = 50_000  # the paper scores 50K samples; FID is biased upwards on fewer
+NO_IS = (
+    "IS n/a: the Inception weights in use have no 1008-way logits; pass the paper's network "
+    "with --set evaluation.inception_weights=PATH (see `admflow paper run --help`)"
+)
 
 
 def start_parent_run(
@@ -56,8 +60,7 @@ def to_markdown(row: PaperRow, entries: list[dict[str, Any]], num_samples: int) 
     lines = [
         f"### {row.id}: {row.description}",
         "",
-        f"sampler {row.sampler} {row.steps}, classifier scale {row.classifier_scale:g}, "
-        f"{num_samples} samples; published: {row.published.table}",
+        f"{row.settings()}, {num_samples} samples; published: {row.published.table}",
         "",
         "| metric | ours | published | ours - published |",
         "|---|---|---|---|",
@@ -69,6 +72,10 @@ def to_markdown(row: PaperRow, entries: list[dict[str, Any]], num_samples: int) 
         )
     if num_samples < FULL_SIZE:
         lines += ["", f"({num_samples} < {FULL_SIZE} samples: not comparable with the paper)"]
+    if any(e["metric"] == "inception_score" and e["ours"] is None for e in entries):
+        lines += ["", f"({NO_IS})"]
+    if row.note:
+        lines += ["", f"note: {row.note}"]
     return "\n".join(lines) + "\n"
 
 
