@@ -1,6 +1,7 @@
 """The reproduce flow's plan, decided without Prefect or Ray: which sets are drawn, which
 are upsampled and scaled bilinearly, which references and yardsticks are built, which
-checkpoints the FID curve scores, and the stage keys known before training."""
+checkpoints the FID curve scores, and the stage keys known before training; and that the
+reproduce flow executes the plan as it stands (stand-in stages, no flow run)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,63 @@ def test_a_paper_row_plan():
     plan = plan_reproduce(given)
     assert not plan.two_stage and not plan.judge  # the given reference has no judge
     assert [s.scale for s in plan.sets] == given.sampling.classifier_scales
+
+
+def test_the_flow_draws_and_scores_what_the_plan_says(tmp_path, monkeypatch):
+    """flows.reproduce executes the plan: one base set per scale keyed by its spec, the
+    upsampler and the bilinear baseline where planned, each scored against its reference.
+    The stages are stand-ins (no Prefect run, no Ray); checkpoints are only hashed."""
+    import json
+
+    import torch
+
+    from flows import reproduce, stages
+    from tasks.plan import set_key
+    from tasks.sampling import files as sample_io
+
+    cfg = load_config("tiny", [f"storage.root={tmp_path / 'store'}"])
+    runs = {}
+    for kind in ("diffusion", "classifier", "upsampler"):
+        ckpt = tmp_path / kind
+        ckpt.mkdir()
+        torch.save({kind: torch.zeros(1)}, ckpt / "model.pt")
+        meta = {"step": 1, "kind": kind, "config": cfg.model_dump(mode="json")}
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+        runs[kind] = {"checkpoint": str(ckpt)}
+    calls: list[tuple] = []
+
+    def sample(cfg, spec, key, parent):
+        out = str(tmp_path / "samples" / key)
+        manifest = sample_io.new_manifest(spec.num_samples, spec.image_size, 50, "fp-" + key)
+        sample_io.write_manifest(out, {**manifest, "complete": True})
+        calls.append(("sample", spec.scale, key == set_key(spec, cfg.storage.root)))
+        return {"uri": out, "classifier_scale": spec.classifier_scale}
+
+    def upsample(cfg, spec, base, key, parent):
+        calls.append(("upsample", base["classifier_scale"], spec.base_fingerprint))
+        return {"uri": key, "classifier_scale": base["classifier_scale"], "upsampled": True}
+
+    def bilinear(cfg, base, cache_key):
+        calls.append(("bilinear", base["classifier_scale"]))
+        return {"uri": cache_key, "classifier_scale": base["classifier_scale"]}
+
+    def evaluate(cfg, ref, sset, key, parent, tags, judge=None):
+        return {"samples": sset["uri"], "reference": ref["uri"], "stage": sset["uri"]}
+
+    for name, fake in [("sample", sample), ("upsample", upsample), ("bilinear", bilinear),
+                       ("evaluate", evaluate)]:  # fmt: skip
+        monkeypatch.setattr(stages, name, fake)
+    plan = plan_reproduce(cfg)
+    refs = {"base": ({"uri": "ref16"}, "k16"), "up": ({"uri": "ref32"}, "k32")}
+    data = {"manifest_uri": "data/manifest.json"}
+    rows = reproduce._sample_and_score(cfg, plan, runs, refs, None, data, "parent")
+    base_of_128 = next(r["base_samples"] for r in rows if r["reference"] == "ref32")
+    assert calls == [
+        ("sample", 0.0, True),
+        ("sample", 8.0, True),
+        ("sample", 32.0, True),
+        ("sample", 128.0, True),
+        ("bilinear", 128.0),
+        ("upsample", 128.0, "fp-" + base_of_128.rsplit("/", 1)[-1]),
+    ]
+    assert [r["reference"] for r in rows] == ["ref16"] * 4 + ["ref32"] * 2
