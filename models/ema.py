@@ -1,7 +1,9 @@
 """Exponential moving averages of model parameters at several rates.
 
 θ_ema ← rate · θ_ema + (1 − rate) · θ after each optimiser step (DDPM/IDDPM/ADM use 0.9999).
-Averages are kept in float32 even when the model trains in reduced precision. A released
+Averages are kept in float32 even when the model trains in reduced precision, on the device of
+the model they were built from: built from the network already on the GPU, an update is a few
+fused device kernels rather than a copy of every parameter to the host. A released
 ``ema_<rate>_<step>.pt`` checkpoint is simply the model's state_dict with the averaged parameters,
 see :meth:`EMA.model_state_dict`.
 """
@@ -34,9 +36,14 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
         for rate in self.rates:
-            for name, avg in self.shadow[_key(rate)].items():
-                src = params[name].detach().to(device=avg.device, dtype=avg.dtype)
-                avg.lerp_(src, 1.0 - rate)  # avg + (1-rate)(src - avg) = rate·avg + (1-rate)·src
+            shadow = self.shadow[_key(rate)]
+            avgs = list(shadow.values())
+            srcs = [
+                params[name].detach().to(device=avg.device, dtype=avg.dtype)
+                for name, avg in shadow.items()
+            ]
+            # avg + (1-rate)(src - avg) = rate·avg + (1-rate)·src, all tensors in one call
+            torch._foreach_lerp_(avgs, srcs, 1.0 - rate)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module, rate: float) -> None:

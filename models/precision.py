@@ -5,8 +5,12 @@
           loss scaling is needed.
 * "fp16": torch.autocast with float16, GPU only. Small gradients underflow in fp16, so the loss
           is multiplied by 2^k before backward and gradients divided by 2^k before the step. k
-          drops by 1 whenever a gradient is inf/nan (that step is skipped) and grows slowly
-          otherwise (like the released code: +0.001 per good step from k = 20).
+          drops by 1 whenever the loss or a gradient is inf/nan (that step is skipped: no
+          optimiser step and no EMA update) and grows slowly otherwise (like the released code:
+          +0.001 per good step from k = 20).
+
+The training loop decides "finite or not" once per step on the device and reads that verdict
+with its one host sync; :meth:`DynamicLossScaler.step` takes the verdict so that it adds none.
 """
 
 from __future__ import annotations
@@ -57,18 +61,6 @@ class DynamicLossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale if self.enabled else loss
 
-    def unscale_and_check(self, params: Iterable[torch.nn.Parameter]) -> bool:
-        """Divide gradients by the scale; True if they are all finite."""
-        params = list(params)
-        if not grads_are_finite(params):
-            return False
-        if self.enabled:
-            inv = 1.0 / self.scale
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(inv)
-        return True
-
     def update(self, finite: bool) -> None:
         if not self.enabled:
             return
@@ -77,18 +69,29 @@ class DynamicLossScaler:
         else:
             self.log2_scale -= 1.0
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_clip: float | None = None) -> bool:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None = None,
+        finite: bool | None = None,
+    ) -> bool:
         """Unscale, optionally clip, and step; skip the step (zeroing grads) on inf/nan.
 
-        Returns whether the optimiser stepped.
+        ``finite``: the caller's verdict on this step's loss and gradients (checked here, with
+        a host sync, when None). Returns whether the optimiser stepped.
         """
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        finite = self.unscale_and_check(params)
+        if finite is None:
+            finite = grads_are_finite(params)
+        inv = 1.0 / self.scale  # the scale this step's loss was multiplied by
         self.update(finite)
         if not finite:
             self.skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
             return False
+        if self.enabled:
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, inv)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()

@@ -43,7 +43,7 @@ class ScheduleSampler:
         p = torch.as_tensor(w / w.sum(), dtype=torch.float64)
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (len(p) * p[t])
-        return t.to(device), weights.float().to(device)
+        return _to_device(t, device), _to_device(weights.float(), device)
 
     def update_with_all_losses(
         self, ts: list[int] | torch.Tensor, losses: list[float] | torch.Tensor
@@ -55,6 +55,13 @@ class ScheduleSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def _to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy to ``device``; to a GPU from pinned memory, so the host does not wait for it."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 class UniformSampler(ScheduleSampler):
