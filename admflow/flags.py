@@ -1,91 +1,25 @@
 """guided-diffusion command-line flags -> an admflow preset.
 
-Users copy ``MODEL_FLAGS``, ``CLASSIFIER_FLAGS``, ``DIFFUSION_FLAGS`` and ``SAMPLE_FLAGS`` from
-the guided-diffusion README (or their own training runs). :func:`preset_from_flags` turns them
-into a preset mapping, starting from guided-diffusion's own defaults (which differ from ours,
-e.g. ``resblock_updown`` is off there), so the preset builds the network the flags describe.
-The result is validated like any preset.
+Users copy ``MODEL_FLAGS``, ``CLASSIFIER_FLAGS``, ``DIFFUSION_FLAGS``, ``SAMPLE_FLAGS`` and
+``TRAIN_FLAGS`` from the guided-diffusion README (or their own runs). :func:`preset_from_flags`
+reads them as the guided-diffusion script they were written for reads them
+(:mod:`admflow.gd_scripts`): only that script's flags are valid, and every flag left out takes
+that script's default, never admflow's (e.g. no ``--timestep_respacing`` samples every diffusion
+step with DDPM, as guided-diffusion does). A flag admflow has no setting for is refused with the
+reason; a path is ignored (admflow's commands take paths themselves). The result is validated
+like any preset.
 """
 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
 from typing import Any
 
+from admflow import gd_scripts as gd
 from admflow.config import ConfigError, config_from_dict, default_channel_mult
 
-
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("true", "1", "yes"):
-        return True
-    if low in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected True or False, got {text!r}")
-
-
-def _ints(text: str) -> list[int]:
-    return [int(p) for p in text.split(",") if p.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(p) for p in text.split(",") if p.strip()]
-
-
-# guided-diffusion's defaults (script_util): the starting point before any flag.
-GD_DEFAULTS: dict[str, Any] = {
-    "image_size": 64,
-    "num_channels": 128,
-    "num_res_blocks": 2,
-    "num_heads": 4,
-    "num_heads_upsample": -1,
-    "num_head_channels": -1,
-    "attention_resolutions": [16, 8],
-    "channel_mult": [],
-    "dropout": 0.0,
-    "class_cond": False,
-    "use_checkpoint": False,
-    "use_scale_shift_norm": True,
-    "resblock_updown": False,
-    "use_fp16": False,
-    "use_new_attention_order": False,
-    "learn_sigma": False,
-    "diffusion_steps": 1000,
-    "noise_schedule": "linear",
-    "timestep_respacing": "",
-    "use_kl": False,
-    "predict_xstart": False,
-    "rescale_timesteps": False,
-    "rescale_learned_sigmas": False,
-    "sigma_small": False,
-    "classifier_use_fp16": False,
-    "classifier_width": 128,
-    "classifier_depth": 2,
-    "classifier_attention_resolutions": [32, 16, 8],
-    "classifier_use_scale_shift_norm": True,
-    "classifier_resblock_updown": True,
-    "classifier_pool": "attention",
-}
-
-PARSERS: dict[str, Callable[[str], Any]] = {
-    **{k: type(v) for k, v in GD_DEFAULTS.items() if type(v) in (int, float, str)},
-    **{k: _bool for k, v in GD_DEFAULTS.items() if isinstance(v, bool)},
-    "attention_resolutions": _ints,
-    "classifier_attention_resolutions": _ints,
-    "channel_mult": _floats,
-    "dropout": float,
-    "large_size": int,
-    "small_size": int,
-    "use_ddim": _bool,
-    "classifier_scale": float,
-    "batch_size": int,
-    "num_samples": int,
-    "clip_denoised": _bool,
-}
-# Paths and run options of the released scripts: not part of a preset.
-IGNORED = {"model_path", "classifier_path", "base_samples", "data_dir", "log_dir", "class_index"}
-CLASSIFIER_FLAGS = {k for k in PARSERS if k.startswith("classifier_")} - {"classifier_scale"}
+GD_DEFAULTS: dict[str, Any] = gd.NETWORK  # what a flag string of networks alone starts from
+CLASSIFIER_FLAGS = {k for k in gd.CLASSIFIER if k.startswith("classifier_")}
 
 
 def parse_flags(text: str) -> tuple[dict[str, Any], list[str]]:
@@ -104,16 +38,60 @@ def parse_flags(text: str) -> tuple[dict[str, Any], list[str]]:
                 raise ConfigError(f"flags: --{name} has no value")
             value, i = tokens[i + 1], i + 1
         i += 1
-        if name in IGNORED:
+        if name in gd.IGNORED:
             ignored.append(name)
             continue
-        if name not in PARSERS:
+        if name in gd.REJECTED:
+            raise ConfigError(f"flags: --{name}: {gd.REJECTED[name]}")
+        if name not in gd.ALL_FLAGS:
             raise ConfigError(f"flags: unknown guided-diffusion flag --{name}")
         try:
-            flags[name] = PARSERS[name](value)
+            flags[name] = gd.parser_for(name)(value)
         except ValueError as e:
             raise ConfigError(f"flags: --{name} {value!r}: {e}") from None
     return flags, ignored
+
+
+def script_for(names: set[str], script: str | None = None) -> str | None:
+    """The guided-diffusion script the flags were written for (None: network flags only).
+
+    ``script`` names it; else it is the first script (in ``gd.SCRIPTS`` order) that takes
+    every flag. Flags no single script takes fail, naming the scripts that take each.
+    """
+    if script is not None:
+        if script not in gd.SCRIPTS:
+            raise ConfigError(f"flags: unknown script {script!r}; one of {', '.join(gd.SCRIPTS)}")
+        extra = sorted(n for n in names if n not in gd.SCRIPTS[script])
+        if extra:
+            raise ConfigError(f"flags: {script}.py has no flag --{', --'.join(extra)}")
+        return script
+    takers = [s for s, flags in gd.SCRIPTS.items() if names <= flags.keys()]
+    if not takers:
+        where = {n: [s for s in gd.SCRIPTS if n in gd.SCRIPTS[s]] for n in sorted(names)}
+        mixed = "; ".join(f"--{n}: {', '.join(s)}" for n, s in where.items())
+        raise ConfigError(f"flags: no guided-diffusion script takes all of these ({mixed})")
+    return None if names <= gd.NETWORK.keys() else takers[0]
+
+
+def _check_supported(f: dict[str, Any], script: str | None) -> None:
+    """Values guided-diffusion accepts but admflow cannot reproduce: refused, saying why."""
+    why = []
+    if f.get("lr_anneal_steps", 0) != 0:
+        why.append(
+            "--lr_anneal_steps: admflow keeps the diffusion lr constant (guided-diffusion's "
+            "default, 0); set training.steps for the length of the run"
+        )
+    if script == "classifier_train" and not f["anneal_lr"]:
+        why.append(
+            "--anneal_lr False (classifier_train.py's default): admflow always anneals the "
+            "classifier's lr linearly to 0, as the paper does; pass --anneal_lr True"
+        )
+    if script == "classifier_train" and f["schedule_sampler"] != "uniform":
+        why.append("--schedule_sampler: admflow draws the classifier's timesteps uniformly")
+    if f.get("fp16_scale_growth", 1e-3) != 1e-3:
+        why.append("--fp16_scale_growth: admflow's loss scaler grows log2(scale) by 1e-3 a step")
+    if why:
+        raise ConfigError("flags: " + "; ".join(why))
 
 
 def _unet(f: dict[str, Any], image_size: int, channel_mult: list[float] | None) -> dict:
@@ -142,17 +120,18 @@ def _diffusion(f: dict[str, Any]) -> dict:
         "steps": f["diffusion_steps"],
         "noise_schedule": f["noise_schedule"],
         "learn_sigma": f["learn_sigma"],
-        "sigma_small": f["sigma_small"],
+        "sigma_small": False,  # not a flag: create_gaussian_diffusion's default
         "predict_xstart": f["predict_xstart"],
         "use_kl": f["use_kl"],
         "rescale_learned_sigmas": f["rescale_learned_sigmas"],
         "rescale_timesteps": f["rescale_timesteps"],
+        "schedule_sampler": f.get("schedule_sampler", "uniform"),
     }
 
 
-def _classifier(f: dict[str, Any], given: set[str]) -> dict:
+def _classifier(f: dict[str, Any], enabled: bool) -> dict:
     return {
-        "enabled": bool(given & (CLASSIFIER_FLAGS | {"classifier_scale"})),
+        "enabled": enabled,
         "image_size": f["image_size"],
         "width": f["classifier_width"],
         "depth": f["classifier_depth"],
@@ -161,6 +140,7 @@ def _classifier(f: dict[str, Any], given: set[str]) -> dict:
         "resblock_updown": f["classifier_resblock_updown"],
         "pool": f["classifier_pool"],
         "use_fp16": f["classifier_use_fp16"],
+        "num_head_channels": 64,  # create_classifier fixes it
         "num_classes": 1000,
     }
 
@@ -170,34 +150,69 @@ def _sr_channel_mult(large_size: int) -> list[float]:
     return [1, 1, 2, 2, 4, 4] if large_size == 512 else list(default_channel_mult(large_size))
 
 
-def _sampling(f: dict[str, Any], given: set[str]) -> dict:
-    out: dict[str, Any] = {}
-    if "timestep_respacing" in given:
-        out["timestep_respacing"] = f["timestep_respacing"]
-    if "use_ddim" in given:
-        out["sampler"] = "ddim" if f["use_ddim"] else "ddpm"
-    elif "timestep_respacing" in given:
-        out["sampler"] = "ddim" if f["timestep_respacing"].startswith("ddim") else "ddpm"
-    if "classifier_scale" in given:
+def _sampling(f: dict[str, Any], script: str | None, super_res: bool) -> dict:
+    """Every script samples with DDPM unless --use_ddim True, over every diffusion step
+    unless --timestep_respacing says otherwise."""
+    out: dict[str, Any] = {
+        "sampler": "ddim" if f.get("use_ddim", False) else "ddpm",
+        "timestep_respacing": f["timestep_respacing"],
+    }
+    if super_res:  # super_res_sample.py's respacing is the upsampler's
+        out["upsample_respacing"] = f["timestep_respacing"]
+    if script in gd.SAMPLING_SCRIPTS:
+        out |= {k: f[k] for k in ("num_samples", "batch_size", "clip_denoised")}
+    if script == "classifier_sample":
         out["classifier_scales"] = [f["classifier_scale"]]
-    for key in ("batch_size", "num_samples", "clip_denoised"):
-        if key in given:
-            out[key] = f[key]
     return out
 
 
-def preset_from_flags(text: str, name: str = "from-flags") -> tuple[dict[str, Any], list[str]]:
-    """The preset mapping for guided-diffusion flags (validated); returns (preset, ignored)."""
+def _training(f: dict[str, Any], script: str) -> dict:
+    common = {
+        "batch_size": f["batch_size"],
+        "microbatch": f["microbatch"],
+        "log_every": f["log_interval"],
+        "checkpoint_every": f["save_interval"],
+    }
+    if script == "classifier_train":
+        return common | {
+            "classifier_steps": f["iterations"],
+            "classifier_lr": f["lr"],
+            "classifier_weight_decay": f["weight_decay"],
+            "classifier_noised": f["noised"],
+            "mixed_precision": "fp16" if f["classifier_use_fp16"] else "no",
+        }
+    return common | {
+        "lr": f["lr"],
+        "weight_decay": f["weight_decay"],
+        "ema_rate": f["ema_rate"],
+        "mixed_precision": "fp16" if f["use_fp16"] else "no",
+    }
+
+
+def preset_from_flags(
+    text: str, name: str = "from-flags", script: str | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """The preset mapping for guided-diffusion flags (validated); returns (preset, ignored).
+
+    ``script``: the guided-diffusion script the flags are for (default: inferred from them).
+    """
     given, ignored = parse_flags(text)
-    f = {**GD_DEFAULTS, **given}
-    names = set(given)
+    script = script_for(set(given) | set(ignored), script)
+    f = {**GD_DEFAULTS, **(gd.SCRIPTS[script] if script else {}), **given}
+    if script == "classifier_train":
+        f["class_cond"] = True  # classifier_train.py always loads the labels
+    _check_supported(f, script)
+    super_res = bool({"large_size", "small_size"} & set(given)) or script in (
+        "super_res_sample",
+        "super_res_train",
+    )
     preset: dict[str, Any] = {"name": name, "description": f"from guided-diffusion flags: {text}"}
-    if "large_size" in names:
-        large, small = f["large_size"], f.get("small_size", 64)
+    if super_res:
+        large, small = f["large_size"], f["small_size"]
         preset["upsampler"] = {
             "enabled": True,
             "small_size": small,
-            "unet": _unet(f, large, f["channel_mult"] or _sr_channel_mult(large)),
+            "unet": _unet(f, large, _sr_channel_mult(large)),
             "diffusion": _diffusion(f),
         }
         f["image_size"] = small
@@ -206,11 +221,14 @@ def preset_from_flags(text: str, name: str = "from-flags") -> tuple[dict[str, An
     preset["data"]["num_classes"] = 1000 if cond else None
     preset["model"] = _unet(f, f["image_size"], f["channel_mult"])
     preset["diffusion"] = _diffusion(f)
-    preset["classifier"] = _classifier(f, names)
-    sampling = _sampling(f, names)
-    if not preset["classifier"]["enabled"]:
-        sampling.setdefault("classifier_scales", [0.0])  # nothing to guide with
-    if sampling:
-        preset["sampling"] = sampling
+    enabled = script in ("classifier_sample", "classifier_train") or bool(
+        CLASSIFIER_FLAGS & set(given)
+    )
+    preset["classifier"] = _classifier(f, enabled)
+    preset["sampling"] = _sampling(f, script, super_res)
+    if not enabled:
+        preset["sampling"]["classifier_scales"] = [0.0]  # nothing to guide with
+    if script in gd.TRAINING_SCRIPTS:
+        preset["training"] = _training(f, script)
     config_from_dict(preset, source="guided-diffusion flags")
     return preset, ignored

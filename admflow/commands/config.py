@@ -7,6 +7,16 @@ import argparse
 from admflow.commands.common import add_set_arg
 from admflow.config import dump_config, list_presets, load_config
 
+# guided-diffusion's scripts, as admflow.gd_scripts.SCRIPTS names them (no import at startup)
+GD_SCRIPTS = (
+    "image_sample",
+    "classifier_sample",
+    "super_res_sample",
+    "image_train",
+    "super_res_train",
+    "classifier_train",
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="list presets and print resolved configs")
@@ -26,7 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="turn guided-diffusion README flags into a preset (YAML on stdout)",
         description=(
             "Build a preset from guided-diffusion flags (MODEL_FLAGS, CLASSIFIER_FLAGS, "
-            "DIFFUSION_FLAGS, SAMPLE_FLAGS), starting from guided-diffusion's defaults. "
+            "DIFFUSION_FLAGS, SAMPLE_FLAGS, TRAIN_FLAGS) read as the guided-diffusion script "
+            "they were written for reads them: only that script's flags are valid and every "
+            "flag left out takes that script's default (no --timestep_respacing: DDPM over "
+            "every diffusion step). The script is the first that takes every flag, or --script. "
+            "Paths are ignored; a setting admflow lacks is refused with the reason. "
             "With --large_size/--small_size the flags describe the upsampler; its model "
             "section is then the same flags at the small size: put `base: <preset>` in the "
             "file to take the real base model instead."
@@ -34,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ff.add_argument("flags", help='one quoted string, e.g. "$MODEL_FLAGS $CLASSIFIER_FLAGS"')
     ff.add_argument("--name", default="from-flags", help="the preset's name")
+    ff.add_argument(
+        "--script",
+        choices=list(GD_SCRIPTS),
+        help="the guided-diffusion script the flags are for (default: inferred from them)",
+    )
     ff.set_defaults(func=_from_flags)
 
 
@@ -55,10 +74,11 @@ def _from_flags(args: argparse.Namespace) -> int:
     import yaml
 
     from admflow.flags import preset_from_flags
+    from admflow.gd_scripts import IGNORED
 
-    preset, ignored = preset_from_flags(args.flags, name=args.name)
-    if ignored:
-        print(f"ignored (not part of a preset): --{', --'.join(ignored)}", file=sys.stderr)
+    preset, ignored = preset_from_flags(args.flags, name=args.name, script=args.script)
+    for flag in ignored:
+        print(f"ignored --{flag}: {IGNORED[flag]}", file=sys.stderr)
     plain = json.loads(json.dumps(preset))  # no YAML anchors for lists the sections share
     print(yaml.safe_dump(plain, sort_keys=False), end="")
     return 0
