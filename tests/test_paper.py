@@ -194,7 +194,7 @@ def test_two_stage_row_scores_the_upsampled_images(ray_session, tmp_path, capsys
     args = ["paper", "run", TWO_STAGE, "--checkpoints", str(released), "--reference", str(ref)]
     assert main(args + ["--num-samples", "4"] + [f"--set={o}" for o in overrides]) == 0
     out = capsys.readouterr().out
-    assert "| FID |" in out and "| 3.940 |" in out  # Table 5's ADM-G + ADM-U
+    assert "| FID |" in out and "| 3.940 |" in out  # Table 6's ADM-G + ADM-U
     samples = next(ln.split()[-1] for ln in out.splitlines() if ln.startswith("samples:"))
     meta = json.loads((tmp_path / samples / "metadata.json").read_text())
     assert meta["kind"] == "upsample" and meta["classifier_scale"] == 1.0  # guided base
