@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 from models.denoiser import Denoiser
-from models.gaussian_diffusion import DenoisedFn, GaussianDiffusion, Model, extract, randn
+from models.gaussian_diffusion import (
+    DenoisedFn,
+    GaussianDiffusion,
+    Generator,
+    Model,
+    extract,
+    randn,
+)
 from models.grids import respaced_grid, solver_grid
 from models.guidance import CondFn
 from models.solvers import SOLVERS, Callback, sample_dpmpp_2m, sample_unipc
@@ -44,7 +51,7 @@ def _nonzero(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _noise_like(x: torch.Tensor, generator: Generator | None) -> torch.Tensor:
     return randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
 
 
@@ -65,7 +72,7 @@ def sample_ddpm(
     denoiser: Denoiser,
     x_T: torch.Tensor,
     grid: np.ndarray,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     *,
     callback: Callback | None = None,
 ) -> torch.Tensor:
@@ -138,7 +145,7 @@ def sample_ddim(
     denoiser: Denoiser,
     x_T: torch.Tensor,
     grid: np.ndarray,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     *,
     callback: Callback | None = None,
     eta: float = 0.0,
@@ -187,7 +194,7 @@ def sampler_options(sampler: str, eta: float = 0.0, order: int = 2) -> dict[str,
 
 
 def initial_noise(
-    shape: tuple[int, ...], device: torch.device | str, generator: torch.Generator | None
+    shape: tuple[int, ...], device: torch.device | str, generator: Generator | None
 ) -> torch.Tensor:
     """x_T ~ N(0, I) from ``generator`` (drawn on the generator's device, then moved)."""
     return randn(shape, device=device, generator=generator)
@@ -218,7 +225,7 @@ def make_sample_loop(
         cond_fn: CondFn | None = None,
         model_kwargs: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generator | None = None,
     ) -> torch.Tensor:
         if noise is not None:
             x_T = noise if device is None else noise.to(device)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from models.denoiser import Denoiser
+from models.gaussian_diffusion import Generator
 
 SOLVERS = ("dpm++2m", "unipc")
 MAX_ORDER = {"dpm++2m": 2, "unipc": 3}
@@ -120,7 +121,7 @@ def sample_dpmpp_2m(
     denoiser: Denoiser,
     x_T: torch.Tensor,
     grid: np.ndarray,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     *,
     callback: Callback | None = None,
     order: int = 2,
@@ -173,7 +174,7 @@ def sample_unipc(
     denoiser: Denoiser,
     x_T: torch.Tensor,
     grid: np.ndarray,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     *,
     callback: Callback | None = None,
     order: int = 2,
