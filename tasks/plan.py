@@ -47,11 +47,18 @@ def chain_key(stage: str, cfg: AdmConfig, sections: tuple[str, ...], *upstream: 
     )
 
 
+# Fields that say how a stage runs, not what it produces: left out of its key, so a rerun
+# with more actors or another batch reuses the stage (as a sample set's execution options do).
+EXECUTION_FIELDS = {"evaluation": {"workers", "batch_size"}}
+
+
 def _section(cfg: AdmConfig, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
-    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+    if not hasattr(node, "model_dump"):
+        return node
+    return node.model_dump(mode="json", exclude=EXECUTION_FIELDS.get(dotted, set()))
 
 
 def set_key(spec: SampleSetSpec, root: str) -> str:

@@ -65,6 +65,14 @@ def test_sampling_settings_leave_the_upstream_keys_alone():
     assert trained["curve"] != keys["curve"]
 
 
+def test_execution_settings_reuse_every_stage_and_content_settings_do_not():
+    keys = plan_reproduce(load_config("tiny")).keys
+    for override in ("evaluation.workers=6", "evaluation.batch_size=7", "compute.torch_threads=2"):
+        assert plan_reproduce(load_config("tiny", [override])).keys == keys, override
+    images = plan_reproduce(load_config("tiny", ["evaluation.reference_images=100"])).keys
+    assert images["reference"] != keys["reference"] and images["data"] == keys["data"]
+
+
 def test_one_stage_plan_has_one_resolution():
     plan = plan_reproduce(load_config("tiny", ["upsampler.enabled=false"]))
     assert not plan.two_stage and not plan.floor
