@@ -29,4 +29,4 @@ class Callback:
         """The checkpoint of ``step`` is durable at ``uri`` (may run on an upload thread)."""
 
     def on_error(self, trainer: Trainer, message: str) -> None:
-        """The run stops on a non-finite loss."""
+        """The run stops: a non-finite loss without loss scaling, or too many skipped steps."""
