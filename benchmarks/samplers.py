@@ -152,7 +152,7 @@ def draw_set(loop, model, labels, noise, cond_fn, batch: int) -> np.ndarray:
 class Scorer:
     def __init__(self, cfg: AdmConfig, reference: str, device: torch.device):
         from models.inception import load_inception
-        from tasks.scoring.evaluate import features_for
+        from tasks.scoring.features import features_for
 
         feats, self.reference_features = features_for(cfg, reference, workers=0)
         from tasks.scoring.evaluate import _stats

@@ -84,7 +84,7 @@ def train(cfg: AdmConfig, kind: str, data: dict, cache_key: str, parent_run_id: 
 
 @_stage_task("reference")
 def reference(cfg: AdmConfig, data: dict, cache_key: str, workers: int | None = None) -> dict:
-    from tasks.scoring.evaluate import build_reference
+    from tasks.scoring.features import build_reference
 
     if cfg.evaluation.reference:  # e.g. the paper's reference batch, instead of our shards
         return {"uri": cfg.evaluation.reference}

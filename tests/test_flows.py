@@ -108,7 +108,7 @@ def _assert_fid_from_own_features(pipeline, row):
     """The row's FID recomputed from its feature files, which belong to the row's samples."""
     from admflow.config import load_config
     from models import metrics as M
-    from tasks.scoring.evaluate import features_for, load_features
+    from tasks.scoring.features import features_for, load_features
 
     cfg = load_config("tiny", pipeline["overrides"])
     assert features_for(cfg, row["samples"])[1] == row["sample_features"]  # cached, not redone

@@ -15,7 +15,7 @@ import numpy as np
 from admflow.config import AdmConfig
 from models import inception as inc
 from models import metrics as M
-from tasks.scoring.features import build_reference, features_for, load_features
+from tasks.scoring.features import features_for
 from tasks.scoring.inputs import EvaluationInputError
 from tasks.scoring.judge import class_accuracy
 
@@ -144,14 +144,3 @@ def evaluate_sets(
 
 
 _METRICS = ("inception_score", "fid", "sfid", "precision", "recall", "class_accuracy")
-
-# features_for, build_reference and load_features stay importable from the stage's module.
-__all__ = [
-    "EVALUATION_ERRORS",
-    "build_reference",
-    "compute_metrics",
-    "evaluate_sets",
-    "features_for",
-    "format_metrics",
-    "load_features",
-]
