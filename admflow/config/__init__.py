@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The presets: configs/ in the repository, shipped in the package as admflow/presets (a link).
-CONFIG_DIR = Path(__file__).resolve().parent / "presets"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
 class ConfigError(ValueError):
