@@ -15,7 +15,11 @@ per step). Prints one JSON object:
 * ``production_vs_guided_diffusion``: the same ShardSampler with its network swapped for
   guided-diffusion's way of running it (:mod:`benchmarks.gd_baseline`: eager, NCHW, einsum
   attention), both fp32, same threads, repeats interleaved; ``speedup`` is baseline seconds /
-  production seconds, ``max_abs_uint8`` how far their images differ.
+  production seconds, ``abs_uint8`` how far their images differ (max, mean). Where the CPU computes
+  bf16 natively (AMX/AVX512_BF16), ``bf16_torso``: the same sampler with the torso in bf16
+  (the CPU analogue of the released fp16 torso; not what production runs on CPU, which
+  keeps fp32 so that a set's bytes do not depend on the CPU), its speed-up over the
+  baseline and how far its images are from production's.
 * ``machine``: CPU model (lscpu), threads, torch, load average before and after.
 
 ``--write-costs`` writes each network's figure into admflow/costs.yaml (the ``cpu`` row)
@@ -48,6 +52,7 @@ from admflow import costs  # noqa: E402
 from admflow.config import AdmConfig, load_config  # noqa: E402
 from benchmarks.gd_baseline import run_as_guided_diffusion  # noqa: E402
 from models.build import build_classifier, build_unet, build_upsampler  # noqa: E402
+from models.fast import native_bf16, prepare_for_inference  # noqa: E402
 from tasks.sampling.spec import SamplerSpec  # noqa: E402
 from tasks.sampling.worker import ShardSampler  # noqa: E402
 
@@ -198,7 +203,7 @@ def measure(net_name: str, steps: int, batch: int, threads: int, repeats: int) -
     for _ in range(repeats + 1):  # the first run warms oneDNN's primitives up, untimed
         wall, images = timed_sample(sampler, labels, low_res)
         seconds.append(wall)
-    best = min(seconds[1:]) if repeats else seconds[0]
+    best = min(seconds[1:])
     s_nfe = best / (batch * steps)
     return {
         "preset": net_name,
@@ -219,26 +224,34 @@ def measure(net_name: str, steps: int, batch: int, threads: int, repeats: int) -
 
 
 def ratio(net_name: str, steps: int, batch: int, threads: int, repeats: int) -> dict[str, Any]:
-    """Production ShardSampler vs the same sampler running guided-diffusion's network, fp32."""
+    """Production ShardSampler vs the same sampler running guided-diffusion's network, fp32;
+    where this CPU has native bf16, also the bf16 torso (a measurement only: production
+    samples in fp32 on CPU, see models.fast.plan_inference)."""
     released = Released(net_name, *NETWORKS[net_name])
     net = released.network()
     spec = released.spec(steps, batch, threads)
     clf = released.classifier()
     clf_bytes = None if clf is None else state_bytes(clf)
-    production = ShardSampler(spec, state_bytes(net), clf_bytes)
+    paths = {"production": ShardSampler(spec, state_bytes(net), clf_bytes)}
     baseline = ShardSampler(spec, state_bytes(net), clf_bytes)
-    run_as_guided_diffusion(baseline, net, clf, fp16=False)  # only the networks differ
+    paths["guided_diffusion"] = run_as_guided_diffusion(baseline, net, clf, fp16=False)
+    if native_bf16("cpu") and released.kind == "base":
+        paths["bf16_torso"] = ShardSampler(spec, state_bytes(net), clf_bytes)
+        paths["bf16_torso"].model = prepare_for_inference(net, "bf16")
     labels, low_res = released.inputs(batch)
-    runs: dict[str, list[float]] = {"production": [], "guided_diffusion": []}
+    runs: dict[str, list[float]] = {name: [] for name in paths}
     images: dict[str, np.ndarray] = {}
-    for r in range(repeats + 1):  # the first round warms both up, untimed
-        for name, sampler in (("production", production), ("guided_diffusion", baseline)):
+    for r in range(repeats + 1):  # the first round warms every path up, untimed
+        for name, sampler in paths.items():
             wall, images[name] = timed_sample(sampler, labels, low_res)
             if r:
                 runs[name].append(wall)
-    if not repeats:
-        runs = {k: [float("nan")] for k in runs}
-    diff = np.abs(images["production"].astype(int) - images["guided_diffusion"].astype(int))
+    best = {name: min(s) for name, s in runs.items()}
+
+    def uint8_gap(name: str) -> dict[str, float]:
+        d = np.abs(images[name].astype(int) - images["production"].astype(int))
+        return {"max": int(d.max()), "mean": float(d.mean())}
+
     return {
         "network": net_name,
         "precision": "fp32",
@@ -246,9 +259,15 @@ def ratio(net_name: str, steps: int, batch: int, threads: int, repeats: int) -> 
         "batch": batch,
         "steps": steps,
         "seconds": runs,
-        "speedup": min(runs["guided_diffusion"]) / min(runs["production"]),
-        "max_abs_uint8": int(diff.max()),
+        "speedup": best["guided_diffusion"] / best["production"],
+        "abs_uint8": uint8_gap("guided_diffusion"),
         "baseline": "benchmarks.gd_baseline.guided_diffusion_like (eager, NCHW, einsum attention)",
+        "bf16_torso": {
+            "speedup_over_guided_diffusion": best["guided_diffusion"] / best["bf16_torso"],
+            "abs_uint8_vs_production": uint8_gap("bf16_torso"),
+        }
+        if "bf16_torso" in paths
+        else None,
     }
 
 
@@ -279,11 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     ap.add_argument("--batch", type=int, default=4, help="images per network (default 4)")
     ap.add_argument("--steps", type=int, default=3, help="DDPM steps (default 3)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up (>= 1)")
     ap.add_argument("--ratio-network", default="imagenet64", choices=list(NETWORKS))
     ap.add_argument("--no-ratio", action="store_true", help="skip the side-by-side ratio")
     ap.add_argument("--write-costs", action="store_true", help="record into admflow/costs.yaml")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     if args.quick and args.write_costs:
         ap.error("--write-costs records measurements; --quick figures are not")
     batch, steps, repeats = (1, 2, 1) if args.quick else (args.batch, args.steps, args.repeats)

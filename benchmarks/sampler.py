@@ -1,10 +1,11 @@
 """DDIM sampling speed of the bench-32 ADM UNet on CPU: plain network vs models.fast paths.
 
 Prints one JSON object. Every figure is measured in this run on this machine: images/s for
-DDIM-25 at batch 16 (2 threads) with the plain network (fp32, NCHW, eager, no fusion), with
-the network the sampling actors run (``fp32``: a ``ShardSampler`` built from checkpoint bytes,
-so the fast path that plan_inference picks for the CPU) and the bf16 path of
-:func:`models.fast.prepare_for_inference`; FLOPs per forward
+DDIM-25 at batch 16 (2 threads) with the plain network (fp32, NCHW, eager, no fusion), the
+same weights run as guided-diffusion runs them (``guided_diffusion``: einsum attention, see
+benchmarks/gd_baseline.py), the network the sampling actors run (``fp32``: a ``ShardSampler``
+built from checkpoint bytes, so the fast path that plan_inference picks for the CPU) and the
+bf16 path of :func:`models.fast.prepare_for_inference`; FLOPs per forward
 (FlopCounterMode); the machine's own fp32/bf16 dense-matmul rates (a large torch.matmul); and
 how close bf16 samples are to fp32 ones from the same noise. Repeats are interleaved across the
 variants so that load from other processes hits them alike; the best repeat is reported (the
@@ -21,20 +22,25 @@ import io
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from admflow.config import load_config
-from models.build import build_unet
-from models.diffusion_factory import create_diffusion
-from models.fast import native_bf16, prepare_for_inference
-from models.samplers import make_sample_loop
-from tasks.sampling.spec import SamplerSpec
-from tasks.sampling.worker import ShardSampler
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from admflow.config import load_config  # noqa: E402
+from benchmarks.gd_baseline import guided_diffusion_like  # noqa: E402
+from models.build import build_unet  # noqa: E402
+from models.diffusion_factory import create_diffusion  # noqa: E402
+from models.fast import native_bf16, prepare_for_inference  # noqa: E402
+from models.samplers import make_sample_loop  # noqa: E402
+from tasks.sampling.spec import SamplerSpec  # noqa: E402
+from tasks.sampling.worker import ShardSampler  # noqa: E402
 
 Model = Callable[..., torch.Tensor]
 
@@ -130,6 +136,7 @@ def main() -> None:
     actor = actor_sampler(cfg, net, args.threads)
     variants: dict[str, Model] = {
         "plain": net,
+        "guided_diffusion": guided_diffusion_like(net, fp16=False),  # its einsum attention
         "fp32": actor.model,  # exactly the network the Ray sampling actors run
         "bf16": prepare_for_inference(net, "bf16", channels_last=True),
     }
@@ -166,6 +173,7 @@ def main() -> None:
     best_bf16 = max((n for n in variants if n.startswith("bf16")), key=ips)
     report = {
         "speedup_fp32": ips("fp32") / ips("plain"),
+        "speedup_fp32_vs_guided_diffusion": ips("fp32") / ips("guided_diffusion"),
         "speedup_bf16": ips("bf16") / ips("plain"),
         "bf16_peak_fraction": gflops("bf16") / rates["bf16"],
         "fp32_peak_fraction": gflops("fp32") / rates["fp32"],

@@ -1,9 +1,9 @@
-"""The 64 px released layout end to end through ``admflow sample`` on CPU: a random-weight
-state dict in the released format (a plain ``.pt``, as OpenAI ships it) is read by the CLI,
-shipped to a Ray sampling actor and sampled for 2 DDPM steps; the 2 images come back as a set.
-
-It starts its own local Ray (a subprocess, as a user runs it): run it in a loopback-only
-network namespace like every Ray test.
+"""The released layouts on CPU. The 64 px network end to end through ``admflow sample``: a
+random-weight state dict in the released format (a plain ``.pt``, as OpenAI ships it) is read
+by the CLI, shipped to a Ray sampling actor and sampled for 2 DDPM steps; the 2 images come
+back as a set. It starts its own local Ray (a subprocess, as a user runs it): run it in a
+loopback-only network namespace like every Ray test. And benchmarks/released.py's smoke run
+prints the figures the cost table takes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import torch
 from admflow.config import load_config
 from models.build import build_unet
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
-
+REPO = Path(__file__).resolve().parent.parent
 ADMFLOW = str(Path(sys.executable).parent / "admflow")
 
 
@@ -39,6 +38,9 @@ def released_64_checkpoint(path: Path) -> None:
     torch.save(net.state_dict(), path)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_admflow_sample_draws_two_images_from_the_released_64px_layout(tmp_path):
     ckpt = tmp_path / "64x64_diffusion.pt"
     released_64_checkpoint(ckpt)
@@ -69,3 +71,20 @@ def test_admflow_sample_draws_two_images_from_the_released_64px_layout(tmp_path)
     for image in images:  # each image is a picture, not a constant (uint8 is always finite)
         assert image.std() > 1.0
     assert not np.array_equal(images[0], images[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_released_benchmark_quick_run_prints_the_cost_figures():
+    script = REPO / "benchmarks" / "released.py"
+    argv = [sys.executable, str(script), "--quick", "--only", "tiny", "--ratio-network", "tiny"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    tiny = report["networks"]["tiny"]
+    assert tiny["images_ok"] and tiny["s_per_image_nfe"] > 0 and tiny["peak_rss_gib"] > 0
+    hours = tiny["s_per_image_nfe"] * 50_000 * 250 / 3600
+    assert tiny["set_50k"]["machine_hours"] == pytest.approx(hours)
+    assert tiny["set_50k"]["core_hours"] == pytest.approx(hours * report["machine"]["threads"])
+    ratio = report["production_vs_guided_diffusion"]
+    assert ratio["speedup"] > 0 and ratio["abs_uint8"]["max"] <= 2  # fp32 both: rounding only
