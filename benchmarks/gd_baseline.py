@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from models.unet import EncoderUNetModel, QKVAttention, UNetModel
+from models.unet import EncoderUNetModel, UNetModel
+from models.unet_blocks import QKVAttention
 
 
 class EinsumAttention(nn.Module):

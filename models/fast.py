@@ -48,7 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nn import GroupNorm32
-from .unet import QKVAttention, ResBlock, UNetModel
+from .unet import UNetModel
+from .unet_blocks import QKVAttention, ResBlock
 
 Precision = Literal["fp32", "bf16", "fp16"]
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -18,7 +18,8 @@ from models.checkpoints import (
 )
 from models.nn import GroupNorm32, count_parameters, timestep_embedding
 from models.precision import autocast
-from models.unet import AttentionBlock, ResBlock, UNetModel, qkv_attention
+from models.unet import UNetModel
+from models.unet_blocks import AttentionBlock, ResBlock, qkv_attention
 
 # Parameter counts of the released models (paper's hyperparameter table / released .pt files).
 RELEASED_UNET_PARAMS = {
