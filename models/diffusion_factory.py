@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from models.gaussian_diffusion import LossType, ModelMeanType, ModelVarType
+from models.diffusion_types import LossType, ModelMeanType, ModelVarType
 from models.respace import SpacedDiffusion, space_timesteps
 from models.schedules import get_named_beta_schedule
 

@@ -1,4 +1,4 @@
-"""Gaussian diffusion: forward process q, reverse process p_θ, losses and the likelihood bound.
+"""Gaussian diffusion: forward process q, reverse process p_θ and the training losses.
 
 Notation follows Ho et al. 2020 (DDPM) and Nichol & Dhariwal 2021 (Improved DDPM); timesteps
 are 0-based indices, so the paper's t = 1..T is ``t = 0..T-1`` here and ``t == 0`` is the decoder
@@ -10,7 +10,9 @@ step p_θ(x_0 | x_1).
                        LEARNED_RANGE: Σ = exp(v log β_t + (1−v) log β̃_t)    (IDDPM eq. 15)
 * training_losses:     L_simple (DDPM eq. 14), L_vlb (eq. 5), L_hybrid = L_simple + λ L_vlb
                        with a stop-gradient on μ in the L_vlb term          (IDDPM §3.1)
-* calc_bpd_loop:       the full variational bound in bits/dim.
+
+The full likelihood bound in bits/dim (every L_t) is models.likelihood; the noise ε is drawn
+by models.noise; the parameterisation enums are models.diffusion_types.
 
 Sampling (DDPM, DDIM and the ODE solvers) is in models.samplers: each sampler is a function of
 a models.denoiser.Denoiser, which turns this diffusion's p_θ into ε̂, x̂_0 and moments, guided.
@@ -18,45 +20,19 @@ a models.denoiser.Denoiser, which turns this diffusion's p_θ into ε̂, x̂_0 a
 
 from __future__ import annotations
 
-import enum
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from models.diffusion_types import LossType, ModelMeanType, ModelVarType
 from models.losses import discretized_gaussian_log_likelihood, normal_kl
+from models.noise import randn
 
 Model = Callable[..., torch.Tensor]
 DenoisedFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-class ModelMeanType(enum.Enum):
-    """What the network's (first C) output channels predict."""
-
-    PREVIOUS_X = enum.auto()  # μ_θ(x_t, t) directly
-    START_X = enum.auto()  # x_0
-    EPSILON = enum.auto()  # ε
-
-
-class ModelVarType(enum.Enum):
-    """How Σ_θ(x_t, t) is obtained."""
-
-    FIXED_SMALL = enum.auto()  # σ_t² = β̃_t (the posterior variance; lower bound)
-    FIXED_LARGE = enum.auto()  # σ_t² = β_t (upper bound)
-    LEARNED = enum.auto()  # the network outputs log Σ directly
-    LEARNED_RANGE = enum.auto()  # the network outputs v ∈ [−1, 1], interpolating log β̃_t..log β_t
-
-
-class LossType(enum.Enum):
-    MSE = enum.auto()  # L_simple (+ vb term when Σ is learned: L_hybrid)
-    RESCALED_MSE = enum.auto()  # like MSE, vb term weighted λ·T (the paper's λ L_vlb)
-    KL = enum.auto()  # one sampled term of L_vlb
-    RESCALED_KL = enum.auto()  # that term times T, an unbiased estimate of L_vlb itself
-
-    def is_vb(self) -> bool:
-        return self in (LossType.KL, LossType.RESCALED_KL)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -73,49 +49,6 @@ def extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Ten
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     values = torch.from_numpy(table[t.detach().cpu().long().numpy()]).to(dtype)
     return values.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
-
-
-class ImageGenerators:
-    """One generator per image of a batch: image i's noise comes from its own generator, so
-    an image is the same whatever batch it is drawn in (the batch size is then a choice of
-    execution, not of content). Stands wherever a ``torch.Generator`` is taken as
-    ``generator=``; :func:`randn` draws one row from each."""
-
-    def __init__(self, seeds: list[int], device: torch.device | str = "cpu"):
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def randn(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if shape[0] != len(self.generators):
-            raise ValueError(f"{len(self.generators)} generators for a batch of {shape[0]}")
-        return torch.stack(
-            [
-                torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype)
-                for g in self.generators
-            ]
-        )
-
-
-Generator = torch.Generator | ImageGenerators
-
-
-def randn(
-    shape: tuple[int, ...] | torch.Size,
-    *,
-    device: torch.device | str,
-    generator: Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Standard normal noise drawn from ``generator`` (on its own device) and moved to ``device``.
-
-    Drawing on the generator's device means a CPU generator gives the same samples on any device.
-    """
-    if isinstance(generator, ImageGenerators):
-        return generator.randn(tuple(shape), dtype).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
 class TimestepMappedModel:
@@ -369,14 +302,6 @@ class GaussianDiffusion:
         model_output = self.wrap_model(model)(x, t, **(model_kwargs or {})).to(x.dtype)
         return self.p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
 
-    def _timestep_iter(self, progress: bool) -> Iterator[int]:
-        steps: Any = range(self.num_timesteps - 1, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps)
-        yield from steps
-
     # ------------------------------------------------------------------ training losses
 
     def vb_loss_weight(self) -> float:
@@ -392,7 +317,7 @@ class GaussianDiffusion:
             return self.vlb_weight * self.num_timesteps
         return self.vlb_weight * 1000.0
 
-    def _vb_terms_bpd(
+    def vb_terms_bpd(
         self,
         p_out: dict[str, torch.Tensor],
         x_start: torch.Tensor,
@@ -446,68 +371,19 @@ class GaussianDiffusion:
 
         if self.loss_type.is_vb():
             p_out = self.p_mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
-            vb = self._vb_terms_bpd(p_out, x_start, x_t, t)
+            vb = self.vb_terms_bpd(p_out, x_start, x_t, t)
             scale = self.num_timesteps if self.loss_type == LossType.RESCALED_KL else 1.0
             return {"loss": vb * scale, "mse": mse.detach(), "vb": vb}
 
         if var_values is not None:
             frozen = torch.cat([mean_out.detach(), var_values], dim=1)  # stop-gradient on μ
             p_out = self.p_mean_variance_from_output(frozen, x_t, t, clip_denoised=False)
-            vb = self._vb_terms_bpd(p_out, x_start, x_t, t)
+            vb = self.vb_terms_bpd(p_out, x_start, x_t, t)
             return {"loss": mse + self.vb_loss_weight() * vb, "mse": mse, "vb": vb}
 
         with torch.no_grad():  # fixed Σ: the vb term is only reported
             p_out = self.p_mean_variance_from_output(
                 model_output.detach(), x_t, t, clip_denoised=False
             )
-            vb = self._vb_terms_bpd(p_out, x_start, x_t, t)
+            vb = self.vb_terms_bpd(p_out, x_start, x_t, t)
         return {"loss": mse, "mse": mse, "vb": vb}
-
-    # ------------------------------------------------------------------ likelihood
-
-    def _prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim (no parameters; ≈ 0 for a good schedule)."""
-        t = torch.full(
-            (x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long
-        )
-        mean, _, log_variance = self.q_mean_variance(x_start, t)
-        return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
-
-    def calc_bpd_loop(
-        self,
-        model: Model,
-        x_start: torch.Tensor,
-        clip_denoised: bool = True,
-        model_kwargs: dict[str, Any] | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """The full variational bound −log p(x_0) ≤ L_T + Σ_t L_{t−1}, in bits/dim, per example.
-
-        Returns "total_bpd" (B,), "prior_bpd" (B,), and per-step (B, T) tables "vb", "xstart_mse",
-        "mse" whose column j is timestep j.
-        """
-        batch = x_start.shape[0]
-        vb, xstart_mse, mse = [], [], []
-        for i in self._timestep_iter(progress):
-            t = torch.full((batch,), i, device=x_start.device, dtype=torch.long)
-            noise = randn(
-                x_start.shape, device=x_start.device, generator=generator, dtype=x_start.dtype
-            )
-            x_t = self.q_sample(x_start, t, noise=noise)
-            with torch.no_grad():
-                out = self.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs=model_kwargs)
-                vb.append(self._vb_terms_bpd(out, x_start, x_t, t))
-                xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
-                eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
-                mse.append(mean_flat((eps - noise) ** 2))
-        # collected from t = T-1 down to 0; flip so column j is timestep j
-        vb_t = torch.stack(vb[::-1], dim=1)
-        prior_bpd = self._prior_bpd(x_start)
-        return {
-            "total_bpd": vb_t.sum(dim=1) + prior_bpd,
-            "prior_bpd": prior_bpd,
-            "vb": vb_t,
-            "xstart_mse": torch.stack(xstart_mse[::-1], dim=1),
-            "mse": torch.stack(mse[::-1], dim=1),
-        }

@@ -25,16 +25,10 @@ import numpy as np
 import torch
 
 from models.denoiser import Denoiser
-from models.gaussian_diffusion import (
-    DenoisedFn,
-    GaussianDiffusion,
-    Generator,
-    Model,
-    extract,
-    randn,
-)
+from models.gaussian_diffusion import DenoisedFn, GaussianDiffusion, Model, extract
 from models.grids import respaced_grid, solver_grid
 from models.guidance import CondFn
+from models.noise import Generator, randn
 from models.solvers import SOLVERS, Callback, sample_dpmpp_2m, sample_unipc
 
 # sampler(denoiser, x_T, grid, generator=None, *, callback=None, **options) -> x_0

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from models.denoiser import Denoiser
-from models.gaussian_diffusion import Generator
+from models.noise import Generator
 
 SOLVERS = ("dpm++2m", "unipc")
 MAX_ORDER = {"dpm++2m": 2, "unipc": 3}

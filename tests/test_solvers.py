@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.gaussian_diffusion import ModelVarType
+from models.diffusion_types import ModelVarType
 from models.grids import solver_grid
 from models.guidance import classifier_free, cond_fn_from_classifier, drop_labels
 from models.samplers import make_sample_loop

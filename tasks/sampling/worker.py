@@ -24,7 +24,7 @@ from admflow.config import (
 )
 from models.denoiser import Denoiser
 from models.fast import InferencePlan, apply_plan, plan_inference
-from models.gaussian_diffusion import ImageGenerators
+from models.noise import ImageGenerators
 from models.resize import downsample_area, upsample_bilinear
 from models.samplers import SAMPLERS, initial_noise, sampler_grid, sampler_options
 from tasks.sampling.spec import NonFiniteSampleError, SamplerSpec, image_seeds
