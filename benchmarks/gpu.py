@@ -27,11 +27,14 @@ Keys of the printed JSON:
   precision: on a GPU a one-worker Ray Train fit (``path`` "ray-train", ``backend`` nccl),
   its rate read from the run's logged images/s over the steps after ``warmup``; with
   --cpu-smoke a LocalSession Trainer (``path`` "local-session").
-* ``inception``: the evaluator's Inception, images/s at the evaluation batch (or ``skipped``).
+* ``training_local.<preset>``: the same Trainer step in this process (LocalSession) at the
+  same batch, run first: its peak memory, and on a GPU whether the batch fits at all.
+* ``inception``: the evaluator's Inception as its actors load it (FeatureWorker), images/s at
+  the evaluation batch (or ``skipped`` where its weights are not installed).
 * ``peak_memory_gib.<phase>``: the peak of each phase alone (torch.cuda peak allocated,
   reset between phases; on CPU the process's peak RSS, reset the same way). The Ray Train
-  fit runs in a worker process, so its phase's figure is the in-process Trainer's at the
-  same batch (``training_local.<preset>``), run before it.
+  fit allocates in a worker process, so it has no figure here: its memory is its
+  ``training_local.<preset>`` figure.
 * ``errors``: a phase that failed on the GPU (the others still run); --cpu-smoke raises.
 
     python benchmarks/gpu.py                       # one CUDA GPU, ~6 min on an H100
@@ -99,11 +102,16 @@ class Run:
         self.repeats = 1 if smoke else repeats
         self.overrides = tuple(SMOKE) if smoke else ()
         self.report: dict[str, Any] = {"peak_memory_gib": {}, "errors": {}}
+        # A fresh process's TF32 switches: apply_plan turns TF32 on for the whole process,
+        # and a later phase (training) must not inherit that (production training never does).
+        self.tf32_default = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Peak memory of this phase alone; on the GPU a failure is recorded, not fatal."""
+    def phase(self, name: str, memory: bool = True) -> Iterator[None]:
+        """Peak memory of this phase alone (``memory``: it allocates in this process); on the
+        GPU a failure is recorded, not fatal."""
         cuda = self.device.type == "cuda"
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.tf32_default
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -115,8 +123,9 @@ class Run:
             if self.smoke:
                 raise
             self.report["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
-        peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else peak_rss_gib()
-        self.report["peak_memory_gib"][name] = peak
+        if memory:
+            peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else peak_rss_gib()
+            self.report["peak_memory_gib"][name] = peak
 
 
 def synced(device: torch.device) -> None:
@@ -188,6 +197,7 @@ def sampler_vs_guided_diffusion(run: Run, batch: int, steps: int) -> dict[str, A
             "tf32": production.plan.tf32,
         },
         "baseline_precision": "fp16" if fp16 else "fp32",
+        "tf32": {"production": production.plan.tf32, "guided_diffusion": False, "reference": False},
         "sampler": "ddpm (guided)",
         "batch": batch,
         "steps": steps,
@@ -268,6 +278,10 @@ def local_training(run: Run, preset: str, root: str, data: str, steps: int) -> d
         "path": "local-session",
         "per_gpu_batch": per_gpu,
         "precision": trainer.precision,
+        "tf32": {  # as a fresh process has them (torch's defaults): production sets neither
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+        },
         "images_per_s": steps * per_gpu / seconds,
     }
 
@@ -312,26 +326,36 @@ def training(run: Run, tmp: str, steps: int) -> None:
         if run.smoke:
             run.report.setdefault("training", {})[preset] = local
             continue
-        with run.phase(f"training.{preset}"):
+        if f"training_local.{preset}" in run.report["errors"]:
+            continue  # e.g. the batch does not fit: the Ray fit would fail the same way
+        with run.phase(f"training.{preset}", memory=False):  # allocates in a Ray worker
             run.report.setdefault("training", {})[preset] = ray_training(
                 run, preset, root, data, steps
             )
 
 
 def inception_rate(run: Run, path: str | None) -> dict[str, Any]:
+    """The evaluator's Inception as its actors load it (FeatureWorker), at its batch."""
     from admflow.config import load_config
-    from models import inception as inc
+    from models.inception import InceptionError
+    from tasks.scoring.features import FeatureWorker
 
+    cfg = load_config("imagenet256")
+    batch = 4 if run.smoke else cfg.evaluation.batch_size
     try:
-        net = inc.load_inception(path, run.device)
-    except inc.InceptionError as e:
+        worker = FeatureWorker(path, batch, run.device.type, cfg.compute.torch_threads)
+    except InceptionError as e:
         return {"skipped": str(e)}
-    batch = 4 if run.smoke else load_config("imagenet256").evaluation.batch_size
     size = 64 if run.smoke else 256
-    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (4 * batch, size, size, 3), dtype=np.uint8)
+
+    def features() -> None:  # FeatureWorker.run's loop over one unit's images
+        for i in range(0, len(images), batch):
+            worker.model.features(images[i : i + batch])
+
     with torch.no_grad():
-        seconds = [timed(lambda: net.features(images)) for _ in range(run.repeats + 1)][1:]
-    return {"batch": batch, "input_size": size, "images_per_s": batch / min(seconds)}
+        seconds = [timed(features) for _ in range(run.repeats + 1)][1:]
+    return {"batch": batch, "input_size": size, "images_per_s": len(images) / min(seconds)}
 
 
 def write_costs(report: dict[str, Any], argv: list[str]) -> None:
