@@ -238,7 +238,7 @@ def guided_256(run: Run, batch: int, steps: int) -> dict[str, Any]:
     }
 
 
-def training_config(preset: str, root: str, data: str, run: Run, total_steps: int):
+def training_config(preset: str, root: str, run: Run, total_steps: int):
     from admflow.config import load_config
 
     base = load_config(preset)
@@ -264,7 +264,7 @@ def local_training(run: Run, preset: str, root: str, data: str, steps: int) -> d
     from tasks.training.loop import LoopSpec, Trainer
     from tasks.training.sessions import LocalSession
 
-    cfg, per_gpu = training_config(preset, root, data, run, steps + 1)
+    cfg, per_gpu = training_config(preset, root, run, steps + 1)
     spec = LoopSpec("diffusion", cfg.model_dump(mode="json"), data, f"{root}/runs/local", "local")
     trainer = Trainer(spec, LocalSession(run.device.type))
     trainer.train_step()  # warm-up: cuDNN autotuning, allocator, AdamW state
@@ -294,7 +294,7 @@ def ray_training(run: Run, preset: str, root: str, data: str, steps: int) -> dic
     from tasks.training.launch import train_diffusion
 
     warmup = 2
-    cfg, per_gpu = training_config(preset, root, data, run, warmup + steps)
+    cfg, per_gpu = training_config(preset, root, run, warmup + steps)
     if not ray.is_initialized():  # this machine's CPUs and GPU (a preset's local Ray has 2 CPUs)
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
