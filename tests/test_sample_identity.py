@@ -65,7 +65,6 @@ def _fp(ckpts, *overrides: str, checkpoint="diffusion", classifier=None, scale=0
         "sampling.classifier_scales=[0.0, 2.0, 9.0]",  # the sweep, not this set
         "sampling.upsample_sets=all",
         "sampling.batch_size=64",  # a micro-batch larger than a shard is the whole shard
-        "sampling.batch_size=8",  # each image draws its noise from a generator of its own
         "evaluation.workers=5",
     ],
 )
@@ -81,7 +80,7 @@ def test_execution_options_come_from_the_config_and_reach_only_the_actors(ckpts)
     )  # fmt: skip
     spec = build_spec(cfg, ckpts["diffusion"])
     actor = sampler_spec(spec, options)
-    assert actor.device == "cpu" and actor.batch_size == min(options.batch_size, spec.shard_size)
+    assert actor.device == "cpu" and actor.batch_size == spec.batch
 
 
 @pytest.mark.parametrize(
@@ -94,6 +93,7 @@ def test_execution_options_come_from_the_config_and_reach_only_the_actors(ckpts)
         "sampling.classes=[3]",
         "sampling.num_samples=60",
         "sampling.shard_size=16",
+        "sampling.batch_size=8",  # the noise of a micro-batch comes from one generator
         "sampling.use_ema=false",  # other weights
         "sampling.clip_denoised=false",
     ],
@@ -203,10 +203,8 @@ def test_reproduce_sample_and_paper_flows_give_a_set_one_key(ckpts, tmp_path):
     # the sample flow without a scale: the classifier guides at the first non-zero scale
     default = plan.released_set_spec(cfg, ckpts["diffusion"], ckpts["classifier"], None)
     assert plan.set_key(default, cfg.storage.root) == reproduce[1]
-    # the sample flow run with other workers, threads or micro-batches: same key
-    busy = load_config(
-        "tiny", [root, "sampling.workers=6", "compute.torch_threads=4", "sampling.batch_size=5"]
-    )
+    # the sample flow run with other workers, threads or a batch past the shard: same key
+    busy = load_config("tiny", [root, "sampling.workers=6", "compute.torch_threads=4"])
     busy_spec = plan.released_set_spec(busy, ckpts["diffusion"], ckpts["classifier"], 8.0)
     assert plan.set_key(busy_spec, busy.storage.root) == reproduce[1]
 

@@ -33,15 +33,11 @@ def draw_labels(seed: int, index: int, rows: int, classes: list[int] | None) -> 
     return rng.choice(np.asarray(classes, dtype=np.int64), size=rows)
 
 
-def image_seeds(seed: int, index: int, start: int, rows: int, stream: int = 1) -> list[int]:
-    """The torch seeds of images ``start .. start+rows-1`` of shard ``index`` (``stream`` 1:
-    base sampling, 2: upsampling, so the two stages never share noise). Each image has its
-    own, so its x_T and step noise do not depend on the micro-batch it is drawn in."""
-    seeds = []
-    for row in range(start, start + rows):
-        state = np.random.SeedSequence([seed, index, stream, row]).generate_state(2, np.uint32)
-        seeds.append(int(state[0]) << 31 | int(state[1]) >> 1)
-    return seeds
+def batch_seed(seed: int, index: int, batch: int, stream: int = 1) -> int:
+    """The torch seed of micro-batch ``batch`` of shard ``index`` (``stream`` 1: base
+    sampling, 2: upsampling, so the two stages never share noise)."""
+    state = np.random.SeedSequence([seed, index, stream, batch]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
 
 
 def default_scale(scales: list[float], has_classifier: bool) -> float:
@@ -74,10 +70,11 @@ class SampleSetSpec:
     names the set in every flow's cache key, the manifest and the resume check.
 
     ``shard_size`` is identity: shards are the unit of resumption and of seeding (shard i's
-    labels come from ``(seed, i)``, and each image's noise from ``(seed, i, row)``). The
-    micro-batch size is not: every image draws its x_T and step noise from a generator of its
-    own (:func:`image_seeds`). ``precision`` is the network's released precision (fp16 where
-    the device supports it); what the device, the micro-batch, the thread count or
+    labels and noise come from ``(seed, i)``). ``batch`` is identity as well: each micro-batch
+    of a shard draws x_T and every step's noise from one generator seeded per micro-batch,
+    so its size decides which noise an image gets (a batch larger than a shard is the whole
+    shard, hence ``min(batch_size, shard_size)``). ``precision`` is the network's released
+    precision (fp16 where the device supports it); what the device, the thread count or
     torch.compile change is floating-point rounding, not the set, so they are execution.
     """
 
@@ -97,6 +94,7 @@ class SampleSetSpec:
     classes: tuple[int, ...] | None  # the label set (None: unconditional, labels -1)
     num_samples: int
     shard_size: int
+    batch: int
     image_size: int
     precision: str
     code_version: str
@@ -134,7 +132,6 @@ class ExecutionOptions:
     """How a set is produced, never what it holds: any value gives the same set."""
 
     workers: int = 2  # Ray actors, one model replica each
-    batch_size: int = 32  # images per network call (a micro-batch of a shard)
     torch_threads: int = 1
     device: str = "auto"
     compile: bool = False  # torch.compile the diffusion network
@@ -146,7 +143,6 @@ class ExecutionOptions:
         """The config's execution settings, each replaced by a given value that is not None."""
         values: dict[str, Any] = {
             "workers": cfg.sampling.workers,
-            "batch_size": cfg.sampling.batch_size,
             "torch_threads": cfg.compute.torch_threads,
             "device": cfg.compute.device,
             "compile": cfg.sampling.compile,
@@ -189,7 +185,7 @@ def sampler_spec(spec: SampleSetSpec, options: ExecutionOptions) -> SamplerSpec:
         eta=spec.eta,
         clip_denoised=spec.clip_denoised,
         seed=spec.seed,
-        batch_size=min(options.batch_size, spec.shard_size),
+        batch_size=spec.batch,
         torch_threads=options.torch_threads,
         device=options.device,
         classifier=spec.classifier_network,

@@ -1,10 +1,10 @@
 """The per-process half of sampling: seeds, model loading and one shard's reverse process.
 
-Everything random in shard ``i`` comes from seeds derived from ``(run seed, i)`` alone: its
-class labels from one, each image's x_T and step noise from a CPU generator of its own
-(``(seed, i, row)``). A shard is sampled in micro-batches of ``batch_size``, but an image
-depends only on the set's spec, never on the micro-batch, on which actor ran it, when, or
-what else it ran.
+Everything random in shard ``i`` (its class labels, x_T and every step's noise) comes from
+seeds derived from ``(run seed, i)`` alone, drawn on CPU generators. A shard is sampled in
+fixed micro-batches of ``batch_size`` (part of the set's identity), each with its own
+generator, so an image depends on the set's spec, never on which actor ran it, when, or what
+else it ran.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from admflow.config import (
 )
 from models.denoiser import Denoiser
 from models.fast import InferencePlan, apply_plan, plan_inference
-from models.noise import ImageGenerators
 from models.resize import downsample_area, upsample_bilinear
 from models.samplers import SAMPLERS, initial_noise, sampler_grid, sampler_options
-from tasks.sampling.spec import NonFiniteSampleError, SamplerSpec, image_seeds
+from tasks.sampling.spec import NonFiniteSampleError, SamplerSpec, batch_seed
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -132,10 +131,8 @@ class ShardSampler:
             x = upsample_bilinear(x, small).clamp(-1.0, 1.0)
         return x
 
-    def _sample_batch(
-        self, n: int, kwargs: dict[str, torch.Tensor], seeds: list[int]
-    ) -> torch.Tensor:
-        gen = ImageGenerators(seeds)
+    def _sample_batch(self, n: int, kwargs: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
         size = self.net_cfg.image_size
         x_T = initial_noise((n, self.net_cfg.in_channels, size, size), self.device, gen)
         name = self.spec.sampler
@@ -144,7 +141,7 @@ class ShardSampler:
         out = SAMPLERS[name](self._denoiser(kwargs), x_T, grid, gen, **options)
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).flatten(1).any(1).sum())
-            raise NonFiniteSampleError(f"{bad} of {n} images hold NaN/inf")
+            raise NonFiniteSampleError(f"{bad} of {n} images hold NaN/inf (batch seed {seed})")
         return ((out + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
     def sample(
@@ -165,8 +162,8 @@ class ShardSampler:
                 kwargs["low_res"] = lr_all[start : start + bs]
             n = len(y_all[start : start + bs])
             try:
-                seeds = image_seeds(self.spec.seed, index, start, n, stream)
-                chunks.append(self._sample_batch(n, kwargs, seeds))
+                seed = batch_seed(self.spec.seed, index, b, stream)
+                chunks.append(self._sample_batch(n, kwargs, seed))
             except NonFiniteSampleError as e:
                 raise NonFiniteSampleError(
                     f"shard {index}, micro-batch {b}, after "
