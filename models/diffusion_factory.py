@@ -16,7 +16,7 @@ from models.diffusion_types import LossType, ModelMeanType, ModelVarType
 from models.respace import SpacedDiffusion, space_timesteps
 from models.schedules import get_named_beta_schedule
 
-if TYPE_CHECKING:  # only the type: importable without pydantic (benchmarks/gpu.py)
+if TYPE_CHECKING:  # only the type: any object with these fields will do
     from admflow.config import DiffusionConfig
 
 
