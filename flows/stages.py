@@ -17,10 +17,7 @@ from prefect import task
 from admflow.config import AdmConfig
 from admflow.storage import join
 from flows.hooks import transient
-from tasks.plan import chain_key
 from tasks.sampling.spec import SampleSetSpec
-
-__all__ = ["chain_key"]  # the flows' key function lives with the plan (tasks.plan)
 
 # Transient storage/network errors get retried with backoff.
 RETRY = dict(
