@@ -54,6 +54,11 @@ class PaperRow(_Strict):
     sampler: Literal["ddpm", "ddim"]
     steps: str = Field(description="timestep respacing of every stage, e.g. '250' or 'ddim25'")
     classifier_scale: float = Field(ge=0)
+    classifier_use_fp16: bool = Field(
+        False,
+        description="the classifier's precision while sampling: guided-diffusion's sampling "
+        "commands leave --classifier_use_fp16 at its False, except the README's DDIM example",
+    )
     unstated: list[Setting] = Field(
         [], description="settings the paper does not give for this row (the note says why)"
     )
@@ -97,6 +102,8 @@ class PaperRow(_Strict):
             f"sampling.timestep_respacing='{self.steps}'",
             f"sampling.classifier_scales=[{self.classifier_scale}]",
         ]
+        if self.classifier is not None:  # the presets' True is the classifier's training setting
+            out.append(f"classifier.use_fp16={str(self.classifier_use_fp16).lower()}")
         return out + ([f"sampling.num_samples={num_samples}"] if num_samples else [])
 
 

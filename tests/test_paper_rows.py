@@ -84,6 +84,22 @@ def test_sampling_settings_and_unstated_ones():
     assert load_config("lsun-horse-nodropout").model.dropout == 0.0
 
 
+def test_guided_rows_sample_the_classifier_as_guided_diffusion_does():
+    """classifier_sample.py runs the classifier in fp32 unless --classifier_use_fp16 is given;
+    of the README's commands only its 25-step DDIM example gives it. The classifier presets'
+    use_fp16 is their training setting and must not decide the rows' sampling."""
+    guided = [r for r in load_rows().rows if r.classifier is not None]
+    assert len(guided) >= 9
+    for row in guided:
+        cfg = load_config(row.preset, row.overrides())
+        released = load_config(row.classifier.preset).classifier
+        assert released.use_fp16, row.classifier.preset  # else the override would be moot
+        fp16 = row.id == "imagenet128-adm-g-ddim25"
+        assert cfg.classifier == released.model_copy(update={"use_fp16": fp16}), row.id
+    unguided = load_rows().row("imagenet256-adm")
+    assert not any(o.startswith("classifier.") for o in unguided.overrides())
+
+
 @pytest.mark.parametrize("row_id", ["imagenet256-adm-u", "imagenet512-adm-u"])
 def test_upsampler_rows_without_guidance(row_id):
     row = load_rows().row(row_id)
