@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from admflow.config import load_config
+from admflow.config import ConfigError, load_config
 from admflow.paper import load_rows, locate_files
 from flows.sample import sample_released
 
@@ -18,25 +18,33 @@ from flows.sample import sample_released
 def paper(
     row: str,
     checkpoints: str,
-    reference: str,
     num_samples: int | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """E.g. row=imagenet256-adm-g, checkpoints=s3://models/openai (holding 256x256_diffusion.pt
-    and 256x256_classifier.pt), reference=VIRTUAL_imagenet256_labeled.npz."""
+    and 256x256_classifier.pt), overrides=["evaluation.reference=s3://models/openai"]: the
+    reference batch itself or a directory holding it under its released name."""
     from tasks.reporting import lineage, paper_report
+    from tasks.scoring.inputs import check_reference
 
     registry = load_rows()
     entry = registry.row(row)
+    reference = load_config(entry.preset, overrides or []).evaluation.reference
+    if not reference:
+        raise ConfigError(
+            "evaluation.reference: give the reference batch .npz or a directory holding "
+            f"{entry.reference} (--reference or --set evaluation.reference=...)"
+        )
     files = locate_files(registry, entry, checkpoints, reference)
+    check_reference(files["reference"])  # before the parent run opens
     settings = entry.overrides(num_samples) + list(overrides or [])
+    settings.append(f"evaluation.reference={files['reference']}")
     cfg = load_config(entry.preset, settings)
     parent = paper_report.start_parent_run(cfg, entry, files, settings, flow_run.get_id())
 
     scored = sample_released(
         preset=entry.preset,
         checkpoint=files["diffusion"],
-        reference=files["reference"],
         classifier=files.get("classifier"),
         classifier_scale=entry.classifier_scale,
         upsampler=files.get("upsampler"),

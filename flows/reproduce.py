@@ -22,9 +22,11 @@ from tasks.plan import PipelinePlan, bilinear_key, evaluate_key, plan_reproduce,
 def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the paper's pipeline for one preset; returns the metrics rows and report paths."""
     from tasks.reporting import lineage, report
+    from tasks.scoring.inputs import check_reference
 
     cfg = load_config(preset, overrides or [])
     cfg.check_pipeline()
+    check_reference(cfg.evaluation.reference)
     plan = plan_reproduce(cfg)
     keys = plan.keys
     log = get_run_logger()

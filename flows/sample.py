@@ -16,7 +16,6 @@ from tasks.plan import evaluate_key, set_key
 def sample_released(
     preset: str,
     checkpoint: str,
-    reference: str,
     classifier: str | None = None,
     classifier_scale: float | None = None,
     upsampler: str | None = None,
@@ -25,7 +24,8 @@ def sample_released(
     final_only: bool = False,
 ) -> list[dict]:
     """E.g. preset=imagenet64, checkpoint=64x64_diffusion.pt, classifier=64x64_classifier.pt,
-    reference=VIRTUAL_imagenet64_labeled.npz (the paper's reference batch).
+    overrides=["evaluation.reference=VIRTUAL_imagenet64_labeled.npz"] (the paper's reference
+    batch: every flow reads its reference from evaluation.reference).
 
     ``parent_run_id``: log under a caller's MLflow run (left open for it to finish);
     ``final_only``: score only the last stage (the reference is at the upsampler's size).
@@ -34,8 +34,12 @@ def sample_released(
     from tasks.plan import released_set_spec
     from tasks.reporting import lineage, report
     from tasks.sampling.build import build_upsample_spec
+    from tasks.scoring.inputs import check_reference
 
     cfg = load_config(preset, overrides or [])
+    reference = cfg.evaluation.reference
+    check_reference(reference, required=True)
+    assert reference is not None
     spec = released_set_spec(cfg, checkpoint, classifier, classifier_scale)
     log = get_run_logger()
     own_parent = parent_run_id is None

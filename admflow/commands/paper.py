@@ -93,9 +93,8 @@ def _run(args: argparse.Namespace) -> int:
     result = paper(
         row=args.row,
         checkpoints=args.checkpoints,
-        reference=args.reference,
         num_samples=args.num_samples,
-        overrides=args.overrides,
+        overrides=[f"evaluation.reference={args.reference}", *args.overrides],
     )
     print("\n" + result["table"])
     for uri in result["report_uris"]:

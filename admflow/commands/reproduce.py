@@ -6,7 +6,7 @@ import argparse
 import os
 
 from admflow.commands.common import add_config_args
-from admflow.config import AdmConfig, ConfigError, load_config
+from admflow.config import load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,25 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_reference(load_config(args.config, args.overrides))
+    from tasks.scoring.inputs import check_reference
+
+    check_reference(load_config(args.config, args.overrides).evaluation.reference)
     result = run_reproduce(args.config, args.overrides)
     print_summary(result)
     return 0
-
-
-def check_reference(cfg: AdmConfig) -> None:
-    """A given evaluation.reference must be readable before hours of training start."""
-    if not cfg.evaluation.reference:
-        return
-    from tasks.scoring.inputs import EvaluationInputError, describe
-
-    try:
-        describe(cfg.evaluation.reference)
-    except EvaluationInputError as e:
-        raise ConfigError(
-            f"evaluation.reference: {e} (give a reference batch .npz, a feature file, or a "
-            "sample set / shard folder)"
-        ) from None
 
 
 def run_reproduce(preset: str, overrides: list[str]) -> dict:

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from admflow import storage
+from admflow.config import ConfigError
 
 SAMPLES_FORMAT = "admflow-samples/1"
 SHARDS_FORMAT = "admflow-shards/1"
@@ -196,3 +197,22 @@ def _describe_manifest(base: str) -> dict[str, Any]:
         "has_stats": False,
         "identity": storage.sha256_bytes(raw),
     }
+
+
+def check_reference(reference: str | None, required: bool = False) -> None:
+    """The one check of ``evaluation.reference`` that every flow runs first (from the CLI or a
+    deployment alike): a given reference must be readable before hours of work start."""
+    if not reference:
+        if required:
+            raise ConfigError(
+                "evaluation.reference: this flow scores against a reference batch; give one "
+                "(--reference FILE or --set evaluation.reference=FILE)"
+            )
+        return
+    try:
+        describe(reference)
+    except EvaluationInputError as e:
+        raise ConfigError(
+            f"evaluation.reference: {e} (give a reference batch .npz, a feature file, or a "
+            "sample set / shard folder)"
+        ) from None
