@@ -16,6 +16,7 @@ from admflow.config import AdmConfig, load_config
 from flows import stages
 from flows.hooks import PARENT_RUN_HOOKS
 from tasks.plan import PipelinePlan, bilinear_key, evaluate_key, plan_reproduce, set_key
+from tasks.resources import checked_plan
 
 
 @flow(name="reproduce", log_prints=True, **PARENT_RUN_HOOKS)
@@ -45,10 +46,14 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
         )
 
     # The diffusion model is the long pole: it is asked for first, and the reference features
-    # and the shorter trainings queue for what is left.
-    futures = {"diffusion": submit("diffusion")}
+    # and the shorter trainings queue for what is left; unless the reference features could
+    # not run beside it (tasks.resources): then they go first, minutes before days.
+    first = checked_plan(cfg).reference_first
+    futures = {} if first else {"diffusion": submit("diffusion")}
     workers = plan.reference_workers
     ref = stages.reference(cfg, data, cache_key=keys["reference"], workers=workers)
+    if first:
+        futures["diffusion"] = submit("diffusion")
     judge = stages.judge(cfg, data, ref, cache_key=keys["judge"]) if plan.judge else None
     futures.update({kind: submit(kind) for kind in plan.trainings[1:]})
     up_ref = ref

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from admflow.config import AdmConfig
 from admflow.version import code_version
+from tasks.resources import reference_actors
 
 if TYPE_CHECKING:
     from tasks.sampling.spec import SampleSetSpec
@@ -151,8 +152,7 @@ def plan_reproduce(cfg: AdmConfig) -> PipelinePlan:
         curve=cfg.evaluation.checkpoint_samples > 0,
         curve_reuses_unguided=cfg.evaluation.checkpoint_samples > 0
         and cfg.curve_reuses_unguided_set,
-        # the reference features take half the evaluation workers: the trainings run beside
-        reference_workers=max(1, cfg.evaluation.workers // 2),
+        reference_workers=reference_actors(cfg),  # as tasks.resources places them
         keys=_keys(cfg),
     )
 

@@ -46,6 +46,30 @@ class ComputeConfig(Section):
     num_workers: int = Field(2, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    gpus_per_actor: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="GPU share of each sampling and scoring actor (default: the cluster's GPUs "
+        "spread evenly over the actors)",
+    )
+    local_cpus: int | None = Field(
+        None,
+        gt=0,
+        description="logical CPUs of the local Ray (default: this machine's, at least 2)",
+    )
+    local_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="logical GPUs of the local Ray (default: the CUDA devices torch sees); with "
+        "device: cpu they reserve GPUs in Ray while torch stays on the CPU",
+    )
+    object_store_gib: float | None = Field(
+        None,
+        gt=0,
+        description="object store of the local Ray in GiB (default: a fifth of the memory, "
+        "1 to 8 GiB: room for the largest weights and a few shards of results)",
+    )
     torch_threads: int = Field(1, gt=0)
     diffusion_threads: int | None = Field(
         None,

@@ -1,8 +1,13 @@
 """One way to get a Ray session for every stage.
 
-``compute.ray_address`` (default ``$RAY_ADDRESS``) connects to a cluster; without it a local
-Ray starts with ``num_cpus = max(2, compute.num_workers)`` logical CPUs. ``address="local"``
-is passed explicitly so a stray cluster on the same machine is never picked up by accident.
+``compute.ray_address`` (default ``$RAY_ADDRESS``) connects to a cluster, after a short probe
+that nothing-listening is a one-line error rather than minutes of retries. Without it a local
+Ray starts with the resources :func:`tasks.resources.Cluster.local_for` describes (this
+machine's CPUs, ``compute.local_gpus`` or the CUDA devices) and an object store of
+:func:`tasks.resources.local_object_store_bytes`. ``address="local"`` is passed explicitly so
+a stray cluster on the same machine is never picked up by accident. Every call checks the
+resource plan of the stage it starts (:meth:`tasks.resources.ResourcePlan.check`), so a stage
+that could never be placed fails at once, naming the field to change.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 from typing import Any
 
 from admflow.config import AdmConfig
+from tasks import resources
 
 # Ray Train reports block until the controller polls; the default 2 s makes short runs crawl.
 _WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONWARNINGS": "ignore"}
@@ -20,13 +26,32 @@ _WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONWARNINGS": "ig
 _INIT_LOCK = threading.Lock()
 
 
-def ensure_ray(cfg: AdmConfig) -> Any:
+def ensure_ray(cfg: AdmConfig, stage: str | None = None) -> Any:
+    """Ray, started or connected if it is not yet; ``stage`` (a name of
+    :data:`tasks.resources.STAGES`) is checked against the cluster first."""
     import ray
 
+    stages = (stage,) if stage else ()
     with _INIT_LOCK:
         if not ray.is_initialized():
+            if cfg.compute.ray_address:
+                resources.probe_address(cfg.compute.ray_address)
+            else:  # fail before a local Ray starts
+                resources.resource_plan(cfg, resources.Cluster.local_for(cfg)).check(stages)
             _init(ray, cfg)
+    resources.resource_plan(cfg, resources.Cluster.from_ray(ray, cfg)).check(stages)
     return ray
+
+
+def placement() -> dict[str, Any]:
+    """Where the calling Ray worker or actor runs: its node and the GPU ids Ray gave it."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {
+        "node_id": ctx.get_node_id(),
+        "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+    }
 
 
 def _init(ray: Any, cfg: AdmConfig) -> None:
@@ -43,11 +68,13 @@ def _init(ray: Any, cfg: AdmConfig) -> None:
             address=cfg.compute.ray_address, runtime_env=runtime_env, logging_level=logging.ERROR
         )
     else:
+        (node,) = resources.Cluster.local_for(cfg).nodes
         ray.init(
             address="local",
-            num_cpus=max(2, cfg.compute.num_workers),
+            num_cpus=int(node.cpus),
+            num_gpus=int(node.gpus),
             include_dashboard=False,
-            object_store_memory=512 * 1024 * 1024,
+            object_store_memory=resources.local_object_store_bytes(cfg),
             runtime_env=runtime_env,
             logging_level=logging.ERROR,
             log_to_driver=False,

@@ -16,17 +16,32 @@ log = logging.getLogger(__name__)
 ACTOR_PREFIX = "admflow-sample"
 
 
-def actor_options(cfg: AdmConfig, workers: int) -> dict[str, Any]:
-    """Resources per actor. CPUs are capped at an even share of the cluster so that the pool
-    (and anything else, e.g. Ray Data read tasks) can always be scheduled."""
+def actor_options(cfg: AdmConfig, workers: int, stage: str = "sample") -> dict[str, Any]:
+    """Resources per actor, as :mod:`tasks.resources` places ``workers`` actors of ``stage``
+    (``sample`` or ``upsample``): CPUs capped so the whole pool fits at once, GPUs shared."""
     import ray
 
-    total = ray.cluster_resources()
-    cpus = min(cfg.compute.cpus_per_worker, max(total.get("CPU", 1.0), 0.01) / workers)
-    opts: dict[str, Any] = {"num_cpus": round(cpus, 4), "max_restarts": 0}
-    if cfg.compute.use_gpu and total.get("GPU", 0) > 0:
-        opts["num_gpus"] = min(1.0, total["GPU"] / workers)
-    return opts
+    from tasks.resources import Cluster, actors
+
+    placed = actors(cfg, Cluster.from_ray(ray, cfg), stage, workers)
+    return {**placed.ray_options(), "max_restarts": 0}
+
+
+class _PlacedSampler:
+    """A sampling actor that also says where Ray placed it (node, GPU ids)."""
+
+    def __init__(self, *args: Any):
+        from tasks.sampling.worker import ShardSampler
+
+        self.sampler = ShardSampler(*args)
+
+    def info(self) -> dict[str, Any]:
+        from tasks.runtime.ray_session import placement
+
+        return {**self.sampler.info(), **placement()}
+
+    def sample(self, *args: Any) -> Any:
+        return self.sampler.sample(*args)
 
 
 class ActorPool:
@@ -42,10 +57,8 @@ class ActorPool:
     ):
         import ray
 
-        from tasks.sampling.worker import ShardSampler
-
         self.ray = ray
-        self.cls = ray.remote(ShardSampler)
+        self.cls = ray.remote(_PlacedSampler)
         self.options = options
         # Read once by the driver, shared with every (replacement) actor via the object store.
         self.refs = {k: ray.put(storage.read_bytes(v)) if v else None for k, v in weights.items()}

@@ -63,12 +63,13 @@ def run_job(cfg: AdmConfig, job: ShardJob, options: ExecutionOptions) -> dict[st
     if not todo:
         sample_io.write_manifest(job.out, manifest)
         return {**stats, "manifest": manifest, "sampling_seconds": 0.0}
-    ray = ensure_ray(cfg)
+    stage = "upsample" if spec.kind == "upsample" else "sample"
+    ray = ensure_ray(cfg, stage)
     workers = max(1, min(options.workers, len(todo)))
     pool = ActorPool(
         sampler_spec(spec, options),
         job.weights(),
-        actor_options(cfg, workers),
+        actor_options(cfg, workers, stage),
         workers,
         max_restarts=2 * workers + 2,
     )

@@ -9,6 +9,7 @@ precision/recall.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -66,10 +67,24 @@ def load_features(uri: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- extraction
 
 
-def _device(cfg: AdmConfig) -> str:
-    if cfg.compute.device == "auto":
+def resolve_device(requested: str) -> str:
+    """``compute.device`` where Inception runs: resolved in the process that runs it (an
+    actor on a GPU node, not a CPU-only driver), ``auto`` meaning CUDA where there is one."""
+    if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.compute.device
+    return requested
+
+
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    """TF32 off while features are extracted: the reference evaluator's Inception is fp32,
+    and cuDNN's TF32 convolutions (on by default) drift from it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _weights_source(path: str | None) -> str | bytes | None:
@@ -84,8 +99,15 @@ class FeatureWorker:
     def __init__(self, inception: str | None, batch_size: int, device: str, threads: int = 0):
         if threads:
             torch.set_num_threads(threads)
-        self.model = inc.load_inception(_weights_source(inception), device)
+        self.device = resolve_device(device)
+        self.model = inc.load_inception(_weights_source(inception), self.device)
         self.batch_size = batch_size
+
+    def info(self) -> dict[str, Any]:
+        """The device it runs on and, as a Ray actor, where Ray placed it."""
+        from tasks.runtime.ray_session import placement
+
+        return {"device": self.device, "threads": torch.get_num_threads(), **placement()}
 
     def run(
         self, index: int, unit: Unit, rows: np.ndarray | None = None
@@ -98,18 +120,13 @@ class FeatureWorker:
         if not len(images):
             return index, {}
         bs = self.batch_size
-        parts = [self.model.features(images[i : i + bs]) for i in range(0, len(images), bs)]
+        with _full_fp32():
+            parts = [self.model.features(images[i : i + bs]) for i in range(0, len(images), bs)]
         feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         feats["image_hw"] = np.asarray(images.shape[1:3])
         if labels is not None and len(labels) == len(images):
             feats["labels"] = labels  # for the class-accuracy judge (tasks.scoring.judge)
         return index, feats
-
-
-def _ensure_ray(cfg: AdmConfig) -> Any:
-    from tasks.runtime.ray_session import ensure_ray
-
-    return ensure_ray(cfg)
 
 
 def stream_features(
@@ -118,32 +135,35 @@ def stream_features(
     workers: int,
     inception: str | None,
     rows: list[np.ndarray] | None = None,
+    stage: str = "score",
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Features of each unit as ``(unit index, feats)``, in completion order (of ``rows[i]``
     of unit ``i`` only, when given). ``workers`` 0 runs in this process; otherwise one
-    Inception per Ray actor, fed unit by unit."""
-    args = (inception, cfg.evaluation.batch_size, _device(cfg), cfg.compute.torch_threads)
+    Inception per Ray actor of ``stage`` (``reference`` or ``score``), placed as
+    :mod:`tasks.resources` plans it, fed unit by unit."""
+    args = (inception, cfg.evaluation.batch_size, cfg.compute.device, cfg.compute.torch_threads)
     work = [(i, u, rows[i] if rows is not None else None) for i, u in enumerate(units)]
     if workers <= 0:
         worker = FeatureWorker(*args)
         for item in work:
             yield worker.run(*item)
         return
-    ray = _ensure_ray(cfg)
     from ray.util import ActorPool
 
+    from tasks.resources import Cluster, actors
+    from tasks.runtime.ray_session import ensure_ray
+
+    ray = ensure_ray(cfg, stage)
     n = max(1, min(workers, len(units)))
-    total_cpus = max(ray.cluster_resources().get("CPU", 1.0), 0.01)
-    opts: dict[str, Any] = {"num_cpus": round(min(cfg.compute.cpus_per_worker, total_cpus / n), 3)}
-    if cfg.compute.use_gpu:
-        opts["num_gpus"] = 1
-    actor_cls = ray.remote(**opts)(FeatureWorker)
-    actors = [actor_cls.remote(*args) for _ in range(n)]
+    placed = actors(cfg, Cluster.from_ray(ray, cfg), stage, n)
+    actor_cls = ray.remote(**placed.ray_options())(FeatureWorker)
+    pool_actors = [actor_cls.remote(*args) for _ in range(n)]
     try:
-        pool = ActorPool(actors)
+        log.info("%s: Inception actors %s", stage, ray.get([a.info.remote() for a in pool_actors]))
+        pool = ActorPool(pool_actors)
         yield from pool.map_unordered(lambda a, v: a.run.remote(*v), work)
     finally:
-        for a in actors:
+        for a in pool_actors:
             ray.kill(a)
 
 
@@ -187,9 +207,8 @@ def _gather_reference(
     )
     kept: dict[int, dict[str, np.ndarray]] = {}
     sizes = []
-    stream = stream_features(
-        cfg, info["units"], workers, inception, rows=kept_rows if only_kept else None
-    )
+    subset = kept_rows if only_kept else None
+    stream = stream_features(cfg, info["units"], workers, inception, subset, stage="reference")
     for index, feats in stream:
         if not feats:
             continue

@@ -33,6 +33,7 @@ from models.judge import (
     judge_accuracy,
     judge_predict,
 )
+from tasks.resources import JUDGE_BATCH
 from tasks.scoring.features import load_features
 from tasks.scoring.inputs import Unit, describe, read_unit, read_unit_labels
 
@@ -94,8 +95,13 @@ def build_judge(
         )
     train, held = holdout_split(len(images), 0.2, seed=0)
     num_classes = int(cfg.model.num_classes or labels.max() + 1)
-    model = fit_judge(
-        images[train], labels[train], num_classes, members=JUDGE_MEMBERS, seed=cfg.training.seed
+    model = fit_judge(  # in this process, as tasks.resources plans the judge stage
+        images[train],
+        labels[train],
+        num_classes,
+        members=JUDGE_MEMBERS,
+        batch_size=JUDGE_BATCH,
+        seed=cfg.training.seed,
     )
     summary = {
         "uri": uri,

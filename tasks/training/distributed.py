@@ -42,3 +42,15 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
     return torch.cat(parts)
+
+
+def training_device(requested: str) -> torch.device:
+    """The device of a Ray Train worker, from ``compute.device``: ``cpu`` keeps torch on the
+    CPU even where Ray gave the worker GPUs (logical GPUs on a host without CUDA, as the
+    placement tests reserve them); otherwise the GPU Ray gave it, or the CPU where there is
+    no CUDA (Ray would name a CUDA device for any GPU it hands out)."""
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()

@@ -1,7 +1,8 @@
 """Training on Ray Train: the diffusion model, the noisy classifier and the upsampler.
 
-One ``TorchTrainer`` per job: ``cfg.compute`` sets the workers (DDP over gloo on CPU, NCCL
-on GPU), the global batch is split across them. Each checkpoint is written once, to
+One ``TorchTrainer`` per job, placed as :mod:`tasks.resources` plans it: the workers, their
+CPUs and GPUs, and the process group (NCCL where torch runs on the GPUs Ray gives, gloo where
+it stays on the CPU); the global batch is split across them. Each checkpoint is written once, to
 ``<storage.root>/runs/<run_name>/checkpoints/step-NNNNNN``, and recorded by Ray Train (see
 tasks.training.checkpoint: uploaded in the background on object storage, the newest
 ``training.keep_checkpoints`` kept plus the scored ones). Calling a job again with the
@@ -160,11 +161,14 @@ def train(
 def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3, callbacks: Sequence[Callback] = ()):
     """One TorchTrainer.fit; resumes when ``<runs>/<run_name>`` already holds checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from tasks.resources import Cluster, resource_plan
     from tasks.runtime.ray_session import ensure_ray
 
-    ensure_ray(cfg)
+    stage = f"train-{spec.kind}"
+    ray = ensure_ray(cfg, stage)
+    placement = resource_plan(cfg, Cluster.from_ray(ray, cfg)).stage(stage)
     runs = storage.join(cfg.storage.root, "runs")
     storage.makedirs(runs)
     if storage.is_remote(runs):  # endpoint and credentials bound in (see storage)
@@ -180,10 +184,11 @@ def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3, callbacks: Sequen
             "callbacks": list(callbacks),
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.compute.num_workers,
-            use_gpu=cfg.compute.use_gpu,
-            resources_per_worker={"CPU": cfg.compute.cpus_per_worker},
+            num_workers=placement.workers,
+            use_gpu=placement.gpus > 0,
+            resources_per_worker=placement.resources_per_worker(),
         ),
+        torch_config=TorchConfig(backend=placement.backend),
         run_config=RunConfig(  # type: ignore[call-arg]  # train V2 RunConfig
             name=spec.run_name,
             storage_path=storage_path,

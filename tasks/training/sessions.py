@@ -19,6 +19,7 @@ import torch
 from admflow import storage
 from tasks.training import checkpoint as ckpt
 from tasks.training.callbacks import Callback
+from tasks.training.distributed import training_device
 from tasks.training.loop import LoopSpec, Trainer
 from tasks.training.progress import ProgressCallback
 from tasks.training.tracker import MLflowCallback
@@ -49,19 +50,18 @@ class LocalSession:
 
 
 class RaySession:
-    def __init__(self) -> None:
+    def __init__(self, device: str = "auto") -> None:
         import ray.train
-        import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = training_device(device)  # compute.device, decided in one place
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(model, move_to_device=self.device)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[str | None]:
@@ -133,6 +133,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(int(config.get("torch_threads", 1)))
     os.environ.setdefault("OMP_NUM_THREADS", str(config.get("torch_threads", 1)))
     spec = LoopSpec(**config["spec"])
-    session = RaySession()
+    session = RaySession(spec.config["compute"]["device"])
     callbacks = [*standard_callbacks(spec, session.rank), *config.get("callbacks", ())]
     Trainer(spec, session, callbacks).run()
