@@ -11,15 +11,19 @@ single PUT or a completed multipart upload), so readers never see a partial obje
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
 import fsspec
+
+from admflow.uris import mask_text
 
 _S3_ENV = "AWS_ENDPOINT_URL"
 
@@ -85,7 +89,46 @@ def _describe(uri: str, err: Exception) -> StorageError:
             f" (bucket {bucket!r} at endpoint {endpoint}: check that the bucket exists and that "
             f"{_S3_ENV} and the AWS credential variables are set)"
         )
-    return StorageError(f"storage error at {uri}: {type(err).__name__}: {err}{hint}")
+    return StorageError(mask_text(f"storage error at {uri}: {type(err).__name__}: {err}{hint}"))
+
+
+def nearest_existing(path: str) -> str:
+    """``path`` or its closest ancestor that exists (what a write there would create under)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_full(path: str, err: OSError, size: int | None = None) -> StorageError:
+    """The one-line error for a local write that failed for lack of space (naming the space
+    needed when known) or on a read-only file system."""
+    if err.errno == errno.EROFS:
+        return StorageError(
+            f"cannot write {path}: read-only file system; point storage.root (or the output "
+            "flag) at a writable directory"
+        )
+    existing = nearest_existing(os.path.dirname(path))
+    free = shutil.disk_usage(existing).free
+    need = f"{human_bytes(size)} needed, " if size is not None else ""
+    return StorageError(
+        f"no space left on the device writing {path} ({need}{human_bytes(free)} free in "
+        f"{existing}); free space there or point storage.root elsewhere"
+    )
 
 
 def exists(uri: str) -> bool:
@@ -140,8 +183,10 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
 
 
 @contextlib.contextmanager
-def open_atomic(uri: str) -> Iterator[IO[bytes]]:
-    """Write a file so that readers see either nothing or the whole object."""
+def open_atomic(uri: str, size: int | None = None) -> Iterator[IO[bytes]]:
+    """Write a file so that readers see either nothing or the whole object. A full disk or
+    a read-only store is a :class:`StorageError` naming the file (and ``size``, the bytes
+    needed, when the caller knows it)."""
     fs, path = filesystem(uri)
     if is_remote(uri):
         buf = io.BytesIO()
@@ -152,21 +197,25 @@ def open_atomic(uri: str) -> Iterator[IO[bytes]]:
             raise _describe(uri, e) from e
         return
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
+        os.makedirs(directory, exist_ok=True)
         with open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        raise disk_full(path, e, size) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    with open_atomic(uri) as f:
+    with open_atomic(uri, size=len(data)) as f:
         f.write(data)
 
 

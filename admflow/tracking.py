@@ -18,20 +18,29 @@ from pathlib import Path
 from typing import Any
 
 from admflow.config import AdmConfig
+from admflow.preflight import check_writable_dir
 from admflow.storage import is_remote, local_path
+from admflow.uris import (
+    basic_auth_header,
+    mask_text,
+    mask_uri,
+    shown_tracking_uri,
+    tracking_uri_without_credentials,
+)
 
 _HEALTH_TIMEOUT_S = 5.0
 _SECRET_WORDS = ("secret", "password", "token", "access_key", "credential")
 
 
 def resolve_tracking_uri(cfg: AdmConfig) -> str:
+    """The tracking URI, without credentials: ``user:password@`` moves into MLflow's
+    credential variables (admflow.uris), so the URI itself can be passed around and shown."""
     if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
+        return tracking_uri_without_credentials(cfg.tracking.tracking_uri)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return tracking_uri_without_credentials(env)
     base = Path(".admflow") if is_remote(cfg.storage.root) else Path(local_path(cfg.storage.root))
-    base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(base / 'mlflow.db').resolve()}"
 
 
@@ -39,13 +48,7 @@ class TrackingError(RuntimeError):
     """An MLflow tracking store that cannot be used; the message names it and the fix."""
 
 
-def shown_uri(uri: str) -> str:
-    """``uri`` without a password, for messages."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+shown_uri = shown_tracking_uri  # the one masking rule (admflow.uris), as callers know it
 
 
 def check_tracking(cfg: AdmConfig) -> str:
@@ -54,20 +57,21 @@ def check_tracking(cfg: AdmConfig) -> str:
     uri = resolve_tracking_uri(cfg)
     fix = "start it, or set tracking.tracking_uri / MLFLOW_TRACKING_URI to a running store"
     if uri.startswith(("http://", "https://")):
+        probe = urllib.request.Request(uri.rstrip("/") + "/health", headers=basic_auth_header())
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=_HEALTH_TIMEOUT_S):
+            with urllib.request.urlopen(probe, timeout=_HEALTH_TIMEOUT_S):
                 pass
         except urllib.error.HTTPError:
             pass  # it answered: reachable (e.g. a proxy without /health)
         except (OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
+            reason = mask_text(str(getattr(e, "reason", e)))
             raise TrackingError(
                 f"MLflow tracking store {shown_uri(uri)} is unreachable ({reason}); {fix}"
             ) from None
     elif uri.startswith("sqlite:///"):
         directory = os.path.dirname(uri[len("sqlite:///") :]) or "."
-        if not os.access(directory, os.W_OK):
-            raise TrackingError(f"MLflow tracking store {uri}: cannot write in {directory}; {fix}")
+        check_writable_dir(directory, f"MLflow tracking store {uri}", fix)
+        os.makedirs(directory, exist_ok=True)
     return uri
 
 
@@ -109,12 +113,29 @@ def setup_mlflow(cfg: AdmConfig) -> str:
             exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
             if exp is None:
                 raise
+    check_artifact_location(cfg, uri, exp)
     mlflow.set_experiment(experiment_id=exp.experiment_id)
     return exp.experiment_id
 
 
+def check_artifact_location(cfg: AdmConfig, tracking_uri: str, exp: Any) -> None:
+    """An existing experiment keeps the artifact location it was created with: one made
+    under another storage root (a typo'd bucket, say) would send every model there."""
+    expected = _artifact_location(cfg, tracking_uri)
+    found = (exp.artifact_location or "").rstrip("/")
+    if expected is None or found == expected.rstrip("/"):
+        return
+    raise TrackingError(
+        f"MLflow experiment {cfg.tracking.experiment!r} in {shown_uri(tracking_uri)} keeps its "
+        f"artifacts at {mask_uri(found)}, not under storage.root {mask_uri(cfg.storage.root)}; "
+        "use another experiment (--set tracking.experiment=NAME) or delete this one "
+        f"(mlflow experiments delete --experiment-id {exp.experiment_id}, then mlflow gc)"
+    )
+
+
 def flat_params(cfg: AdmConfig, sections: tuple[str, ...] | None = None) -> dict[str, str]:
-    """The resolved config as flat ``section.field`` params, without anything secret-looking."""
+    """The resolved config as flat ``section.field`` params, without anything secret-looking
+    and with every URI's credentials masked."""
     data = cfg.model_dump(mode="json")
     out: dict[str, str] = {}
 
@@ -123,7 +144,7 @@ def flat_params(cfg: AdmConfig, sections: tuple[str, ...] | None = None) -> dict
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
         elif not any(w in prefix.lower() for w in _SECRET_WORDS):
-            out[prefix] = str(node)[:500]
+            out[prefix] = mask_text(str(node))[:500]
 
     for key, value in data.items():
         if sections is None or key in sections:

@@ -42,6 +42,14 @@ def config_from_args(args: argparse.Namespace, flags: dict[str, str] | None = No
     return load_config(args.config, [*args.overrides, *extra])
 
 
+def check_resources(cfg: AdmConfig, stages: tuple[str, ...] | None = None) -> None:
+    """The run's resource plan checked before Prefect or Ray start (tasks.resources): a plan
+    the cluster cannot place, a missing GPU or a dead Ray address is one line now, not a wait."""
+    from tasks.resources import checked_plan
+
+    checked_plan(cfg, stages)
+
+
 def count(minimum: int):
     """An argparse type for flags that are not config fields: an integer >= ``minimum``."""
 
@@ -57,8 +65,25 @@ def count(minimum: int):
     return parse
 
 
+def check_outputs(cfg: AdmConfig, *uris: str | None) -> None:
+    """Before anything starts: every location the command writes (and the storage root, where
+    MLflow keeps artifacts and stages their caches) is usable; see admflow.preflight."""
+    from admflow.preflight import check_outputs as check
+
+    check(*uris, cfg.storage.root, create_bucket=cfg.storage.create_bucket)
+
+
 def local_abs(uri: str | None) -> str | None:
-    """A local path made absolute here, at the CLI: Ray workers run in other directories."""
+    """A local path made absolute here, at the CLI: Ray workers run in other directories.
+    A URI in a form admflow cannot use (``S3://``, ``s3:/``, ``s3a://``, ``gs://`` without
+    gcsfs) is a one-line error here, before anything starts."""
+    from admflow.storage import StorageError
+    from admflow.uris import UriError, check_uri_form
+
+    try:
+        check_uri_form(uri) if uri is not None else None
+    except UriError as e:
+        raise StorageError(str(e)) from None
     if uri is None or ("://" in uri and not uri.startswith("file://")):
         return uri
     return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))

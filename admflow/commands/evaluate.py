@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.commands.planning import RunInputs, add_plan_arg, preflight, show_plan
 from admflow.config import AdmConfig
 
 EXTRACTION_FLAGS = {"workers": "evaluation.workers", "inception": "evaluation.inception_weights"}
@@ -69,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("samples", metavar="SAMPLES", help="sample batch / sample set / feature file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--no-mlflow", action="store_true", help="do not log a run to MLflow")
+    add_plan_arg(p)
     add_extraction_args(p, run)
 
 
@@ -76,10 +78,19 @@ def run(args: argparse.Namespace) -> int:
     from tasks.scoring.evaluate import EVALUATION_ERRORS, evaluate_sets, format_metrics
 
     cfg = extraction_config(args)
+    ref, samples = local_abs(args.ref), local_abs(args.samples)
+    found = _described(samples)
+    inputs = RunInputs("evaluate", ("score",), reference=ref, scores=True, reference_label="REF")
+    inputs.reference_size = found.get("image_size")  # the samples' size: the reference's too
+    if args.plan:
+        from tasks.estimate import scoring_work
+
+        images = [found.get("num_images"), _described(ref).get("num_images")]
+        work = [scoring_work("score", sum(int(n) for n in images if n))]
+        return show_plan(cfg, inputs, work)
+    preflight(cfg, inputs)  # before Inception runs on either set
     try:
-        metrics = evaluate_sets(
-            cfg, local_abs(args.ref), local_abs(args.samples), log_mlflow=not args.no_mlflow
-        )
+        metrics = evaluate_sets(cfg, ref, samples, log_mlflow=not args.no_mlflow)
     except EVALUATION_ERRORS as e:
         print(f"admflow evaluate: {e}", file=sys.stderr)
         return 2
@@ -88,3 +99,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_metrics(metrics))
     return 0
+
+
+def _described(uri: str) -> dict:
+    """What ``uri`` holds (tasks.scoring.inputs.describe), as a one-line error if unreadable."""
+    from admflow.config import ConfigError
+    from tasks.scoring.inputs import EvaluationInputError, describe
+
+    try:
+        return describe(uri)
+    except EvaluationInputError as e:
+        raise ConfigError(str(e)) from None

@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import TYPE_CHECKING
+
+from admflow.commands.planning import RunInputs, add_plan_arg, preflight, show_plan
+from admflow.config import AdmConfig, load_config
+
+if TYPE_CHECKING:
+    from admflow.paper import PaperRow
 
 EPILOG = """\
 example:
@@ -57,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override one config field after the row's settings (repeatable)",
     )
+    add_plan_arg(run)
     run.set_defaults(func=_run)
 
 
@@ -84,17 +92,25 @@ def _run(args: argparse.Namespace) -> int:
     if args.num_samples is not None and args.num_samples <= 0:
         raise SystemExit("--num-samples: must be a positive number of images")
     registry = load_rows()
-    locate_files(registry, registry.row(args.row), args.checkpoints, args.reference)
+    row = registry.row(args.row)
+    files = locate_files(registry, row, args.checkpoints, args.reference)
+    cfg = load_config(row.preset, row.overrides(args.num_samples) + args.overrides)
+    inputs = paper_inputs(cfg, row, files)
+    if args.plan:
+        return show_plan(cfg, inputs, paper_work(cfg, row))
+    preflight(cfg, inputs)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's ephemeral API server needs longer than its 20 s default on a busy 2-core box.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from admflow.uris import scrub_overrides
     from flows.paper import paper
 
     result = paper(
         row=args.row,
         checkpoints=args.checkpoints,
         num_samples=args.num_samples,
-        overrides=[f"evaluation.reference={args.reference}", *args.overrides],
+        # Prefect records the parameters: no credentials in them (admflow.uris)
+        overrides=scrub_overrides([f"evaluation.reference={args.reference}", *args.overrides]),
     )
     print("\n" + result["table"])
     for uri in result["report_uris"]:
@@ -102,3 +118,21 @@ def _run(args: argparse.Namespace) -> int:
     print(f"samples:      {result['samples']}")
     print(f"MLflow run:   {result['mlflow_parent_run_id']}")
     return 0
+
+
+def paper_inputs(cfg: AdmConfig, row: PaperRow, files: dict[str, str]) -> RunInputs:
+    """A row's released networks, its reference batch at the final stage's size, Inception."""
+    stages = ("sample", "upsample", "score") if row.upsampler else ("sample", "score")
+    size = cfg.upsampler.unet.image_size if row.upsampler else cfg.model.image_size
+    nets = {kind: uri for kind, uri in files.items() if kind != "reference"}
+    return RunInputs("paper run", stages, nets, files["reference"], size, scores=True)
+
+
+def paper_work(cfg: AdmConfig, row: PaperRow) -> list:
+    from tasks.estimate import sampling_work, scoring_work
+
+    n = cfg.sampling.num_samples
+    work = [sampling_work(cfg, "sample", n, guided=row.classifier is not None)]
+    if row.upsampler:
+        work.append(sampling_work(cfg, "upsample", n, guided=False, section="upsampler"))
+    return work + [scoring_work("score", n)]

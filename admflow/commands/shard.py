@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.commands.common import add_config_args, check_outputs, config_from_args, local_abs
 from admflow.storage import StorageError
 
 SHARD_FLAGS = {
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     dest = local_abs(args.dest)
     if os.path.isfile(dest):
         raise StorageError(f"shard destination {dest} is a file; pass a directory")
+    check_outputs(cfg, dest)
     try:
         m = shard_dataset(cfg, src, dest, progress=args.progress)
     except ShardError as e:

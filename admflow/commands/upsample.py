@@ -6,6 +6,7 @@ import argparse
 import json
 
 from admflow.commands.common import add_config_args, config_from_args, local_abs
+from admflow.commands.planning import RunInputs, add_plan_arg, preflight, show_plan
 from admflow.commands.sample import SAMPLING_FLAGS, add_sampling_args, execution, nonfinite_as_exit
 
 EPILOG = """\
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", required=True, metavar="URI", help="output dir (local, file:// or s3://)"
     )
     add_sampling_args(p)
+    add_plan_arg(p)
     p.set_defaults(func=run)
 
 
@@ -48,6 +50,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, SAMPLING_FLAGS)
     base, ckpt, out = (local_abs(u) for u in (args.base, args.checkpoint, args.out))
+    inputs = RunInputs("upsample", ("upsample",), {"upsampler": ckpt}, outputs=(out,))
+    if args.plan:
+        from tasks.estimate import sampling_work
+
+        images = build_upsample_spec(cfg, base, ckpt).num_samples  # a complete base set
+        work = sampling_work(cfg, "upsample", images, guided=False, section="upsampler")
+        return show_plan(cfg, inputs, [work])
+    preflight(cfg, inputs)
     with nonfinite_as_exit():
         spec = build_upsample_spec(cfg, base, ckpt)
         result = upsample_set(cfg, spec, base, out, execution(args, cfg), merge=args.merge)

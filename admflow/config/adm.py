@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from admflow.config.base import ConfigError, Section
 from admflow.config.networks import ClassifierConfig, UNetConfig, UpsamplerConfig
@@ -26,7 +26,9 @@ class AdmConfig(Section):
     training: TrainingConfig = TrainingConfig()
     sampling: SamplingConfig = SamplingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
-    storage: StorageConfig = StorageConfig()
+    # built per config, not at import: its default reads $ADMFLOW_STORAGE_ROOT, whose bad forms
+    # are then a config error, not an import-time traceback
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = TrackingConfig()
     compute: ComputeConfig = ComputeConfig()
 

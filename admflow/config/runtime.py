@@ -25,6 +25,9 @@ class StorageConfig(Section):
     @field_validator("root")
     @classmethod
     def _absolute(cls, v: str) -> str:
+        from admflow.uris import check_uri_form
+
+        check_uri_form(v)  # S3://, s3:/, s3a://, gs:// without gcsfs: refused
         # Ray workers run in other directories: a relative local root must not depend on cwd.
         if "://" in v and not v.startswith("file://"):
             return v
@@ -35,6 +38,15 @@ class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="default: sqlite under storage-local dir")
     experiment: str = "admflow"
     register_models: bool = True
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials_kept(cls, v: str | None) -> str | None:
+        # user:password@ in the URI moves into MLflow's credential variables of this process,
+        # so the config (MLflow params, meta.json, Ray's train config) never holds it.
+        from admflow.uris import tracking_uri_without_credentials
+
+        return tracking_uri_without_credentials(v) if v else v
 
 
 class ComputeConfig(Section):

@@ -52,6 +52,8 @@ class SamplingConfig(Section):
     @field_validator("classifier_scales")
     @classmethod
     def _scales(cls, v: list[float]) -> list[float]:
+        if not v:  # every sampling stage draws one set per scale: none would mean no samples
+            raise ValueError("needs at least one scale, e.g. [0.0] for unguided sampling")
         for s in v:
             if s < 0:
                 raise ValueError(f"each scale must be >= 0 (0 = unguided), got {s}")

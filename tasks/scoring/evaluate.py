@@ -18,6 +18,7 @@ from models import metrics as M
 from tasks.scoring.features import features_for
 from tasks.scoring.inputs import EvaluationInputError
 from tasks.scoring.judge import class_accuracy
+from tasks.scoring.preflight import check_same_resolution
 
 log = logging.getLogger(__name__)
 EVALUATION_ERRORS = (EvaluationInputError, M.MetricError, inc.InceptionError)
@@ -116,6 +117,7 @@ def evaluate_sets(
         from admflow.tracking import check_tracking
 
         check_tracking(cfg)
+    check_same_resolution(ref, samples)  # from the headers, before Inception runs on either
     ref_feats, ref_fu = features_for(cfg, ref, workers, inception)
     smp_feats, smp_fu = features_for(cfg, samples, workers, inception)
     metrics: dict[str, Any] = compute_metrics(ref_feats, smp_feats, cfg.evaluation.fid_method)
