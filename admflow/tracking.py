@@ -24,6 +24,7 @@ from admflow.uris import (
     basic_auth_header,
     mask_text,
     mask_uri,
+    mask_values,
     shown_tracking_uri,
     tracking_uri_without_credentials,
 )
@@ -164,7 +165,7 @@ def stage_run(
     import mlflow
 
     experiment_id = setup_mlflow(cfg)
-    all_tags = {"admflow.stage": name, **(tags or {})}
+    all_tags = {"admflow.stage": name, **mask_values(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     client = mlflow.MlflowClient()

@@ -8,6 +8,7 @@ from typing import Any
 
 from admflow.config import AdmConfig
 from admflow.tracking import flat_params, setup_mlflow
+from admflow.uris import mask_text
 
 UPSTREAM = "admflow.upstream."
 
@@ -25,7 +26,7 @@ def start_parent_run(
         tags={
             "admflow.flow": flow_name,
             "admflow.preset": preset,
-            "admflow.overrides": " ".join(overrides or []) or "-",
+            "admflow.overrides": mask_text(" ".join(overrides or [])) or "-",
             "prefect.flow_run_id": str(flow_run_id),
         },
     )
@@ -46,7 +47,7 @@ def link(run_id: str | None, **upstream: Any) -> None:
     client = mlflow.MlflowClient()
     for key, value in upstream.items():
         if value is not None:
-            client.set_tag(run_id, UPSTREAM + key, str(value))
+            client.set_tag(run_id, UPSTREAM + key, mask_text(str(value)))
 
 
 def sample_tags(sset: dict, runs: dict[str, dict], data: dict) -> dict[str, str]:
@@ -68,7 +69,7 @@ def sample_tags(sset: dict, runs: dict[str, dict], data: dict) -> dict[str, str]
     )
     for _kind, run in runs.items():
         link(run.get("mlflow_run_id"), data_manifest=data["manifest_uri"])
-    return {k: v for k, v in tags.items() if v}
+    return {k: mask_text(v) for k, v in tags.items() if v}
 
 
 def register_models(cfg: AdmConfig, runs: dict[str, dict]) -> dict[str, str]:

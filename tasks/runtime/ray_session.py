@@ -59,9 +59,7 @@ def _init(ray: Any, cfg: AdmConfig) -> None:
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", _WORKER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     )
     env_vars = {k: os.environ.get(k, v) for k, v in _WORKER_ENV.items()}
-    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "ADMFLOW_STORAGE_ROOT"):
-        if os.environ.get(key):
-            env_vars[key] = os.environ[key]
+    env_vars.update(_store_locations(cfg))
     runtime_env = {"env_vars": env_vars}
     if cfg.compute.ray_address:
         ray.init(
@@ -80,6 +78,28 @@ def _init(ray: Any, cfg: AdmConfig) -> None:
             log_to_driver=False,
         )
         _end_with_driver(ray)
+
+
+def _store_locations(cfg: AdmConfig) -> dict[str, str]:
+    """Where the stores are, for the runtime env: never a credential, as Ray writes the
+    runtime env into its logs in plain text. A URI with ``user:password@`` is not forwarded:
+    the workers of a local session inherit it from this process's environment, a cluster's
+    nodes hold their own. MLflow's credentials move into MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD first (admflow.uris), which local workers inherit the same way
+    and which MLflow sends with the bare tracking URI the stages hand to the workers."""
+    from admflow.uris import has_userinfo, tracking_uri_without_credentials
+
+    out = {}
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "ADMFLOW_STORAGE_ROOT"):
+        value = os.environ.get(key)
+        if not value:
+            continue
+        if has_userinfo(value):
+            if key == "MLFLOW_TRACKING_URI" and not cfg.tracking.tracking_uri:
+                tracking_uri_without_credentials(value)
+            continue
+        out[key] = value
+    return out
 
 
 def _end_with_driver(ray: Any) -> None:

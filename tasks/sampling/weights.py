@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from admflow import storage
 from admflow.config import AdmConfig, config_from_dict
 from models.ema import ema_horizon, ema_is_warm
-from tasks.training.checkpoint import ema_filename, ema_rate_of
+from tasks.training.checkpoint import checked_meta, ema_filename, ema_rate_of
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def _read_meta(uri: str) -> tuple[AdmConfig | None, int | None]:
             f"checkpoint metadata {uri} is not valid JSON ({e}); copy the checkpoint again or "
             "pass its .pt file with a matching --config"
         ) from None
+    meta = checked_meta(uri, meta)
     raw = meta.get("config")
     if isinstance(raw, str):
         raw = json.loads(raw)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from admflow import storage
+from admflow.uris import mask_values
 
 META = "meta.json"
 MODEL = "model.pt"
@@ -112,7 +113,8 @@ def write_checkpoint(
     for rate, sd in emas.items():
         storage.write_bytes(storage.join(uri, ema_filename(rate)), _tensor_bytes(sd))
     storage.write_bytes(storage.join(uri, STATE), _tensor_bytes(state))
-    storage.write_json(storage.join(uri, META), meta)
+    # The config's URIs without credentials (admflow.uris): meta.json travels with the weights.
+    storage.write_json(storage.join(uri, META), mask_values(meta))
     return uri
 
 
@@ -174,7 +176,24 @@ def load_tensors(uri: str) -> Any:
 
 
 def read_meta(checkpoint_uri: str) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(storage.join(checkpoint_uri, META)))
+    uri = storage.join(checkpoint_uri, META)
+    return checked_meta(uri, json.loads(storage.read_bytes(uri)), need_step=True)
+
+
+def checked_meta(uri: str, meta: Any, need_step: bool = False) -> dict[str, Any]:
+    """``meta`` as read from ``uri``, once it is what a checkpoint's meta.json holds: a JSON
+    object whose step, where there is one (or ``need_step``), is an integer. Anything else
+    (a list, a string) is a one-line StorageError, not an AttributeError later."""
+    step = meta.get("step") if isinstance(meta, dict) else None
+    step_ok = isinstance(step, int) and not isinstance(step, bool)
+    if not isinstance(meta, dict) or not (step_ok or (step is None and not need_step)):
+        found = f"step {step!r}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+        raise storage.StorageError(
+            f"checkpoint metadata {uri} is not a checkpoint's meta.json (a JSON object with "
+            f"an integer step; found {found}); copy the checkpoint again or pass its .pt file "
+            "with a matching --config"
+        )
+    return meta
 
 
 def list_checkpoints(uri: str) -> list[dict[str, Any]]:
