@@ -62,15 +62,22 @@ def guided_diffusion_like(net: nn.Module, fp16: bool) -> nn.Module:
 
 
 def run_as_guided_diffusion(
-    sampler: Any, net: nn.Module, classifier: nn.Module | None, fp16: bool
+    sampler: Any,
+    net: nn.Module,
+    classifier: nn.Module | None,
+    fp16: bool,
+    classifier_fp16: bool | None = None,
 ) -> Any:
     """A :class:`~tasks.sampling.worker.ShardSampler` whose diffusion network (and classifier,
-    when it guides) run as guided-diffusion runs them; its sampling code stays the actors'."""
+    when it guides) run as guided-diffusion runs them; its sampling code stays the actors'.
+    ``classifier_fp16`` is guided-diffusion's ``--classifier_use_fp16`` (default: ``fp16``);
+    its sampling commands leave it False."""
     from models.guidance import cond_fn_from_classifier
 
     sampler.model = guided_diffusion_like(net, fp16).to(sampler.device)
     if classifier is not None and sampler.cond_fn is not None:
-        sampler.classifier = guided_diffusion_like(classifier, fp16).to(sampler.device)
+        half = fp16 if classifier_fp16 is None else classifier_fp16
+        sampler.classifier = guided_diffusion_like(classifier, half).to(sampler.device)
         sampler.cond_fn = cond_fn_from_classifier(sampler.classifier, sampler.spec.classifier_scale)
     return sampler
 
