@@ -1,6 +1,7 @@
 """benchmarks/gpu.py: its --cpu-smoke run (what CI runs) goes through the same functions as the
-GPU run and prints the same JSON keys; its guided-diffusion-like reference computes what our
-network computes (only the way differs)."""
+GPU run and prints the same JSON keys; each phase starts from a fresh process's TF32/cuDNN
+switches and gives the previous ones back, with its own peak memory; its guided-diffusion-like
+reference computes what our network computes (only the way differs)."""
 
 from __future__ import annotations
 
@@ -9,51 +10,192 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from admflow.config import load_config
 from benchmarks.gd_baseline import EinsumAttention, guided_diffusion_like
+from benchmarks.gpu import Run, backend_flags, set_backend_flags
+from benchmarks.released import reset_peak_rss
 from models.build import build_classifier, build_unet
-from models.fast import FP32_ATOL
+from models.fast import FP32_ATOL, InferencePlan, apply_plan
 from tests.test_unet import randomize
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu.py"
+KEYS = {
+    "mode",
+    "device",
+    "torch",
+    "cuda",
+    "cudnn",
+    "memory",
+    "backend_flags",
+    "errors",
+    "sampler_vs_guided_diffusion",
+    "guided_256",
+    "training",
+    "inception",
+    "seconds",
+    "loadavg",
+}
+PHASES = {"sampling", "guided", "training.imagenet256", "inception"}
 
 
-@pytest.mark.timeout(600)
+@pytest.fixture
+def restore_switches():
+    saved = backend_flags()
+    yield
+    set_backend_flags(saved)
+
+
+def check_sampling(report: dict) -> None:
+    a = report["sampler_vs_guided_diffusion"]
+    assert a["plan"]["precision"] == "fp32" and a["baseline_precision"] == "fp32"  # CPU plan
+    assert a["tf32"] == {"production": False, "guided_diffusion": False, "reference": False}
+    assert len(a["seconds"]["production"]) == len(a["seconds"]["guided_diffusion"]) == 1
+    assert a["images_per_s"]["production"] > 0 and a["images_per_s"]["guided_diffusion"] > 0
+    assert a["speedup"] == pytest.approx(
+        min(a["seconds"]["guided_diffusion"]) / min(a["seconds"]["production"])
+    )
+    assert a["goal"] == 3.0
+    assert a["output_vs_fp32"]["production"]["max_abs"] < FP32_ATOL
+    assert a["output_vs_fp32"]["guided_diffusion"]["max_abs"] < FP32_ATOL
+    assert a["images_max_abs_uint8"] <= 2  # fp32 both ways: rounding at most
+    b = report["guided_256"]
+    assert b["batch"] == 2 and b["steps"] == 2 and b["classifier_precision"] == "fp32"
+    hours = b["s_per_image_nfe"] * 50_000 * 250 / 3600
+    assert b["s_per_image_nfe"] > 0 and b["gpu_hours_50k"] == pytest.approx(hours)
+    assert b["images_per_s"] == pytest.approx(1 / (b["s_per_image_nfe"] * 250))
+    assert b["ldm_reference"]["images_per_s"] == 0.07 and b["ldm_reference"]["days_50k"] == 8.3
+
+
+def check_training(report: dict) -> None:
+    assert set(report["training"]) == {"imagenet256"}
+    t = report["training"]["imagenet256"]
+    assert t["path"] == "ray-train" and t["workers"] == 1 and t["per_gpu_batch"] == 2
+    assert t["steps"] == t["warmup"] + 2 and t["steps_timed"] == 1 and t["images_per_s"] > 0
+    w = t["worker"]  # seen from inside the Ray Train worker
+    assert w["backend"] == "gloo" and w["world_size"] == 1
+    assert w["device"] == "cpu" and w["ema_device"] == w["device"]
+    assert w["precision"] == t["precision"] == "bf16" and w["microbatch"] == 2
+    assert w["peak_gpu_gib"] is None and w["peak_rss_gib"] > 0
+
+
+def check_memory(report: dict) -> None:
+    assert set(report["memory"]) == PHASES
+    for name, mem in report["memory"].items():
+        assert mem["peak_gpu_gib"] is None, name
+        assert any("CUDA" in note for note in mem["notes"]), name  # why it is null
+        assert mem["peak_rss_gib"] > 0, name
+        if mem["estimate_gib"] is None:
+            assert mem["notes"], name
+        else:
+            assert mem["estimate_gib"] > 0 and mem["estimate"]["stage"] in {
+                "sample",
+                "train-diffusion",
+            }
+    assert report["memory"]["inception"]["estimate_gib"] is None  # no Inception stage
+    assert (
+        report["memory"]["training.imagenet256"]["peak_rss_gib"]
+        == (report["training"]["imagenet256"]["worker"]["peak_rss_gib"])
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(900)
 def test_cpu_smoke_prints_the_report():
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--cpu-smoke"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         cwd=REPO,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
-    assert report["mode"] == "cpu-smoke" and report["errors"] == {}
-    a = report["sampler_vs_guided_diffusion"]
-    assert a["plan"]["precision"] == "fp32" and a["baseline_precision"] == "fp32"  # CPU plan
-    assert a["images_per_s"]["production"] > 0 and a["images_per_s"]["guided_diffusion"] > 0
-    assert a["speedup"] > 0 and a["goal"] == 3.0
-    assert a["output_vs_fp32"]["production"]["max_abs"] < FP32_ATOL
-    assert a["output_vs_fp32"]["guided_diffusion"]["max_abs"] < FP32_ATOL
-    assert a["images_max_abs_uint8"] <= 2  # fp32 both ways: rounding at most
-    b = report["guided_256"]
-    hours = b["s_per_image_nfe"] * 50_000 * 250 / 3600
-    assert b["s_per_image_nfe"] > 0 and b["gpu_hours_50k"] == pytest.approx(hours)
-    assert b["images_per_s"] == pytest.approx(1 / (b["s_per_image_nfe"] * 250))
-    assert set(report["training"]) == {"imagenet64", "imagenet256"}
-    for entry in report["training"].values():
-        assert entry["images_per_s"] > 0 and entry["precision"] == "bf16"
-        assert entry["path"] == "local-session"
-    assert "images_per_s" in report["inception"] or "skipped" in report["inception"]
-    phases = {"sampling", "guided", "inception"}
-    phases |= {f"training_local.{p}" for p in ("imagenet64", "imagenet256")}
-    assert set(report["peak_memory_gib"]) == phases
-    assert all(v > 0 for v in report["peak_memory_gib"].values())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # stdout holds the JSON alone
+    assert set(report) == KEYS
+    assert report["mode"] == "cpu-smoke" and report["device"] == "cpu"
+    assert report["errors"] == {} and report["torch"] == torch.__version__
+    check_sampling(report)
+    check_training(report)
+    inc = report["inception"]
+    if "skipped" not in inc:
+        assert inc["images_per_s"] > 0 and inc["images"] == 8
+        assert inc["features"]["pool"] == [8, 2048]
+        assert inc["tf32"] == {"matmul": False, "cudnn": False}  # the evaluator's fp32
+    check_memory(report)
+    flags = report["backend_flags"]
+    assert set(flags) == PHASES
+    fresh = flags["sampling"]["entry"]
+    for name in PHASES - {"inception"}:
+        assert flags[name]["entry"] == fresh, name
+    assert flags["inception"]["entry"]["cudnn_allow_tf32"] is False  # stated by the phase
+
+
+def tiny_plan_leak() -> None:
+    """What a production sampler does to the process: apply_plan switches TF32 on for it."""
+    plan = InferencePlan(torch.device("cpu"), "fp32", False, False, tf32=True)
+    apply_plan(plan, torch.nn.Linear(2, 2))
+
+
+def test_phase_gives_the_switches_back_and_starts_the_next_fresh(restore_switches):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    run = Run(smoke=True, repeats=1)
+    fresh = backend_flags()
+    torch.backends.cudnn.benchmark = True  # the caller's own setting, between phases
+    before = backend_flags()
+    with run.phase("first"):
+        assert backend_flags() == fresh  # the caller's cudnn.benchmark is not inherited
+        tiny_plan_leak()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert backend_flags() == before  # TF32 switched off again, benchmark back on
+    with run.phase("second"):
+        assert backend_flags() == fresh  # the first phase's TF32 did not leak into it
+    flags = run.report["backend_flags"]
+    assert flags["first"]["entry"] == fresh == flags["second"]["entry"]
+    assert flags["first"]["exit"]["matmul_allow_tf32"] is True  # what it had switched on
+    assert flags["first"]["exit"]["float32_matmul_precision"] == "high"
+    assert flags["second"]["exit"] == fresh
+
+
+def test_a_phase_that_states_tf32_off_runs_with_it_off_and_restores(restore_switches):
+    torch.backends.cudnn.allow_tf32 = True  # torch's default, as a fresh process has it
+    run = Run(smoke=True, repeats=1)
+    tiny_plan_leak()  # switched on before the phase, as a sampling phase leaves it
+    with run.phase("inception", tf32_on=False):
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_a_failing_phase_still_restores_the_switches(restore_switches):
+    run = Run(smoke=True, repeats=1)
+    before = backend_flags()
+    with pytest.raises(RuntimeError, match="boom"), run.phase("broken"):
+        tiny_plan_leak()
+        raise RuntimeError("boom")
+    assert backend_flags() == before
+    assert run.report["memory"]["broken"]["peak_rss_gib"] > 0
+
+
+def test_peak_memory_is_reset_between_phases():
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    run = Run(smoke=True, repeats=1)
+    with run.phase("big"):
+        block = np.ones(96 * 2**20, dtype=np.float32)  # 384 MiB, every page touched
+        del block
+    with run.phase("small"):
+        np.ones(2**20, dtype=np.float32).sum()
+    big, small = run.report["memory"]["big"], run.report["memory"]["small"]
+    assert big["peak_rss_gib"] - small["peak_rss_gib"] > 0.3  # the 384 MiB are not carried
+    assert big["peak_gpu_gib"] is None and small["peak_gpu_gib"] is None  # no CUDA here
+    assert any("CUDA" in n for n in small["notes"])
 
 
 @pytest.mark.parametrize("new_order", [False, True])
