@@ -8,9 +8,8 @@ several share one GPU) and the batch each one takes. The stages take their reque
 :meth:`ResourcePlan.check` turns a plan Ray could never place into a one-line error naming
 the field to change, so nothing waits forever for resources that do not exist.
 
-Ray counts GPUs as logical resources: a node started with ``num_gpus=N`` offers N whether or
-not CUDA is there, so ``compute.local_gpus`` with ``compute.device: cpu`` places every stage as
-on a GPU node while torch stays on the CPU.
+Ray's GPUs are logical: a node started with ``num_gpus=N`` offers N, CUDA or not, so
+``compute.local_gpus`` with ``compute.device: cpu`` places stages as on GPUs, torch on the CPU.
 """
 
 from __future__ import annotations
@@ -176,7 +175,7 @@ def _num(x: float) -> str:
 JUDGE_BATCH = 64  # the judge trains in the driver's process (tasks.scoring.judge)
 
 
-def _whole(gpus: float) -> int:
+def _whole(gpus: float) -> int:  # whole GPUs
     return math.floor(gpus + 1e-9)
 
 
@@ -320,7 +319,8 @@ class ResourcePlan:
         """Raise :class:`PlacementError` (one line, naming the field to change) when the
         device asked for is missing or one of ``stages`` (default: all) cannot be placed."""
         self._check_devices()
-        for p in self.stages:
+        # scoring before the reference: it asks for twice the actors, under its own field
+        for p in sorted(self.stages, key=lambda p: p.stage == "reference"):
             if stages is None or p.stage in stages:
                 self._check_stage(p)
 
@@ -353,11 +353,13 @@ class ResourcePlan:
             self._check_training(p, whole)
         if p.gpus > 0 and capacity(c.nodes, 0.0, p.gpus) < p.workers:
             share = 1.0 / math.ceil(p.workers / max(whole, 1))
-            fits = capacity(c.nodes, 0.0, p.gpus)
+            fits = max(capacity(c.nodes, 0.0, p.gpus), 1)
+            ref = p.stage == "reference"  # its actors are half of evaluation.workers
+            what = f"the reference's {p.workers} actors" if ref else f"{p.field}={p.workers}"
             raise PlacementError(
-                f"{p.field}={p.workers} asks for {_num(p.workers * p.gpus)} GPUs "
+                f"{what} ask{'' if ref else 's'} for {_num(p.workers * p.gpus)} GPUs "
                 f"(compute.gpus_per_actor={_num(p.gpus)}), {self._where()} has {_num(c.gpus)}: "
-                f"set {p.field}={max(fits, 1)} (or compute.gpus_per_actor={share:.4g})"
+                f"set {p.field}={2 * fits if ref else fits} (or compute.gpus_per_actor={share:.4g})"
             )
         raise PlacementError(
             f"{p.stage}: {p.workers} actors of {_num(p.cpus)} CPUs do not fit {self._where()} "

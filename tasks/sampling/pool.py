@@ -69,6 +69,7 @@ class ActorPool:
         self.actors = [self._new(slot) for slot in range(workers)]
         # Fail fast (and clearly) on a checkpoint that does not fit, before any shard runs.
         self.info = ray.get([a.info.remote() for a in self.actors])
+        log.info("sampling actors %s", self.info)  # device, node and GPU ids of each
 
     def _new(self, slot: int) -> Any:
         name = f"{ACTOR_PREFIX}-{self.token}-{slot}-{self.restarts}"
