@@ -43,11 +43,15 @@ class StageWork:
             what += " (guided: + a classifier gradient each)"
         hours = self.device_hours(device, table)
         if hours is None:
-            why = f"no {device} figure for {self.network}" if self.network else "no cost figure"
-            return f"{self.stage:18s} {what}; time: n/a ({why} in admflow/costs.yaml)"
+            why = (
+                f"{self.network} has no {device} figure in admflow/costs.yaml yet"
+                if self.network
+                else "admflow/costs.yaml holds the released sampling networks only"
+            )
+            return f"{self.stage:22s} {what}; time: n/a ({why})"
         wall = hours / max(devices, 1e-9)
         return (
-            f"{self.stage:18s} {what}; {hours:,.2f} {device}-hours, "
+            f"{self.stage:22s} {what}; {hours:,.2f} {device}-hours, "
             f"~{_duration(wall * 3600)} wall over {devices:g} {device} workers"
         )
 
@@ -122,3 +126,23 @@ def training_work(cfg: AdmConfig, kind: str) -> StageWork:
 def scoring_work(stage: str, images: int) -> StageWork:
     """Images through Inception once each."""
     return StageWork(stage, images, 1)
+
+
+def reproduce_work(cfg: AdmConfig) -> list[StageWork]:
+    """Every stage of the reproduce flow's plan (:func:`tasks.plan.plan_reproduce`): the
+    trainings, then each guidance scale's base set, its upsampled set, and the scoring."""
+    from tasks.plan import plan_reproduce
+
+    plan = plan_reproduce(cfg)
+    work = [training_work(cfg, kind) for kind in plan.trainings]
+    n = cfg.sampling.num_samples
+    work.append(scoring_work("reference", cfg.evaluation.reference_images))
+    scored = 0
+    for s in plan.sets:
+        work.append(sampling_work(cfg, f"sample (scale {s.scale:g})", n, s.guided))
+        scored += n * (1 + int(s.upsample) + int(s.bilinear))
+        if s.upsample:
+            up = sampling_work(cfg, f"upsample (scale {s.scale:g})", n, False, "upsampler")
+            work.append(up)
+    work.append(scoring_work("score", scored))
+    return work

@@ -6,7 +6,8 @@ import argparse
 import os
 
 from admflow.commands.common import add_config_args
-from admflow.config import load_config
+from admflow.commands.planning import RunInputs, add_plan_arg, preflight, show_plan
+from admflow.config import AdmConfig, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,13 +24,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_config_args(p)
+    add_plan_arg(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tasks.scoring.inputs import check_reference
+def reproduce_inputs(cfg: AdmConfig) -> RunInputs:
+    """What the reproduce flow reads: the storage root, a given reference, Inception."""
+    from tasks.resources import STAGES
 
-    check_reference(load_config(args.config, args.overrides).evaluation.reference)
+    ref = cfg.evaluation.reference
+    return RunInputs("reproduce", STAGES, reference=ref, reference_size=cfg.model.image_size,
+                     scores=True)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        from tasks.estimate import reproduce_work
+
+        cfg = load_config(args.config, args.overrides)
+        cfg.check_pipeline()
+        return show_plan(cfg, reproduce_inputs(cfg), reproduce_work(cfg))
     result = run_reproduce(args.config, args.overrides)
     print_summary(result)
     return 0
@@ -39,11 +53,15 @@ def run_reproduce(preset: str, overrides: list[str]) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's ephemeral API server needs longer than its 20 s default on a busy 2-core box.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from admflow.config import load_config
+    from admflow.uris import scrub_overrides
     from flows.reproduce import reproduce
 
-    load_config(preset, overrides).check_pipeline()  # before Prefect and Ray start
-    return reproduce(preset=preset, overrides=overrides)
+    cfg = load_config(preset, overrides)
+    cfg.check_pipeline()  # before Prefect and Ray start
+    # storage, reference, Inception (the bundled weights come with the `fid` extra), placement
+    preflight(cfg, reproduce_inputs(cfg))
+    # Prefect records the parameters: credentials in a URI move out of them (admflow.uris).
+    return reproduce(preset=preset, overrides=scrub_overrides(overrides))
 
 
 def print_summary(result: dict) -> None:

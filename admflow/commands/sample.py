@@ -9,7 +9,9 @@ import sys
 from typing import TYPE_CHECKING
 
 from admflow.commands.common import add_config_args, config_from_args, count, local_abs
+from admflow.commands.planning import RunInputs, add_plan_arg, preflight, show_plan
 from admflow.config import AdmConfig, ConfigError
+from admflow.preflight import check_room_for_samples
 
 if TYPE_CHECKING:
     from tasks.sampling.spec import ExecutionOptions
@@ -120,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="classifier-free weight w: (1+w)·eps(x,y) - w·eps(x,null) (with --guidance free)",
     )
     add_sampling_args(p)
+    add_plan_arg(p)
     p.set_defaults(func=run)
 
 
@@ -187,10 +190,19 @@ def run(args: argparse.Namespace) -> int:
     scales = cfg.sampling.classifier_scales
     # An explicit scale is used as given; whether it means guidance is cfg.sampling.guided's.
     scale = scales[0] if given else default_scale(scales, args.classifier is not None)
-    cfg.sampling.guided(scale, args.classifier is not None)  # fail here, before any start-up
+    guided = cfg.sampling.guided(scale, args.classifier is not None)  # may fail: before start-up
     checkpoint, classifier = local_abs(args.checkpoint), local_abs(args.classifier)
+    nets = {"diffusion": checkpoint} | ({"classifier": classifier} if classifier else {})
+    inputs = RunInputs("sample", ("sample",), nets, outputs=(local_abs(args.out),))
+    if args.plan:
+        from tasks.estimate import sampling_work
+
+        work = sampling_work(cfg, "sample", cfg.sampling.num_samples, guided=guided)
+        return show_plan(cfg, inputs, [work])
+    preflight(cfg, inputs)
     with nonfinite_as_exit():
         spec = build_spec(cfg, checkpoint, classifier=classifier, scale=scale)
+        check_room_for_samples(local_abs(args.out), spec.num_samples, spec.image_size, args.merge)
         result = sample_set(cfg, spec, local_abs(args.out), execution(args, cfg), merge=args.merge)
     print(json.dumps(result, indent=2, default=str))
     return 0 if result["complete"] or args.max_shards else 1
