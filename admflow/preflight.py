@@ -65,3 +65,12 @@ def check_outputs(*uris: str | None, create_bucket: bool = False, need: int = 0)
             check_writable_dir(path, f"output {mask_uri(uri)}")
             if need:
                 check_free_space(path, need, f"output {uri}")
+
+
+def check_room_for_samples(out: str, num_samples: int, image_size: int, merge: bool) -> None:
+    """A local sample set's images fit where they go (uint8 shards, and the merged .npz
+    again with ``merge``): a full disk is one line before the first shard, not after it."""
+    if storage.is_remote(out):
+        return
+    need = num_samples * image_size * image_size * 3 * (2 if merge else 1)
+    check_free_space(storage.local_path(out) or out, need, f"sample set {out}")

@@ -111,3 +111,141 @@ def test_planted_secret_is_nowhere(s3_server, tmp_path, ray_tmp):
     objects = fs.find(bucket)
     assert any("mlflow-artifacts" in o for o in objects)
     assert [o for o in objects if SECRET.encode() in fs.cat_file(o)] == []
+
+
+# ------------------------------------------------- a password inside the tracking URI
+
+PASSWORD = "PLANTEDpassw0rd9a8b7c"
+TINY = [
+    "data.image_size=16", "data.demo_images_per_class=2", "data.shard_rows=10",
+    "model.image_size=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[8]",
+    "training.steps=2", "training.batch_size=4", "training.checkpoint_every=2",
+    "training.log_every=1", "compute.num_workers=1",
+    "sampling.num_samples=4", "sampling.batch_size=4", "sampling.shard_size=4",
+    "sampling.timestep_respacing=ddim2", "sampling.workers=1",
+]  # fmt: skip
+
+
+class _BasicAuthProxy:
+    """A tracking server behind basic auth, as a real deployment puts it: every request must
+    carry ``alice:PASSWORD``; the rest is forwarded to a plain ``mlflow server``. Counts the
+    requests it answered and refused."""
+
+    def __init__(self, upstream_port: int):
+        import base64
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        expected = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+        counts = self.counts = {"ok": 0, "refused": 0}
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self):
+                if self.headers.get("Authorization") != expected:
+                    counts["refused"] += 1
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                counts["ok"] += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def tracking_behind_auth(tmp_path):
+    from tests.conftest import free_port, stop_process, wait_for_port
+
+    store = tmp_path / "mlflow-server"
+    store.mkdir()
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=store,
+    )  # fmt: skip
+    proxy = None
+    try:
+        wait_for_port(port, server, timeout=180)
+        proxy = _BasicAuthProxy(port)
+        yield proxy, store
+    finally:
+        if proxy:
+            proxy.close()
+        stop_process(server)
+
+
+def test_planted_tracking_password_is_nowhere(tmp_path, ray_tmp, tracking_behind_auth):
+    """shard, train and sample against a tracking server behind basic auth, its password in
+    MLFLOW_TRACKING_URI (shard, train) and in a --set (train, sample): every request
+    authenticates (the Ray workers' too), and the password is in no file of the store, of
+    Ray's session, of the MLflow server's store, nor in anything printed."""
+    proxy, server_store = tracking_behind_auth
+    uri = f"http://alice:{PASSWORD}@127.0.0.1:{proxy.port}"
+    root = tmp_path / "store"
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "MLFLOW_TRACKING_URI": uri}
+    env.pop("RAY_ADDRESS", None)
+    admflow = str(Path(sys.executable).parent / "admflow")
+    common = ["--config", "tiny", "--set", f"storage.root={root}"]
+    for key in TINY:
+        common += ["--set", key]
+    commands = [
+        [admflow, "shard", "demo", str(root / "data"), *common],
+        [admflow, "train", "diffusion", "--data", str(root / "data"), "--run-name", "pw",
+         *common, "--set", f"tracking.tracking_uri={uri}"],
+        [admflow, "sample", "--checkpoint", str(root / "runs" / "pw" / "checkpoints" /
+         "step-000002"), "--out", str(root / "samples"), "--no-progress", *common,
+         "--set", f"tracking.tracking_uri={uri}"],
+    ]  # fmt: skip
+    printed = b""
+    for i, argv in enumerate(commands):
+        run_env = env if i < 2 else {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+        proc = subprocess.run(argv, cwd=work, env=run_env, capture_output=True, timeout=600)
+        printed += proc.stdout + proc.stderr
+        assert proc.returncode == 0, (argv[1], (proc.stdout + proc.stderr)[-3000:])
+    secret = PASSWORD.encode()
+    assert secret not in printed
+    assert proxy.counts["refused"] == 0 and proxy.counts["ok"] > 10, proxy.counts
+    assert list(ray_tmp.rglob("runtime_env*.log"))
+    assert _hits(ray_tmp, secret) == []
+    assert _hits(root, secret) == []
+    assert _hits(work, secret) == []
+    assert _hits(server_store, secret) == []
+    # the runs did log there: params, a checkpoint tag written by the Ray worker
+    import sqlite3
+
+    with sqlite3.connect(server_store / "mlflow.db") as db:
+        tags = {k for (k,) in db.execute("select key from tags")}
+        params = dict(db.execute("select key, value from params"))
+    assert "checkpoint.latest" in tags
+    assert params.get("tracking.tracking_uri") == f"http://127.0.0.1:{proxy.port}"

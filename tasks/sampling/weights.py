@@ -38,11 +38,21 @@ def check_weights_file(uri: str) -> str:
     with storage.open_read(uri) as f:
         head = f.read(2)
         f.seek(0)
-        if head == b"\x80\x02" or zipfile.is_zipfile(f):
+        if head == b"\x80\x02" or _is_torch_zip(f):
             return uri
     raise storage.StorageError(
-        f"checkpoint {uri} is not a torch checkpoint (corrupt or truncated); copy it again"
+        f"checkpoint {uri} is not a torch checkpoint (corrupt, truncated or another format "
+        "such as .npz); copy it again or pass the .pt file"
     )
+
+
+def _is_torch_zip(f) -> bool:
+    """A complete zip archive in torch's layout (``<name>/data.pkl``): an .npz is a zip too."""
+    if not zipfile.is_zipfile(f):
+        return False
+    f.seek(0)
+    with zipfile.ZipFile(f) as z:
+        return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
 
 
 def _read_meta(uri: str) -> tuple[AdmConfig | None, int | None]:
