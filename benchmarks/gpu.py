@@ -383,8 +383,8 @@ def guided_256(run: Run, batch: int, steps: int, mem: dict) -> dict[str, Any]:
 
 class WorkerProbe(Callback):
     """Reads (never changes) the Trainer inside the Ray Train worker: the start time of each
-    step (device synchronised, so a step's time is its work), and at the last step what the
-    worker ran on; written as JSON next to the driver, which reads it after the fit.
+    step (device synchronised, so the time from one start to the next is a step's work), and
+    at the last step what the worker ran on; written as JSON next to the driver, which reads it after the fit.
 
     Pickled by value into the worker, so its methods import what they use themselves (a
     module global such as ``torch.backends.cudnn`` would be pickled with them)."""
@@ -398,7 +398,6 @@ class WorkerProbe(Callback):
 
     def on_log(self, trainer: Any, metrics: dict[str, Any]) -> None:
         if trainer.step >= self.last_step:
-            self.starts.append(self._now(trainer.device))  # the end of the last step
             Path(self.out_path).write_text(json.dumps(self._found(trainer)))
 
     @staticmethod
@@ -473,8 +472,12 @@ def ray_training(run: Run, preset: str, tmp: str, steps: int, mem: dict) -> dict
     from tasks.training.launch import train_diffusion
 
     warmup = 1 if run.smoke else 2
-    total = warmup + steps + 1  # the last step's end is timed at its log, before its checkpoint
+    # one step more than timed: a step's time runs from its start to the next one's (the
+    # last step's log scores the held-out split and writes the checkpoint, untimed)
+    total = warmup + steps + 1
     cfg, per_gpu = training_config(preset, os.path.join(tmp, preset), run, total)
+    # the worker allocates, not this process: its figures or none (a fit that failed)
+    mem["peak_gpu_gib"] = mem["peak_rss_gib"] = None
     memory_estimate("training", cfg, mem)
     size = cfg.model.image_size
     data = build_demo_shards(os.path.join(tmp, f"data-{size}"), per_class=4, size=size)
@@ -485,7 +488,7 @@ def ray_training(run: Run, preset: str, tmp: str, steps: int, mem: dict) -> dict
         cfg, data, f"bench-gpu-{preset}", max_failures=0, callbacks=[WorkerProbe(probe_path, total)]
     )
     worker = json.loads(Path(probe_path).read_text())
-    starts = worker.pop("step_starts")[warmup:]  # step warmup+1 .. the last step's end
+    starts = worker.pop("step_starts")[warmup:]  # the timed steps' starts, and the last's
     mem["peak_gpu_gib"], mem["peak_rss_gib"] = worker["peak_gpu_gib"], worker["peak_rss_gib"]
     mem["notes"].append("measured in the Ray Train worker process")
     if worker["peak_gpu_gib"] is None:
