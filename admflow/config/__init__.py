@@ -33,7 +33,13 @@ from admflow.config.networks import (
 )
 from admflow.config.runtime import ComputeConfig, StorageConfig, TrackingConfig
 from admflow.config.sampling import SamplingConfig
-from admflow.config.sections import DataConfig, DiffusionConfig, EvaluationConfig, TrainingConfig
+from admflow.config.sections import (
+    DataConfig,
+    DiffusionConfig,
+    EvaluationConfig,
+    MemoryConfig,
+    TrainingConfig,
+)
 
 __all__ = [
     "CONFIG_DIR",
@@ -44,6 +50,7 @@ __all__ = [
     "DataConfig",
     "DiffusionConfig",
     "EvaluationConfig",
+    "MemoryConfig",
     "SamplingConfig",
     "Section",
     "StorageConfig",

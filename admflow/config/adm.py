@@ -12,7 +12,13 @@ from admflow.config.base import ConfigError, Section
 from admflow.config.networks import ClassifierConfig, UNetConfig, UpsamplerConfig
 from admflow.config.runtime import ComputeConfig, StorageConfig, TrackingConfig
 from admflow.config.sampling import SamplingConfig, respaced_count, respacing_error
-from admflow.config.sections import DataConfig, DiffusionConfig, EvaluationConfig, TrainingConfig
+from admflow.config.sections import (
+    DataConfig,
+    DiffusionConfig,
+    EvaluationConfig,
+    MemoryConfig,
+    TrainingConfig,
+)
 
 
 class AdmConfig(Section):
@@ -31,6 +37,7 @@ class AdmConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = TrackingConfig()
     compute: ComputeConfig = ComputeConfig()
+    memory: MemoryConfig = MemoryConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> AdmConfig:

@@ -70,9 +70,35 @@ class TrainingConfig(Section):
         "tiny images, where it cuts away a large part of the object",
     )
     upsampler_steps: int = Field(200, gt=0)
+    classifier_batch_size: int | None = Field(
+        None, gt=0, description="the classifier's global batch (None: batch_size)"
+    )
+    classifier_microbatch: int | None = Field(
+        None, description="the classifier's microbatch (None: microbatch; -1: none)"
+    )
+    upsampler_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="the upsampler's global batch (None: batch_size); ADM-U 64->256 trains at "
+        "256 under a base model trained at 2048",
+    )
+    upsampler_microbatch: int | None = Field(
+        None, description="the upsampler's microbatch (None: microbatch; -1: none)"
+    )
     label_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="P(label -> null class ∅): classifier-free guidance"
     )
+
+    def batches(self, kind: str) -> tuple[int, int]:
+        """(global batch, microbatch) of the training job ``kind`` (diffusion, classifier or
+        upsampler); microbatch -1: the whole per-worker batch at once."""
+        if kind == "classifier":
+            batch, micro = self.classifier_batch_size, self.classifier_microbatch
+        elif kind == "upsampler":
+            batch, micro = self.upsampler_batch_size, self.upsampler_microbatch
+        else:
+            batch, micro = None, None
+        return batch or self.batch_size, self.microbatch if micro is None else micro
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -108,3 +134,24 @@ class EvaluationConfig(Section):
     fid_method: Literal["sqrtm", "eigh"] = Field(
         "sqrtm", description="sqrtm: the evaluator's computation; eigh: same trace, ~20x faster"
     )
+
+
+class MemoryConfig(Section):
+    """The accelerator memory each GPU stage must fit in (tasks/memory.py checks the presets'
+    batches against it with its memory model)."""
+
+    gpu_gb: float = Field(
+        80.0, gt=0, description="memory of one GPU in GB (1e9 bytes): 80 for an A100/H100 80GB"
+    )
+    usable: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="share of it the estimated peak may take; the rest is for the CUDA "
+        "context, cuDNN workspaces and the caching allocator's fragmentation",
+    )
+
+    @property
+    def budget_bytes(self) -> int:
+        """Bytes an estimated per-GPU peak may reach."""
+        return int(self.gpu_gb * 1e9 * self.usable)

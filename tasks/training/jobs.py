@@ -39,6 +39,8 @@ class Job:
     image_size: int  # what the shards must hold
     num_classes: int | None  # labels must stay below it
     classes_field: str  # the config field that sets num_classes, for error messages
+    batch_size: int  # global, split across the workers
+    microbatch: int  # -1: each worker's whole share at once
     flip: bool = True
     random_crop: bool = False  # the classifier's 80-100% scale-and-crop (ADM)
     holdout_every: int = 0  # > 0: every n-th row is held out and scored at checkpoints
@@ -76,6 +78,8 @@ def diffusion_job(cfg: AdmConfig) -> Job:
         image_size=cfg.model.image_size,
         num_classes=cfg.model.num_classes,
         classes_field="model.num_classes",
+        batch_size=t.batches("diffusion")[0],
+        microbatch=t.batches("diffusion")[1],
     )
 
 
@@ -96,6 +100,8 @@ def classifier_job(cfg: AdmConfig) -> Job:
         image_size=cfg.classifier.image_size,
         num_classes=cfg.classifier.num_classes,
         classes_field="classifier.num_classes",
+        batch_size=t.batches("classifier")[0],
+        microbatch=t.batches("classifier")[1],
         random_crop=t.classifier_random_crop,
         holdout_every=10,
         anneal_lr=True,
@@ -120,6 +126,8 @@ def upsampler_job(cfg: AdmConfig) -> Job:
         image_size=up.unet.image_size,
         num_classes=up.unet.num_classes,
         classes_field="upsampler.unet.num_classes",
+        batch_size=t.batches("upsampler")[0],
+        microbatch=t.batches("upsampler")[1],
     )
 
 

@@ -104,11 +104,11 @@ class Trainer:
         self.cfg = config_from_dict(spec.config, source="train_loop_config")
         self.job: Job = make_job(spec.kind, self.cfg)
         self.seed = self.cfg.training.seed
-        self.global_batch = self.cfg.training.batch_size
+        self.global_batch = self.job.batch_size
         self.local_batch = len(
             batch_positions(0, self.global_batch, session.rank, session.world_size)
         )
-        micro = self.cfg.training.microbatch
+        micro = self.job.microbatch
         self.microbatch = micro if 0 < micro < self.local_batch else self.local_batch
         self.device = session.device
         self.precision = resolve_precision(self.cfg.training.mixed_precision, self.device)
