@@ -445,6 +445,7 @@ def full(args: argparse.Namespace, work: Path) -> dict:
             default=None,
         ),  # fmt: skip
         "disk_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        "sampling_load_avg": {"start": args.load_start, "end": os.getloadavg()},
     }
     (work / "sampled.json").write_text(json.dumps(sampled, indent=2))  # kept if scoring stops
     return sampled | {
@@ -526,16 +527,24 @@ def add_full_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interval", type=float, default=2.0, help="seconds between RSS samples")
     g.add_argument("--workdir", help="where the set goes (default: a temporary directory)")
     g.add_argument("--fresh-model", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument(
+        "--score-only", action="store_true", help="only score the set already drawn in --workdir"
+    )
 
 
 def run_full(args: argparse.Namespace) -> None:
     import platform
 
-    load_start = os.getloadavg()
+    load_start = args.load_start = os.getloadavg()
     start = time.perf_counter()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sample-full-"))
     work.mkdir(parents=True, exist_ok=True)
-    result = full(args, work)
+    if args.score_only:  # the scoring of a set that an earlier --full run drew in --workdir
+        _ckpt, reference, store, _made = demo_model(args, work)
+        sampled = json.loads((work / "sampled.json").read_text())
+        result = sampled | {"evaluate": score(args, work / "set", reference, store, work)}
+    else:
+        result = full(args, work)
     result = {
         "checks_hold": all(result["checks"].values()),
         **result,
