@@ -197,6 +197,44 @@ def test_lines_show_every_stage():
     assert "0.125 GPU" in lines[5] and lines[-1].startswith("reference features run before")
 
 
+def test_inception_device_is_resolved_where_it_runs_with_tf32_off(monkeypatch):
+    """The driver hands the actors compute.device as asked ("auto"); each actor resolves it on
+    its own node (a CPU-only head must not decide for GPU workers), and features are taken with
+    TF32 off, then the process's switches are as they were."""
+    import numpy as np
+    import torch
+
+    import tasks.scoring.features as fe
+
+    made, flags = [], []
+
+    class Probe:
+        def features(self, images):
+            flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return {"pool": np.zeros((len(images), 2048), np.float32)}
+
+    class Recorded(fe.FeatureWorker):  # the real run(), an Inception stand-in that records
+        def __init__(self, inception, batch_size, device, threads=0):
+            made.append(device)
+            self.model, self.batch_size = Probe(), batch_size
+
+    monkeypatch.setattr(fe, "FeatureWorker", Recorded)
+    monkeypatch.setattr(fe, "read_unit", lambda unit: np.zeros((3, 8, 8, 3), np.uint8))
+    monkeypatch.setattr(fe, "read_unit_labels", lambda unit: None)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        cfg = load_config("tiny", ["compute.device=auto"])
+        [(index, feats)] = list(fe.stream_features(cfg, [("npz", "x", 0, 3)], 0, None))
+        after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert made == ["auto"] and feats["pool"].shape == (3, 2048)
+    assert flags == [(False, False)] and after == (True, True)  # off while Inception ran only
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fe.resolve_device("auto") == "cuda" and fe.resolve_device("cpu") == "cpu"
+
+
 # ------------------------------------------------------------------- real runs, logical GPUs
 
 DRIVER = r"""
@@ -259,6 +297,7 @@ def main(args):
     while sum(n["Alive"] for n in ray.nodes()) < args["nodes"] and time.time() < deadline:
         time.sleep(1)
     out = {"nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]), "stages": []}
+    out["resources"] = {k: v for k, v in ray.cluster_resources().items() if "node:" not in k}
     data = build_shards(str(root / "shards"), per_class=4, size=16)
     checkpoint = save_checkpoint(root / "random", "diffusion", cfg, build_unet(cfg.model))
     if args["train"]:
@@ -321,6 +360,16 @@ def test_one_gpu_node_sampling_and_scoring_share_the_gpu(tmp_path):
     over = ["compute.local_gpus=1", "sampling.workers=2", "sampling.num_samples=4",
             "evaluation.workers=2"]  # fmt: skip
     got = run_driver(tmp_path, over, train=False)
+    # the local Ray as the plan describes it: compute.local_gpus, the machine's CPUs, and an
+    # object store with room for large weights (tasks.resources.local_object_store_bytes)
+    from tasks.resources import local_object_store_bytes
+
+    cfg = load_config("tiny", over)
+    assert got["resources"]["GPU"] == 1.0
+    assert got["resources"]["CPU"] == max(2, os.cpu_count() or 1)
+    assert got["resources"]["object_store_memory"] == pytest.approx(
+        local_object_store_bytes(cfg), rel=0.01
+    )
     assert got["stages"][0] == "sample 4 complete=True" and got["stages"][1].startswith("score")
     # two sampling actors and two Inception actors, each on half of GPU 0, torch on the CPU
     for stage in ("sample", "score"):
