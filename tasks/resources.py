@@ -250,7 +250,7 @@ def training(cfg: AdmConfig, cluster: Cluster, stage: str) -> StagePlacement:
     """One Ray Train job: ``compute.num_workers`` workers, one whole GPU each with use_gpu
     (DDP puts one rank on each GPU), the global batch split across them."""
     c = cfg.compute
-    batch = math.ceil(cfg.training.batch_size / c.num_workers)
+    batch = math.ceil(cfg.training.batches(stage.removeprefix("train-"))[0] / c.num_workers)
     gpus = 1.0 if c.use_gpu else 0.0
     device = torch_device(cfg, cluster)
     field = "compute.num_workers"
