@@ -32,6 +32,8 @@ def check_writable_dir(directory: str, what: str, fix: str | None = None) -> Non
     ancestor, so nothing is created when the answer is no."""
     fix = fix or "point storage.root (or the output flag) at a writable directory"
     existing = nearest_existing(directory)
+    if existing == os.path.abspath(directory) and os.path.isfile(existing):
+        existing = os.path.dirname(existing)  # an output file that is overwritten
     if not os.path.isdir(existing):
         raise StorageError(f"{what}: {existing} is a file, not a directory; {fix}")
     if _read_only(existing):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from admflow.commands.common import local_abs
+from admflow.commands.common import check_outputs, local_abs
 from admflow.commands.evaluate import INPUTS_HELP, add_extraction_args, extraction_config
 
 
@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = extraction_config(args)
     out = local_abs(args.out)
+    check_outputs(cfg, out)  # its bucket or directory, before Inception runs
     try:
         feats, _ = features_for(cfg, local_abs(args.images))
     except EVALUATION_ERRORS as e:
