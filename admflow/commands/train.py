@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from admflow.commands.common import add_config_args, config_from_args, count, local_abs
+from admflow.commands.common import (
+    add_config_args,
+    check_outputs,
+    check_resources,
+    config_from_args,
+    count,
+    local_abs,
+)
 
 DESCRIPTION = """\
 Train one model of the ADM pipeline on Ray Train (cfg.compute: workers, CPUs, GPU).
@@ -60,6 +67,8 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     run_name = args.run_name or f"{args.kind}-{cfg.name}"
+    check_outputs(cfg)
+    check_resources(cfg, (f"train-{args.kind}",))
     try:
         out = train(args.kind, cfg, local_abs(args.data), run_name, max_failures=args.max_failures)
     except NonFiniteLossError as e:
