@@ -558,8 +558,9 @@ def inception_rate(run: Run, path: str | None, tmp: str, mem: dict) -> dict[str,
 # --------------------------------------------------------------------------- report
 
 
-def write_costs(report: dict[str, Any], argv: list[str]) -> None:
-    """(b)'s figure as imagenet256's ``gpu`` row of admflow/costs.yaml, with its source."""
+def write_costs(report: dict[str, Any], argv: list[str], table: str | Path | None = None) -> None:
+    """(b)'s figure as imagenet256's ``gpu`` row of admflow/costs.yaml (or ``table``), with
+    its source."""
     from admflow import costs
 
     g = report["guided_256"]
@@ -580,7 +581,7 @@ def write_costs(report: dict[str, Any], argv: list[str]) -> None:
             "guided": True,
         },
     }
-    costs.record("imagenet256", "gpu", row)
+    costs.record("imagenet256", "gpu", row, table or costs.TABLE)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -607,7 +608,7 @@ def versions(run: Run) -> dict[str, Any]:
     return {
         "mode": "cpu-smoke" if run.smoke else "gpu",
         "device": "cpu" if run.smoke else torch.cuda.get_device_name(run.device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a str subclass, which YAML cannot write
         "cuda": torch.version.cuda,
         "cudnn": cudnn,
     }

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     report["machine"] = {
         "cpu": cpu_model(),
         "threads": args.threads,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a str subclass, which YAML cannot write
         "loadavg_before_after": [load_before, os.getloadavg()[0]],
     }
     if args.write_costs:

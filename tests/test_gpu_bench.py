@@ -198,6 +198,38 @@ def test_peak_memory_is_reset_between_phases():
     assert any("CUDA" in n for n in small["notes"])
 
 
+def test_guided_figure_goes_into_the_cost_tables_gpu_row(tmp_path, restore_switches):
+    from admflow import costs
+    from benchmarks.gpu import guided_256, versions, write_costs
+
+    table = tmp_path / "costs.yaml"
+    table.write_text(costs.TABLE.read_text())
+    run = Run(smoke=True, repeats=1)
+    run.report = {**versions(run), **run.report}
+    with run.phase("guided") as mem:
+        run.report["guided_256"] = guided_256(run, 1, 2, mem)
+    write_costs(run.report, ["--write-costs"], table)
+    row = costs.load_costs(table)["imagenet256"]["gpu"]
+    g = run.report["guided_256"]
+    assert row is not None and row.s_per_image_nfe == pytest.approx(g["s_per_image_nfe"], rel=1e-3)
+    assert row.hours(50_000, 250) == pytest.approx(g["gpu_hours_50k"], rel=1e-3)
+    assert row.source["script"] == "benchmarks/gpu.py" and row.source["guided"] is True
+    assert row.source["batch"] == 1 and row.source["steps"] == 2
+    assert row.peak_gpu_gib is None  # measured on the CPU here: no GPU peak to record
+    assert costs.load_costs(table)["imagenet64"] == costs.load_costs()["imagenet64"]
+
+
+def test_smoke_figures_are_never_written_to_the_cost_table():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu-smoke", "--write-costs"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2 and "--write-costs records GPU measurements" in proc.stderr
+
+
 @pytest.mark.parametrize("new_order", [False, True])
 def test_guided_diffusion_like_network_computes_the_same_outputs(new_order):
     cfg = load_config("tiny", [f"model.use_new_attention_order={str(new_order).lower()}"])
