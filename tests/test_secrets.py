@@ -8,6 +8,7 @@ printed is searched for the secret.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.services, pytest.mark.timeout(900)]
+# The two end-to-end checks start Ray and servers (marked one by one); the checks of the
+# masking rule at the end belong to the fast tier.
 
 SECRET = "PLANTEDsecret0f1e2d3c4b5a"
 
@@ -77,6 +79,10 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.services
+@pytest.mark.timeout(900)
 def test_planted_secret_is_nowhere(s3_server, tmp_path, ray_tmp):
     import s3fs
 
@@ -203,6 +209,10 @@ def tracking_behind_auth(tmp_path):
         stop_process(server)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.services
+@pytest.mark.timeout(900)
 def test_planted_tracking_password_is_nowhere(tmp_path, ray_tmp, tracking_behind_auth):
     """shard, train and sample against a tracking server behind basic auth, its password in
     MLFLOW_TRACKING_URI (shard, train) and in a --set (train, sample): every request
@@ -249,3 +259,66 @@ def test_planted_tracking_password_is_nowhere(tmp_path, ray_tmp, tracking_behind
         params = dict(db.execute("select key, value from params"))
     assert "checkpoint.latest" in tags
     assert params.get("tracking.tracking_uri") == f"http://127.0.0.1:{proxy.port}"
+
+
+# ------------------------------------------------- the masking rule, piece by piece
+
+
+def test_one_rule_masks_every_uri():
+    from admflow.uris import mask_text, mask_uri, mask_values, split_userinfo
+
+    assert mask_uri("http://alice:p@ss@host:5000/x") == "http://alice:***@host:5000/x"
+    assert mask_uri("https://TOKEN123@host/x") == "https://***@host/x"  # a user may be a token
+    assert mask_uri("s3://bucket/a@b") == "s3://bucket/a@b"  # an '@' in a path is no userinfo
+    text = "tracking.tracking_uri=http://a:SECRETx@h:1 and ray://u:SECRETy@head:10001"
+    assert "SECRET" not in mask_text(text) and "http://a:***@h:1" in mask_text(text)
+    nested = {"tracking": {"tracking_uri": "http://a:SECRETz@h"}, "l": ["x://u:SECRETw@h/"]}
+    assert "SECRET" not in json.dumps(mask_values(nested))
+    assert split_userinfo("http://us%40er:p%3Aw@h:1/p") == ("http://h:1/p", "us@er", "p:w")
+
+
+def test_tracking_credentials_leave_the_config(monkeypatch, tmp_path):
+    """A password in --set tracking.tracking_uri: the config, its MLflow params and a
+    checkpoint's meta.json hold the bare URI; MLflow's own variables hold the credentials,
+    and a later configuration for another store withdraws them."""
+    from admflow.config import load_config
+    from admflow.tracking import flat_params
+    from admflow.uris import scrub_overrides
+    from tasks.training.checkpoint import read_meta, write_checkpoint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    override = f"tracking.tracking_uri=http://alice:{PASSWORD}@127.0.0.1:5000"
+    assert scrub_overrides([override]) == ["tracking.tracking_uri=http://alice:***@127.0.0.1:5000"]
+    cfg = load_config("tiny", [override, "compute.ray_address=ray://bob:PLANTEDray@head:10001"])
+    assert cfg.tracking.tracking_uri == "http://127.0.0.1:5000"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    params = json.dumps(flat_params(cfg))
+    assert PASSWORD not in params and "PLANTEDray" not in params
+    ckpt = tmp_path / "ckpt"
+    meta = {"step": 1, "kind": "diffusion", "config": cfg.model_dump(mode="json")}
+    write_checkpoint(str(ckpt), model={}, emas={}, state={}, meta=meta)
+    text = (ckpt / "meta.json").read_text()
+    assert PASSWORD not in text and "PLANTEDray" not in text and "ray://bob:***@head" in text
+    assert read_meta(str(ckpt))["step"] == 1
+    # the masked override (what Prefect records) loads as the same bare URI
+    again = load_config("tiny", scrub_overrides([override]))
+    assert again.tracking.tracking_uri == "http://127.0.0.1:5000"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
+    load_config("tiny", ["tracking.tracking_uri=http://127.0.0.1:6000"])  # another server
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ
+
+
+def test_the_ray_runtime_env_carries_no_credentials(monkeypatch):
+    from admflow.config import load_config
+    from tasks.runtime.ray_session import _store_locations
+
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{PASSWORD}@127.0.0.1:5000")
+    monkeypatch.setenv("PREFECT_API_URL", "http://u:PLANTEDprefect@127.0.0.1:4200/api")
+    monkeypatch.setenv("ADMFLOW_STORAGE_ROOT", "s3://bucket/root")
+    forwarded = _store_locations(load_config("tiny"))
+    assert forwarded == {"ADMFLOW_STORAGE_ROOT": "s3://bucket/root"}
+    # the driver's environment, which a local session's workers inherit, holds them instead
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
