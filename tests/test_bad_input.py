@@ -336,3 +336,23 @@ def test_a_full_disk_names_the_path_and_the_space_needed(tmp_path):
            "--set", f"storage.root={tmp_path / 'st'}"]  # fmt: skip
     result = _in_mount_namespace(tmp_path, fill, cmd, env)
     _assert_disk_case(*result, tmp_path, str(out), "B free", "needed")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root and unshare for a private tmpfs")
+def test_a_disk_that_fills_during_a_write(tmp_path):
+    """Past the checks: the write itself meets a full disk. The error names the file and the
+    bytes it needed, and leaves no partial file behind."""
+    target = tmp_path / "mnt" / "runs" / "r" / "state.pt"
+    code = (
+        "from admflow import storage\n"
+        "try:\n"
+        f"    storage.write_bytes({json.dumps(str(target))}, bytes(600_000))\n"
+        "except storage.StorageError as e:\n"
+        "    import sys; print(e, file=sys.stderr); sys.exit(2)\n"
+    )
+    fill = f"dd if=/dev/zero of={tmp_path / 'mnt' / 'filler'} bs=1k count=600 2>/dev/null"
+    (tmp_path / "ray").mkdir()
+    rc, err, before, after, _ = _in_mount_namespace(tmp_path, fill, [sys.executable, "-c", code])
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"no space left on the device writing {target} (585.9 KiB needed" in err
+    assert before == after  # no partial state.pt, no temporary file
