@@ -22,8 +22,18 @@ GD_DEFAULTS: dict[str, Any] = gd.NETWORK  # what a flag string of networks alone
 CLASSIFIER_FLAGS = {k for k in gd.CLASSIFIER if k.startswith("classifier_")}
 
 
-def parse_flags(text: str) -> tuple[dict[str, Any], list[str]]:
+IMPROVED = "improved-diffusion"
+
+
+def _codebase(codebase: str) -> dict[str, dict[str, Any]]:
+    if codebase not in gd.CODEBASES:
+        raise ConfigError(f"flags: unknown codebase {codebase!r}; one of {', '.join(gd.CODEBASES)}")
+    return gd.CODEBASES[codebase]
+
+
+def parse_flags(text: str, codebase: str = "guided-diffusion") -> tuple[dict[str, Any], list[str]]:
     """``--name value`` / ``--name=value`` pairs -> typed values; returns (flags, ignored)."""
+    known = gd.ID_ALL_FLAGS if codebase == IMPROVED else gd.ALL_FLAGS
     tokens = shlex.split(text)
     flags: dict[str, Any] = {}
     ignored: list[str] = []
@@ -43,8 +53,8 @@ def parse_flags(text: str) -> tuple[dict[str, Any], list[str]]:
             continue
         if name in gd.REJECTED:
             raise ConfigError(f"flags: --{name}: {gd.REJECTED[name]}")
-        if name not in gd.ALL_FLAGS:
-            raise ConfigError(f"flags: unknown guided-diffusion flag --{name}")
+        if name not in known:
+            raise ConfigError(f"flags: unknown {codebase} flag --{name}")
         try:
             flags[name] = gd.parser_for(name)(value)
         except ValueError as e:
@@ -52,25 +62,31 @@ def parse_flags(text: str) -> tuple[dict[str, Any], list[str]]:
     return flags, ignored
 
 
-def script_for(names: set[str], script: str | None = None) -> str | None:
-    """The guided-diffusion script the flags were written for (None: network flags only).
+def script_for(
+    names: set[str], script: str | None = None, codebase: str = "guided-diffusion"
+) -> str | None:
+    """The script of ``codebase`` the flags were written for (None: network flags only).
 
-    ``script`` names it; else it is the first script (in ``gd.SCRIPTS`` order) that takes
-    every flag. Flags no single script takes fail, naming the scripts that take each.
+    ``script`` names it; else it is the first script (in the codebase's table order) that
+    takes every flag. Flags no single script takes fail, naming the scripts that take each.
     """
+    scripts = _codebase(codebase)
     if script is not None:
-        if script not in gd.SCRIPTS:
-            raise ConfigError(f"flags: unknown script {script!r}; one of {', '.join(gd.SCRIPTS)}")
-        extra = sorted(n for n in names if n not in gd.SCRIPTS[script])
+        if script not in scripts:
+            raise ConfigError(
+                f"flags: {codebase} has no script {script!r}; one of {', '.join(scripts)}"
+            )
+        extra = sorted(n for n in names if n not in scripts[script])
         if extra:
             raise ConfigError(f"flags: {script}.py has no flag --{', --'.join(extra)}")
         return script
-    takers = [s for s, flags in gd.SCRIPTS.items() if names <= flags.keys()]
+    takers = [s for s, flags in scripts.items() if names <= flags.keys()]
     if not takers:
-        where = {n: [s for s in gd.SCRIPTS if n in gd.SCRIPTS[s]] for n in sorted(names)}
+        where = {n: [s for s in scripts if n in scripts[s]] for n in sorted(names)}
         mixed = "; ".join(f"--{n}: {', '.join(s)}" for n, s in where.items())
-        raise ConfigError(f"flags: no guided-diffusion script takes all of these ({mixed})")
-    return None if names <= gd.NETWORK.keys() else takers[0]
+        raise ConfigError(f"flags: no {codebase} script takes all of these ({mixed})")
+    network = gd.ID_NETWORK if codebase == IMPROVED else gd.NETWORK
+    return None if names <= network.keys() else takers[0]
 
 
 def _check_supported(f: dict[str, Any], script: str | None) -> None:
@@ -120,7 +136,7 @@ def _diffusion(f: dict[str, Any]) -> dict:
         "steps": f["diffusion_steps"],
         "noise_schedule": f["noise_schedule"],
         "learn_sigma": f["learn_sigma"],
-        "sigma_small": False,  # not a flag: create_gaussian_diffusion's default
+        "sigma_small": f.get("sigma_small", False),  # guided-diffusion: not a flag, False
         "predict_xstart": f["predict_xstart"],
         "use_kl": f["use_kl"],
         "rescale_learned_sigmas": f["rescale_learned_sigmas"],
@@ -189,16 +205,44 @@ def _training(f: dict[str, Any], script: str) -> dict:
     }
 
 
-def preset_from_flags(
-    text: str, name: str = "from-flags", script: str | None = None
-) -> tuple[dict[str, Any], list[str]]:
-    """The preset mapping for guided-diffusion flags (validated); returns (preset, ignored).
+def _check_improved_sizes(f: dict[str, Any], super_res: bool) -> None:
+    """improved-diffusion's create_model has channel multipliers for these sizes only."""
+    if super_res and f["large_size"] not in gd.ID_LARGE_SIZES:
+        raise ConfigError(
+            f"flags: --large_size {f['large_size']}: improved-diffusion's upsampler is built "
+            f"at {', '.join(map(str, gd.ID_LARGE_SIZES))} only"
+        )
+    if not super_res and f["image_size"] not in gd.ID_IMAGE_SIZES:
+        raise ConfigError(
+            f"flags: --image_size {f['image_size']}: improved-diffusion builds models at "
+            f"{', '.join(map(str, gd.ID_IMAGE_SIZES))} only"
+        )
 
-    ``script``: the guided-diffusion script the flags are for (default: inferred from them).
+
+def _defaults(codebase: str, script: str | None) -> dict[str, Any]:
+    """Every setting the flags leave out, as the script of ``codebase`` would have it."""
+    if codebase == IMPROVED:
+        base = {**gd.ID_HARDWIRED, **gd.ID_NETWORK}
+        return {**base, **(gd.ID_SCRIPTS[script] if script else {})}
+    return {**GD_DEFAULTS, **(gd.SCRIPTS[script] if script else {})}
+
+
+def preset_from_flags(
+    text: str,
+    name: str = "from-flags",
+    script: str | None = None,
+    codebase: str = "guided-diffusion",
+) -> tuple[dict[str, Any], list[str]]:
+    """The preset mapping for a codebase's flags (validated); returns (preset, ignored).
+
+    ``script``: the script the flags are for (default: inferred from them); ``codebase``:
+    "guided-diffusion" (ADM) or "improved-diffusion" (Improved DDPM), whose scripts take other
+    flags with other defaults.
     """
-    given, ignored = parse_flags(text)
-    script = script_for(set(given) | set(ignored), script)
-    f = {**GD_DEFAULTS, **(gd.SCRIPTS[script] if script else {}), **given}
+    _codebase(codebase)
+    given, ignored = parse_flags(text, codebase)
+    script = script_for(set(given) | set(ignored), script, codebase)
+    f = {**_defaults(codebase, script), **given}
     if script == "classifier_train":
         f["class_cond"] = True  # classifier_train.py always loads the labels
     _check_supported(f, script)
@@ -206,7 +250,9 @@ def preset_from_flags(
         "super_res_sample",
         "super_res_train",
     )
-    preset: dict[str, Any] = {"name": name, "description": f"from guided-diffusion flags: {text}"}
+    if codebase == IMPROVED:
+        _check_improved_sizes(f, super_res)
+    preset: dict[str, Any] = {"name": name, "description": f"from {codebase} flags: {text}"}
     if super_res:
         large, small = f["large_size"], f["small_size"]
         preset["upsampler"] = {
@@ -230,5 +276,5 @@ def preset_from_flags(
         preset["sampling"]["classifier_scales"] = [0.0]  # nothing to guide with
     if script in gd.TRAINING_SCRIPTS:
         preset["training"] = _training(f, script)
-    config_from_dict(preset, source="guided-diffusion flags")
+    config_from_dict(preset, source=f"{codebase} flags")
     return preset, ignored

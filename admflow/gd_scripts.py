@@ -1,4 +1,5 @@
-"""guided-diffusion's command-line flags, script by script, as its argparsers read them.
+"""guided-diffusion's and improved-diffusion's command-line flags, script by script, as their
+argparsers read them.
 
 Each script of guided-diffusion (``scripts/*.py``) builds its parser from a dict of defaults
 (``add_dict_to_argparser``): a flag is only valid for the scripts whose dict holds it, and a flag
@@ -131,6 +132,65 @@ SCRIPTS: dict[str, dict[str, Any]] = {
     "super_res_train": {**SUPER_RES, **TRAIN},
     "classifier_train": {**CLASSIFIER, **DIFFUSION, **CLASSIFIER_TRAIN},
 }
+
+# improved-diffusion (Improved DDPM, Nichol & Dhariwal 2021), the codebase guided-diffusion grew
+# from: the same argparser mechanism over other dicts. Its script_util.model_and_diffusion_
+# defaults() has no channel_mult, num_head_channels, resblock_updown, use_new_attention_order or
+# model use_fp16 (those are guided-diffusion's additions), has sigma_small, and rescales
+# timesteps and learned sigmas by default.
+ID_MODEL = {
+    "image_size": 64,
+    "num_channels": 128,
+    "num_res_blocks": 2,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "attention_resolutions": [16, 8],
+    "dropout": 0.0,
+    "learn_sigma": False,
+    "sigma_small": False,
+    "class_cond": False,
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
+    "predict_xstart": False,
+    "rescale_timesteps": True,
+    "rescale_learned_sigmas": True,
+    "use_checkpoint": False,
+    "use_scale_shift_norm": True,
+}
+# sr_model_and_diffusion_defaults(): the model dict less what sr_create_model_and_diffusion lacks
+ID_SUPER_RES = {
+    **{k: v for k, v in ID_MODEL.items() if k not in ("image_size", "sigma_small")},
+    "large_size": 256,
+    "small_size": 64,
+}
+ID_NLL = {"data_dir": "", "clip_denoised": True, "num_samples": 1000, "batch_size": 1}
+ID_SCRIPTS: dict[str, dict[str, Any]] = {
+    "image_sample": {**ID_MODEL, **SAMPLE, "model_path": ""},
+    "image_nll": {**ID_MODEL, **ID_NLL, "model_path": ""},
+    "super_res_sample": {**ID_SUPER_RES, **SAMPLE, "model_path": "", "base_samples": ""},
+    "image_train": {**ID_MODEL, **TRAIN},
+    "super_res_train": {**ID_SUPER_RES, **TRAIN},
+}
+ID_NETWORK = {**ID_MODEL, **ID_SUPER_RES}
+# What improved-diffusion's create_model hard-wires where guided-diffusion has a flag: the
+# per-size channel multipliers, heads counted by num_heads, attention heads split the legacy way
+# (each head's q, k, v adjacent), ResBlocks that never resample (separate Up/Downsample layers);
+# and no classifier. The model runs in fp32 unless training with --use_fp16.
+ID_HARDWIRED = {
+    "channel_mult": [],
+    "num_head_channels": -1,
+    "resblock_updown": False,
+    "use_new_attention_order": False,
+    "use_fp16": False,
+    **CLASSIFIER,
+}
+# improved-diffusion's create_model / sr_create_model accept only these sizes
+ID_IMAGE_SIZES = (32, 64, 256)
+ID_LARGE_SIZES = (64, 256)
+
+CODEBASES = {"guided-diffusion": SCRIPTS, "improved-diffusion": ID_SCRIPTS}
 SAMPLING_SCRIPTS = ("image_sample", "classifier_sample", "super_res_sample")
 TRAINING_SCRIPTS = ("image_train", "super_res_train", "classifier_train")
 # The flags that describe networks and diffusions only: a string of these alone is read with
@@ -149,13 +209,14 @@ def parser_for(name: str) -> Callable[[str], Any]:
     """How guided-diffusion converts the flag's text: by the type of its default."""
     if name in _LIST_PARSERS:
         return _LIST_PARSERS[name]
-    default = next(s[name] for s in SCRIPTS.values() if name in s)
+    default = next(s[name] for c in CODEBASES.values() for s in c.values() if name in s)
     if isinstance(default, bool):
         return str2bool
     return type(default)
 
 
 ALL_FLAGS = {name for flags in SCRIPTS.values() for name in flags}
+ID_ALL_FLAGS = {name for flags in ID_SCRIPTS.values() for name in flags}
 
 # Paths and run plumbing: admflow takes these on its own command line (or has its own way).
 IGNORED = {

@@ -15,6 +15,7 @@ GD_SCRIPTS = (
     "image_train",
     "super_res_train",
     "classifier_train",
+    "image_nll",  # improved-diffusion's
 )
 
 
@@ -53,6 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=list(GD_SCRIPTS),
         help="the guided-diffusion script the flags are for (default: inferred from them)",
     )
+    ff.add_argument(
+        "--codebase",
+        choices=["guided-diffusion", "improved-diffusion"],
+        default="guided-diffusion",
+        help="whose scripts the flags are for: guided-diffusion (ADM) or improved-diffusion "
+        "(Improved DDPM's README; other defaults, e.g. rescaled timesteps)",
+    )
     ff.set_defaults(func=_from_flags)
 
 
@@ -76,7 +84,9 @@ def _from_flags(args: argparse.Namespace) -> int:
     from admflow.flags import preset_from_flags
     from admflow.gd_scripts import IGNORED
 
-    preset, ignored = preset_from_flags(args.flags, name=args.name, script=args.script)
+    preset, ignored = preset_from_flags(
+        args.flags, name=args.name, script=args.script, codebase=args.codebase
+    )
     for flag in ignored:
         print(f"ignored --{flag}: {IGNORED[flag]}", file=sys.stderr)
     plain = json.loads(json.dumps(preset))  # no YAML anchors for lists the sections share
