@@ -8,7 +8,7 @@ the KL terms L_{t−1} and the discretised decoder's L_0 are
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -74,3 +74,33 @@ def calc_bpd_loop(
         "xstart_mse": torch.stack(xstart_mse[::-1], dim=1),
         "mse": torch.stack(mse[::-1], dim=1),
     }
+
+
+def batched_bpd(
+    diffusion: GaussianDiffusion,
+    model: Model,
+    x_start: torch.Tensor,
+    batch_size: int,
+    generator_for: Callable[[int], torch.Generator | None],
+    labels: torch.Tensor | None = None,
+    clip_denoised: bool = True,
+) -> dict[str, torch.Tensor]:
+    """:func:`calc_bpd_loop` over ``x_start`` in micro-batches of ``batch_size``; micro-batch
+    ``b`` draws its noise from ``generator_for(b)``, so the result does not depend on how the
+    images were grouped into larger units of work.
+
+    Returns per image "total_bpd" and "prior_bpd" (N,), and "vb_sum" (T,): each timestep's term
+    summed over the images (its mean over a set is the bound's per-step breakdown).
+    """
+    totals, priors, vb_sum = [], [], None
+    for b, lo in enumerate(range(0, x_start.shape[0], batch_size)):
+        x = x_start[lo : lo + batch_size]
+        kwargs = None if labels is None else {"y": labels[lo : lo + batch_size]}
+        out = calc_bpd_loop(diffusion, model, x, clip_denoised, kwargs, generator=generator_for(b))
+        totals.append(out["total_bpd"])
+        priors.append(out["prior_bpd"])
+        vb = out["vb"].sum(dim=0)
+        vb_sum = vb if vb_sum is None else vb_sum + vb
+    if vb_sum is None:
+        raise ValueError("batched_bpd needs at least one image")
+    return {"total_bpd": torch.cat(totals), "prior_bpd": torch.cat(priors), "vb_sum": vb_sum}
