@@ -83,5 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         interrupt.finish()
     return rc
 
+
 if __name__ == "__main__":
     sys.exit(main())

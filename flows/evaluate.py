@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger, task
 
 from admflow.config import load_config
 from flows import stages
+from flows.hooks import PARENT_RUN_HOOKS
 from tasks.plan import plan_reproduce
 
 
@@ -24,7 +25,7 @@ def evaluate_checkpoint(cfg, ckpt: dict, reference_uri: str, num_samples: int) -
     return run(cfg, ckpt, reference_uri, num_samples)
 
 
-@flow(name="evaluate-periodic", log_prints=True)
+@flow(name="evaluate-periodic", log_prints=True, **PARENT_RUN_HOOKS)
 def evaluate_periodic(
     preset: str = "tiny",
     overrides: list[str] | None = None,

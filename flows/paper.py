@@ -11,10 +11,11 @@ from prefect.runtime import flow_run
 
 from admflow.config import ConfigError, load_config
 from admflow.paper import load_rows, locate_files
+from flows.hooks import PARENT_RUN_HOOKS
 from flows.sample import sample_released
 
 
-@flow(name="paper", log_prints=True)
+@flow(name="paper", log_prints=True, **PARENT_RUN_HOOKS)
 def paper(
     row: str,
     checkpoints: str,

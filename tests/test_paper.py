@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 
 import numpy as np
 import pytest
@@ -200,3 +201,66 @@ def test_two_stage_row_scores_the_upsampled_images(ray_session, tmp_path, capsys
     assert meta["kind"] == "upsample" and meta["classifier_scale"] == 1.0  # guided base
     manifest = json.loads((tmp_path / samples / "manifest.json").read_text())
     assert manifest["image_size"] == 32 and manifest["num_samples"] == 4
+
+
+def _task_runs_of(flow_run_id) -> list:
+    """The task runs of a flow run and of its subflow runs."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        sub = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+        ids = [flow_run_id, *(r.id for r in sub)]
+        return client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids))
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_corrupt_checkpoint_fails_once_and_its_runs_end_failed(ray_session, tmp_path):
+    """In the flow itself (the CLI refuses such a file before it starts the flow): bad input
+    is not retried, only transient faults are, and the row's MLflow parent run, with every
+    stage run under it, ends FAILED instead of staying RUNNING."""
+    from mlflow import MlflowClient
+
+    from admflow.tracking import setup_mlflow
+    from flows.paper import paper
+
+    released = tmp_path / "released"
+    released.mkdir()
+    # torch's zip layout holding a pickle that is not one: fails where the weights are loaded
+    with zipfile.ZipFile(released / "64x64_diffusion.pt", "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle\n" * 64)
+        z.writestr("archive/version", "3\n")
+    ref = tmp_path / "VIRTUAL_imagenet64_labeled.npz"
+    _reference_batch(ref)
+    overrides = [*SMALL, f"storage.root={tmp_path / 'store'}", f"evaluation.reference={ref}"]
+    state = paper(
+        row=ROW,
+        checkpoints=str(released),
+        num_samples=N,
+        overrides=overrides,
+        return_state=True,
+    )
+    assert state.is_failed(), state
+    failed = [t for t in _task_runs_of(state.state_details.flow_run_id) if t.state.is_failed()]
+    # the sample stage, and the task run that stands for the sample subflow in the row's flow
+    assert {t.name.split("-")[0] for t in failed} == {"sample"}, failed
+    assert [t.run_count for t in failed] == [1] * len(failed)  # not retried
+
+    experiment = setup_mlflow(load_config(load_rows().row(ROW).preset, overrides))
+    runs = MlflowClient().search_runs([experiment])
+    parents = [r for r in runs if r.data.tags.get("admflow.paper_row") == ROW]
+    assert [r.info.status for r in parents] == ["FAILED"]
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []

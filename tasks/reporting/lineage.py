@@ -150,7 +150,9 @@ def _manifest_dataset(manifest: dict, data_uri: str):
 
 def close_parent_runs(cfg: AdmConfig, flow_run_id: str, status: str) -> list[str]:
     """End the still-RUNNING parent runs of a Prefect flow run with ``status`` (FAILED,
-    KILLED), so that a flow that died does not stay RUNNING in MLflow; returns their ids."""
+    KILLED), and every stage run under them that is still RUNNING too, so that a flow that
+    died (or was interrupted while a training ran in another thread) leaves nothing RUNNING
+    in MLflow; returns the ids of the parents."""
     import mlflow
 
     experiment_id = setup_mlflow(cfg)
@@ -161,6 +163,17 @@ def close_parent_runs(cfg: AdmConfig, flow_run_id: str, status: str) -> list[str
         "attributes.status = 'RUNNING'",
     )
     parents = [r.info.run_id for r in runs if "admflow.flow" in r.data.tags]
-    for run_id in parents:
+    pending, seen = list(parents), set(parents)
+    while pending:  # the stage runs below, depth first (a sample run's evaluation, ...)
+        run_id = pending.pop()
+        children = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and "
+            "attributes.status = 'RUNNING'",
+        )
+        for child in children:
+            if child.info.run_id not in seen:
+                seen.add(child.info.run_id)
+                pending.append(child.info.run_id)
         client.set_terminated(run_id, status)
     return parents
