@@ -15,120 +15,30 @@ Ray's GPUs are logical: a node started with ``num_gpus=N`` offers N, CUDA or not
 from __future__ import annotations
 
 import math
-import os
-import socket
-import sys
 from dataclasses import dataclass
 from typing import Any
 
-from admflow.config import AdmConfig, ConfigError
+from admflow.config import AdmConfig
+from tasks.runtime.cluster import (
+    Cluster,
+    Node,
+    PlacementError,
+    cluster_for,
+    cuda_devices,
+    local_object_store_bytes,
+    probe_address,
+)
 
-GIB = 1024**3
-STAGES = ("train-diffusion", "train-classifier", "train-upsampler", "reference", "judge",
-          "sample", "upsample", "score")  # fmt: skip
-
-
-class PlacementError(ConfigError):
-    """A plan the cluster cannot place, or a device it does not have."""
-
-
-@dataclass(frozen=True)
-class Node:
-    cpus: float
-    gpus: float
+STAGES = ("shard", "train-diffusion", "train-classifier", "train-upsampler", "reference",
+          "judge", "sample", "upsample", "score")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Cluster:
-    """The Ray cluster's nodes; ``cuda_devices`` is what the driver's machine sees (known for
-    a local Ray only, where the workers run on this machine)."""
-
-    nodes: tuple[Node, ...]
-    local: bool = True
-    cuda_devices: int | None = None
-    address: str | None = None
-
-    @property
-    def cpus(self) -> float:
-        return sum(n.cpus for n in self.nodes)
-
-    @property
-    def gpus(self) -> float:
-        return sum(n.gpus for n in self.nodes)
-
-    @classmethod
-    def from_ray(cls, ray: Any, cfg: AdmConfig) -> Cluster:
-        """The live cluster of an initialised Ray."""
-        nodes = tuple(
-            Node(float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
-            for n in ray.nodes()
-            if n.get("Alive")
-        )
-        address = cfg.compute.ray_address
-        return cls(nodes, not address, None if address else cuda_devices(), address)
-
-    @classmethod
-    def local_for(cls, cfg: AdmConfig) -> Cluster:
-        """What the local Ray (tasks.runtime.ray_session) is started with, before it starts."""
-        cuda = cuda_devices()
-        gpus = cuda if cfg.compute.local_gpus is None else cfg.compute.local_gpus
-        cpus = cfg.compute.local_cpus or max(2, os.cpu_count() or 1)
-        return cls((Node(float(cpus), float(gpus)),), True, cuda, None)
-
-
-def cuda_devices() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def local_object_store_bytes(cfg: AdmConfig) -> int:
-    """``compute.object_store_gib``, by default a fifth of the memory within 1 to 8 GiB: the
-    ImageNet 256 network's weights (2.2 GB) and its classifier are put once per sampling pool
-    and each actor returns shards of up to ~200 MB; Ray's old 512 MiB made those spill."""
-    if cfg.compute.object_store_gib:
-        return int(cfg.compute.object_store_gib * GIB)
-    import psutil
-
-    return int(min(8 * GIB, max(1 * GIB, psutil.virtual_memory().total // 5)))
-
-
-def probe_address(address: str, timeout: float = 3.0) -> None:
-    """A one-line error, in seconds, when nothing listens at a Ray address (Ray itself
-    retries for minutes). ``auto`` and addresses without a port are left to Ray."""
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise PlacementError(
-            f"compute.ray_address={address} (default $RAY_ADDRESS): nothing answers at "
-            f"{host}:{port} ({e.strerror or type(e).__name__}); start the cluster, or unset "
-            "RAY_ADDRESS / set compute.ray_address=null to start a local Ray"
-        ) from None
-
-
-def cluster_for(cfg: AdmConfig) -> Cluster:
-    """The cluster the stages will run on. A local Ray is described without starting it; a
-    cluster address is probed, then asked (a short connection, closed again)."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return Cluster.from_ray(ray, cfg)
-    address = cfg.compute.ray_address
-    if not address:
-        return Cluster.local_for(cfg)
-    probe_address(address)
-    import logging
-
-    import ray
-
-    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-    try:
-        return Cluster.from_ray(ray, cfg)
-    finally:
-        ray.shutdown()
+__all__ = [
+    "STAGES", "Cluster", "Node", "PlacementError", "ResourcePlan", "StagePlacement",
+    "actors", "capacity", "checked_plan", "cluster_for", "cuda_devices",
+    "local_object_store_bytes", "probe_address", "reference_actors", "resource_plan",
+    "shard_tasks",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -141,7 +51,7 @@ class StagePlacement:
     cpus: float
     gpus: float
     batch: int
-    kind: str  # "train" (Ray Train workers), "actors" or "driver"
+    kind: str  # "train" (Ray Train workers), "actors", "tasks" (queued) or "driver"
     field: str  # the config field that sets ``workers``
     device: str = "auto"  # compute.device: where torch runs inside each worker
 
@@ -160,7 +70,8 @@ class StagePlacement:
         return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus > 0 else {})}
 
     def line(self) -> str:
-        where = {"train": "Ray Train workers", "actors": "actors", "driver": "in the driver"}
+        where = {"train": "Ray Train workers", "actors": "actors", "tasks": "Ray tasks at once",
+                 "driver": "in the driver"}  # fmt: skip
         count = "    " if self.kind == "driver" else f"{self.workers:3d} "
         return (
             f"{self.stage:17s} {count}{where[self.kind]:17s} {_num(self.cpus):>5s} CPU "
@@ -259,6 +170,14 @@ def training(cfg: AdmConfig, cluster: Cluster, stage: str) -> StagePlacement:
     )
 
 
+def shard_tasks(cfg: AdmConfig, cluster: Cluster) -> StagePlacement:
+    """Sharding: ``compute.num_workers`` Ray tasks in flight, one CPU each (decoding and
+    resizing are single-threaded); more wait in Ray's queue, so one node's worth suffices."""
+    cpus = min(1.0, max((n.cpus for n in cluster.nodes), default=1.0))
+    field = "compute.num_workers"
+    return StagePlacement("shard", cfg.compute.num_workers, cpus, 0.0, 0, "tasks", field, "cpu")
+
+
 def reference_actors(cfg: AdmConfig) -> int:
     """The reference features take half the evaluation workers: the trainings run beside."""
     return max(1, cfg.evaluation.workers // 2)
@@ -266,10 +185,11 @@ def reference_actors(cfg: AdmConfig) -> int:
 
 def resource_plan(cfg: AdmConfig, cluster: Cluster) -> ResourcePlan:
     """Every stage's placement on ``cluster`` (see the module's docstring)."""
+    stages = [shard_tasks(cfg, cluster)]
     kinds = ["train-diffusion"]
     kinds += ["train-classifier"] if cfg.classifier.enabled else []
     kinds += ["train-upsampler"] if cfg.upsampler.enabled else []
-    stages = [training(cfg, cluster, k) for k in kinds]
+    stages += [training(cfg, cluster, k) for k in kinds]
     stages.append(actors(cfg, cluster, "reference", reference_actors(cfg)))
     judge = StagePlacement("judge", 0, 0.0, 0.0, JUDGE_BATCH, "driver", "", "cpu")
     stages.append(judge)
@@ -345,7 +265,8 @@ class ResourcePlan:
             )
 
     def _check_stage(self, p: StagePlacement) -> None:
-        if p.kind == "driver" or capacity(self.cluster.nodes, p.cpus, p.gpus) >= p.workers:
+        need = 1 if p.kind == "tasks" else p.workers  # tasks queue; a pool must fit at once
+        if p.kind == "driver" or capacity(self.cluster.nodes, p.cpus, p.gpus) >= need:
             return
         c = self.cluster
         whole = sum(_whole(n.gpus) for n in c.nodes)

@@ -166,14 +166,16 @@ def shard_dataset(
 def _run_shards(cfg, source, plan, specs, uris, todo, workers, progress, records) -> list[str]:
     from tqdm import tqdm
 
+    from tasks.resources import Cluster, shard_tasks
     from tasks.runtime.ray_session import ensure_ray
 
     if not todo:
         return []
-    ray = ensure_ray(cfg)
+    ray = ensure_ray(cfg, "shard")
     _check_workers_read(ray, source)
     workers = workers or cfg.compute.num_workers
-    remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
+    placed = shard_tasks(cfg, Cluster.from_ray(ray, cfg))  # tasks.resources decides
+    remote = ray.remote(max_retries=2, **placed.ray_options())(build_shard)
     source_ref = ray.put(source)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=sum(len(plan[i]) for i in todo), unit="img", desc="sharding", disable=not show)
