@@ -17,8 +17,9 @@ presets, random weights: a network evaluation costs the same whatever the weight
   file of uint8 images), as the evaluation's actors run it, with TF32 off (the evaluator's
   fp32).
 
-Each phase starts from the TF32/cuDNN switches a fresh process has, sets only what it states,
-and gives the process its previous switches back when it ends (``models.fast.apply_plan``
+Each phase starts from the TF32/cuDNN switches a fresh process has (what it switches on itself,
+as production does, stays within it), and gives the process its previous switches back when it
+ends (``models.fast.apply_plan``
 switches TF32 on for the whole process; no phase may leak that into the next). Peak memory is
 reset at the start of each phase.
 
@@ -67,8 +68,8 @@ Keys of the printed JSON:
   batch of one worker; null where it gives none, e.g. for Inception), ``estimate`` (its
   parts: stage, batch, microbatch, precision, checkpointing, peak_per_image_gib, fixed_gib,
   states_gib), and ``notes`` (why a figure is null, where it was measured).
-* ``backend_flags.<phase>``: the switches at the phase's ``entry`` (after it set what it
-  states) and at its ``exit`` (what it leaves behind before they are restored):
+* ``backend_flags.<phase>``: the switches at the phase's ``entry`` (a fresh process's) and at
+  its ``exit`` (what it leaves behind before they are restored):
   ``matmul_allow_tf32``, ``cudnn_allow_tf32``, ``cudnn_benchmark``,
   ``float32_matmul_precision``.
 * ``errors``: a phase that failed on the GPU, e.g. out of memory (the others still run);
@@ -76,7 +77,8 @@ Keys of the printed JSON:
 
 Usage::
 
-    python benchmarks/gpu.py                       # one CUDA GPU, ~10 min on an H100
+    python benchmarks/gpu.py --out gpu.json        # one CUDA GPU, ~10 min on an H100
+    python benchmarks/gpu.py --phases sampling guided && python benchmarks/gpu.py --phases training inception
     python benchmarks/gpu.py --phases sampling     # some parts (sampling guided training inception)
     python benchmarks/gpu.py --cpu-smoke           # tiny sizes on the CPU, the same functions (CI)
     python benchmarks/gpu.py --write-costs         # the guided 256 figure into admflow/costs.yaml
@@ -208,15 +210,13 @@ class Run:
         self.fresh = backend_flags()
 
     @contextlib.contextmanager
-    def phase(self, name: str, tf32_on: bool | None = None) -> Iterator[dict[str, Any]]:
-        """One phase: the fresh process's switches (TF32 set to ``tf32_on`` where the phase
-        states it), peak memory reset, restored afterwards; yields the phase's memory entry
-        (the body adds its estimate, or figures measured elsewhere). On the GPU a failure is
-        recorded and the run goes on; --cpu-smoke raises it."""
+    def phase(self, name: str) -> Iterator[dict[str, Any]]:
+        """One phase: the fresh process's switches and peak memory reset, the switches before
+        it restored afterwards; yields the phase's memory entry (the body adds its estimate,
+        or figures measured elsewhere). On the GPU a failure is recorded and the run goes on;
+        --cpu-smoke raises it."""
         before = backend_flags()
         set_backend_flags(self.fresh)
-        if tf32_on is not None:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32_on
         flags = {"entry": backend_flags()}
         cuda = self.device.type == "cuda"
         if cuda:
@@ -548,10 +548,7 @@ def inception_rate(run: Run, path: str | None, tmp: str, mem: dict) -> dict[str,
         "features": {k: list(v.shape) for k, v in feats.items() if k != "image_hw"},
         "seconds": runs[1:],
         "images_per_s": n / min(runs[1:]),
-        "tf32": {
-            "matmul": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn": torch.backends.cudnn.allow_tf32,
-        },
+        "tf32": seen,
     }
 
 
@@ -595,6 +592,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--guided-batch", type=int, default=0, help="(b) default: preset's batch")
     ap.add_argument("--train-steps", type=int, default=5, help="(d) timed training steps")
     ap.add_argument("--write-costs", action="store_true", help="record (b) in admflow/costs.yaml")
+    ap.add_argument("--out", help="also write the JSON here, updated after every phase")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
@@ -616,22 +614,32 @@ def versions(run: Run) -> dict[str, Any]:
 
 def run_phases(run: Run, args: argparse.Namespace, tmp: str) -> None:
     report = run.report
+
+    def save() -> None:  # after each phase: a run cut short still leaves what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+
     if "sampling" in args.phases:
         with run.phase("sampling") as mem:
             report["sampler_vs_guided_diffusion"] = sampler_vs_guided_diffusion(
                 run, args.batch, args.steps, mem
             )
+        save()
     if "guided" in args.phases:
         with run.phase("guided") as mem:
             report["guided_256"] = guided_256(run, args.guided_batch, args.steps, mem)
+        save()
     if "training" in args.phases:
         for preset in TRAIN_PRESETS[1:] if run.smoke else TRAIN_PRESETS:
             with run.phase(f"training.{preset}") as mem:
                 entry = ray_training(run, preset, tmp, args.train_steps, mem)
                 report.setdefault("training", {})[preset] = entry
+            save()
     if "inception" in args.phases:
-        with run.phase("inception", tf32_on=False) as mem:  # the evaluator's fp32
+        # from a fresh process's switches (cuDNN's TF32 on): FeatureWorker turns TF32 off itself
+        with run.phase("inception") as mem:
             report["inception"] = inception_rate(run, args.inception, tmp, mem)
+        save()
 
 
 def main(argv: list[str] | None = None) -> None:
