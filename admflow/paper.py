@@ -189,3 +189,90 @@ def locate_files(
     if missing:
         raise storage.StorageError(f"paper row {row.id}: " + "; ".join(missing))
     return found
+
+
+# ---------------------------------------------------------------------------- the ancestors
+
+ANCESTORS = CONFIG_DIR / "paper" / "ancestors.yaml"
+ANCESTOR_PREFIXES = {
+    "improved-ddpm": "https://openaipublic.blob.core.windows.net/diffusion/march-2021/"
+}
+AncestorMetric = Literal["nll_bpd", "fid"]
+
+
+class AncestorPublished(_Strict):
+    """The paper's own figures for the model (None: not transcribed from its full text)."""
+
+    nll_bpd: float | None = Field(None, gt=0, description="variational bound, bits/dim")
+    fid: float | None = Field(None, gt=0)
+    table: str | None = Field(None, pattern=r"^Table \d+$")
+    page: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _cited(self) -> AncestorPublished:
+        has_figure = self.nll_bpd is not None or self.fid is not None
+        if has_figure and (self.table is None or self.page is None):
+            raise ValueError("a published figure needs the table and page it comes from")
+        return self
+
+    def figures(self) -> str:
+        shown = [
+            f"{label} {value:g}"
+            for label, value in (("NLL", self.nll_bpd), ("FID", self.fid))
+            if value is not None
+        ]
+        if not shown:
+            return "published figures not transcribed"
+        return ", ".join(shown) + f" ({self.table}, p. {self.page})"
+
+
+class AncestorRow(_Strict):
+    """One released model of an ancestor paper, the preset that loads it, its figures."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    paper: Literal["improved-ddpm"]
+    description: str
+    preset: str
+    file: str
+    metrics: list[AncestorMetric] = Field(min_length=1)
+    published: AncestorPublished
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _noted(self) -> AncestorRow:
+        p = self.published
+        if p.nll_bpd is None and p.fid is None and not self.note:
+            raise ValueError("a row without published figures needs a note saying why")
+        return self
+
+
+class AncestorRegistry(_Strict):
+    files: dict[str, str]
+    rows: list[AncestorRow] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _links(self) -> AncestorRegistry:
+        ids = [r.id for r in self.rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"row ids are not unique: {ids}")
+        for row in self.rows:
+            url = self.files.get(row.file)
+            if url is None:
+                raise ValueError(f"row {row.id}: {row.file} has no entry under files")
+            prefix = ANCESTOR_PREFIXES[row.paper]
+            if not url.startswith(prefix) or not url.endswith("/" + row.file):
+                raise ValueError(f"files.{row.file}: {url} is not a released download address")
+        return self
+
+
+def load_ancestor_rows(path: Path = ANCESTORS) -> AncestorRegistry:
+    """The validated registry of the ancestors' models; every preset must load."""
+    try:
+        registry = AncestorRegistry.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path.name}: {loc}: {first['msg']}") from None
+    for row in registry.rows:
+        load_config(row.preset)
+    return registry

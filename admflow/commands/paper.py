@@ -69,11 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from admflow.paper import load_rows
+    from admflow.paper import load_ancestor_rows, load_rows
 
-    registry = load_rows()
+    registry, ancestors = load_rows(), load_ancestor_rows()
     if args.json:
-        print(json.dumps(registry.model_dump(mode="json"), indent=2))
+        dump = registry.model_dump(mode="json") | {"ancestors": ancestors.model_dump(mode="json")}
+        print(json.dumps(dump, indent=2))
         return 0
     for row in registry.rows:
         p = row.published
@@ -83,6 +84,12 @@ def _list(args: argparse.Namespace) -> int:
             print(f"    note: {row.note}")
         for name in row.files():
             print(f"    {name:32s} {registry.url(name)}")
+    for arow in ancestors.rows:  # the ancestors' released models (Improved DDPM)
+        print(f"{arow.id:31s} [{arow.paper}] {arow.published.figures()}  {arow.description}")
+        print(f"    preset: {arow.preset}; metrics: {', '.join(arow.metrics)}")
+        if arow.note:
+            print(f"    note: {arow.note}")
+        print(f"    {arow.file:32s} {ancestors.files[arow.file]}")
     return 0
 
 
