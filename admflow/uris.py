@@ -117,6 +117,16 @@ def shown_tracking_uri(uri: str) -> str:
     return f"{scheme}://{user or ''}:{MASK}@{rest}" if password else f"{scheme}://{MASK}@{rest}"
 
 
+def prefect_ui_without_credentials() -> None:
+    """Prefect prints "View at <UI URL>" for every flow run, and derives that URL from
+    PREFECT_API_URL, userinfo included: point it at the bare one (the API calls still carry
+    the userinfo, as basic auth). Call before Prefect is imported: it reads its settings once."""
+    api = os.environ.get("PREFECT_API_URL", "")
+    if has_userinfo(api) and not os.environ.get("PREFECT_UI_URL"):
+        bare = split_userinfo(api)[0].rstrip("/")
+        os.environ["PREFECT_UI_URL"] = bare.removesuffix("/api")
+
+
 def basic_auth_header() -> dict[str, str]:
     """The Authorization header MLflow itself would send, for the reachability probe."""
     import base64

@@ -322,3 +322,19 @@ def test_the_ray_runtime_env_carries_no_credentials(monkeypatch):
     assert forwarded == {"ADMFLOW_STORAGE_ROOT": "s3://bucket/root"}
     # the driver's environment, which a local session's workers inherit, holds them instead
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
+
+
+def test_prefect_links_carry_no_credentials(tmp_path):
+    """Prefect prints "View at <UI URL>" for each flow run, the URL derived from the API's."""
+    code = (
+        "from admflow.uris import prefect_ui_without_credentials\n"
+        "prefect_ui_without_credentials()\n"
+        "from prefect.settings import get_current_settings\n"
+        "print(get_current_settings().ui_url)\n"
+    )
+    env = {**os.environ, "PREFECT_API_URL": "http://u:PLANTEDprefect@127.0.0.1:4200/api"}
+    env.pop("PREFECT_UI_URL", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.stdout.strip() == "http://127.0.0.1:4200", out.stderr[-2000:]

@@ -109,7 +109,9 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's ephemeral API server needs longer than its 20 s default on a busy 2-core box.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from admflow.uris import scrub_overrides
+    from admflow.uris import prefect_ui_without_credentials, scrub_overrides
+
+    prefect_ui_without_credentials()  # before Prefect reads its settings
     from flows.paper import paper
 
     result = paper(

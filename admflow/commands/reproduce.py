@@ -53,13 +53,15 @@ def run_reproduce(preset: str, overrides: list[str]) -> dict:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's ephemeral API server needs longer than its 20 s default on a busy 2-core box.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from admflow.uris import scrub_overrides
+    from admflow.uris import prefect_ui_without_credentials, scrub_overrides
 
+    prefect_ui_without_credentials()  # its "View at" links: no user:password@
     cfg = load_config(preset, overrides)
     cfg.check_pipeline()  # before Prefect and Ray start
     # storage, reference, Inception (the bundled weights come with the `fid` extra), placement
     preflight(cfg, reproduce_inputs(cfg))
     from flows.reproduce import reproduce  # Prefect's import is seconds: after the checks
+
     # Prefect records the parameters: credentials in a URI move out of them (admflow.uris).
     return reproduce(preset=preset, overrides=scrub_overrides(overrides))
 
