@@ -179,14 +179,15 @@ def execution(args: argparse.Namespace, cfg: AdmConfig) -> ExecutionOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.sampling.build import build_spec
-    from tasks.sampling.sample_set import sample_set
-    from tasks.sampling.spec import default_scale
-
     given = args.classifier_scale is not None
     args.scales = [args.classifier_scale] if given else None
     args.class_list = parse_classes(args.classes)
     cfg = config_from_args(args, SAMPLE_FLAGS)
+    local_abs(args.out)  # a URL in a form admflow cannot use: before torch is imported
+    from tasks.sampling.build import build_spec
+    from tasks.sampling.sample_set import sample_set
+    from tasks.sampling.spec import default_scale
+
     scales = cfg.sampling.classifier_scales
     # An explicit scale is used as given; whether it means guidance is cfg.sampling.guided's.
     scale = scales[0] if given else default_scale(scales, args.classifier is not None)

@@ -63,14 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tasks.training.launch import NonFiniteLossError, train
-
     cfg = config_from_args(args)
     run_name = args.run_name or f"{args.kind}-{cfg.name}"
+    data = local_abs(args.data)
     check_outputs(cfg)
     check_resources(cfg, (f"train-{args.kind}",))
+    from tasks.training.launch import NonFiniteLossError, train  # torch: after the checks
+
     try:
-        out = train(args.kind, cfg, local_abs(args.data), run_name, max_failures=args.max_failures)
+        out = train(args.kind, cfg, data, run_name, max_failures=args.max_failures)
     except NonFiniteLossError as e:
         print(f"admflow train: {e}")
         return 1
