@@ -61,7 +61,8 @@ Keys of the printed JSON:
 * ``memory.<phase>`` (c), for the phases ``sampling``, ``guided``, ``training.<preset>`` and
   ``inception``: ``peak_gpu_gib`` (torch.cuda.max_memory_allocated after
   reset_peak_memory_stats at the phase's start; the training phases' figure is the Ray
-  Train worker's own, which allocates in another process), ``peak_rss_gib`` (the process's
+  Train worker's own, which allocates in another process; ``sampling`` holds both paths and
+  the float32 reference at once, so ``guided`` is the one to set beside the estimate), ``peak_rss_gib`` (the process's
   peak resident memory, its counter reset at the phase's start where the kernel allows),
   ``estimate_gib`` (the memory model's per-GPU peak, tasks.memory.estimate_memory, for the
   same work: stage "sample" at the phase's sampling batch, "train-diffusion" at the per-GPU
@@ -303,6 +304,10 @@ def sampler_vs_guided_diffusion(run: Run, batch: int, steps: int, mem: dict) -> 
     """(a) The production sampler against guided-diffusion's way, guided 256 px, same GPU."""
     released, net, production, baseline, fp16 = guided_samplers(run, batch, steps)
     memory_estimate("sampling", released.cfg, mem)
+    mem["notes"].append(
+        "holds both paths' networks and a float32 copy: the estimate is one sampler's "
+        "(guided is the like-for-like figure)"
+    )
     labels, _ = released.inputs(batch)
     paths = {
         "production": (production, production.plan.tf32),
