@@ -80,7 +80,7 @@ def test_prefect_yaml_deployments_entrypoints_and_cron():
 
     p = _load("prefect.yaml")
     deps = {d["name"]: d for d in p["deployments"]}
-    assert set(deps) == {"reproduce", "evaluate-periodic", "sample", "paper"}
+    assert set(deps) == {"reproduce", "evaluate-periodic", "sample", "paper", "nll"}
     for d in deps.values():
         path, func = d["entrypoint"].split(":")
         assert (REPO / path).exists()

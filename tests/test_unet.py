@@ -30,8 +30,22 @@ RELEASED_UNET_PARAMS = {
     "lsun-bedroom": 552e6,
     "lsun-cat": 552e6,
     "lsun-horse": 552e6,
+    # Improved DDPM's released models (tests/test_iddpm_layouts.py checks them key by key); the
+    # upsampler's preset keeps the class-conditional ImageNet 64 model as its base
+    "iddpm-imagenet64-hybrid": 121.1e6,
+    "iddpm-imagenet64-vlb": 121.1e6,
+    "iddpm-cifar10-hybrid": 52.5e6,
+    "iddpm-cifar10-vlb": 52.5e6,
+    "iddpm-imagenet64-cond": 273.0e6,
+    "iddpm-upsampler256": 273.0e6,
+    "iddpm-lsun-bedroom-lr1e-4": 113.7e6,
+    "iddpm-lsun-bedroom-lr2e-5": 113.7e6,
 }
-RELEASED_UPSAMPLER_PARAMS = {"upsampler64-256": 312e6, "upsampler128-512": 309e6}
+RELEASED_UPSAMPLER_PARAMS = {
+    "upsampler64-256": 312e6,
+    "upsampler128-512": 309e6,
+    "iddpm-upsampler256": 279.8e6,
+}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
