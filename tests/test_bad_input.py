@@ -11,7 +11,6 @@ cases (flags, impossible configs, broken checkpoints, YAML errors).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -27,24 +26,10 @@ import torch
 
 from admflow.cli import main
 from admflow.config import load_config
-from tests.test_hardening import _refuse_ray, assert_no_ray  # noqa: F401  (autouse fixture)
+from tests.test_hardening import LIMIT_S, _refuse_ray, assert_no_ray, tree_hash  # noqa: F401
 
 ADMFLOW = str(Path(sys.executable).parent / "admflow")
-# Generous: the point is "before the expensive start-up", not a benchmark (a loaded 2-core
-# machine takes seconds to import torch); the unguarded runs took 13 s to minutes.
-LIMIT_S = 20.0
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare") is not None
-
-
-def tree_hash(*roots: Path) -> str:
-    """Names and bytes of every file under ``roots``."""
-    h = hashlib.sha256()
-    for root in roots:
-        for path in sorted(Path(root).rglob("*")) if Path(root).exists() else []:
-            h.update(str(path).encode())
-            if path.is_file():
-                h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def bad_input(capsys, argv: list[str], *names: str, store: Path | None = None) -> str:

@@ -6,6 +6,7 @@ code and stderr; none of them may start Ray.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,10 +27,37 @@ REPO = Path(__file__).resolve().parent.parent
 ADMFLOW = str(Path(sys.executable).parent / "admflow")
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
+# Generous: "before the expensive start-up", not a benchmark (a loaded 2-core machine takes
+# seconds to import torch); the unguarded runs took 13 s to minutes.
+LIMIT_S = 20.0
+
+
+def tree_hash(*roots: Path) -> str:
+    """Names and bytes of every file under ``roots``."""
+    h = hashlib.sha256()
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")) if Path(root).exists() else []:
+            h.update(str(path).encode())
+            if path.is_file():
+                h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def run_cli(capsys, *argv: str, store: Path | None = None) -> tuple[int, str]:
+    """The CLI in this process. A refusal (rc 2) must be one line without a traceback, come
+    within LIMIT_S and leave ``store`` (hashed before and after) as it was."""
+    before = tree_hash(store) if store else ""
+    capsys.readouterr()
+    t0 = time.perf_counter()
     rc = main(list(argv))
-    err = capsys.readouterr().err.strip()
-    return rc, err
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    if rc == 2:
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert elapsed < LIMIT_S, elapsed
+        if store:
+            assert tree_hash(store) == before, "the store changed"
+    return rc, err.strip()
 
 
 _RAY_REACHED: list[str] = []
@@ -80,7 +108,9 @@ def assert_no_ray() -> None:
 )
 def test_sample_flags_are_validated_like_config_fields(tmp_path, capsys, flags, expected):
     out = tmp_path / "out"
-    rc, err = run_cli(capsys, "sample", "--checkpoint", "nowhere", "--out", str(out), *flags)
+    rc, err = run_cli(
+        capsys, "sample", "--checkpoint", "nowhere", "--out", str(out), *flags, store=tmp_path
+    )
     assert rc == 2
     assert expected in err and err.startswith("admflow sample: ")
     assert "\n" not in err  # one line
@@ -154,7 +184,7 @@ def test_relative_paths_are_resolved_at_the_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "store" / "data").mkdir(parents=True)
     (tmp_path / "store" / "data" / "manifest.json").write_text('{"format": "other"}')
-    rc, err = run_cli(capsys, "train", "diffusion", "--data", "store/data")
+    rc, err = run_cli(capsys, "train", "diffusion", "--data", "store/data", store=tmp_path)
     # The manifest was found by its absolute path, the one the Ray workers would get.
     assert rc == 2 and f"{tmp_path}/store/data/manifest.json: not an admflow-shards/1" in err
     from admflow.commands.common import local_abs
@@ -211,7 +241,7 @@ def test_yaml_syntax_errors_and_tabs_in_a_preset(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("base: tiny\nsampling: {num_samples: 4\n")
     for path, line in ((tab, "line 3"), (broken, "line 3")):
-        rc, err = run_cli(capsys, "config", "show", str(path))
+        rc, err = run_cli(capsys, "config", "show", str(path), store=tmp_path)
         assert rc == 2 and f"preset {path}: YAML syntax error at {line}" in err
         assert "tabs" in err and "\n" not in err
 
@@ -242,7 +272,9 @@ def test_broken_checkpoints_fail_before_ray(tmp_path, capsys, case):
         ckpt.mkdir()
         expected = "is a directory without meta.json"
     t0 = time.perf_counter()
-    rc, err = run_cli(capsys, "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"))
+    rc, err = run_cli(
+        capsys, "sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), store=tmp_path
+    )
     assert rc == 2 and expected in err and str(ckpt) in err and "\n" not in err
     assert time.perf_counter() - t0 < 20
     assert_no_ray()
@@ -251,7 +283,7 @@ def test_broken_checkpoints_fail_before_ray(tmp_path, capsys, case):
 def test_shard_destination_that_is_a_file(tmp_path, capsys):
     dest = tmp_path / "dest"
     dest.write_text("not a directory")
-    rc, err = run_cli(capsys, "shard", "demo", str(dest))
+    rc, err = run_cli(capsys, "shard", "demo", str(dest), store=tmp_path)
     assert rc == 2 and f"shard destination {dest} is a file" in err
     assert_no_ray()
 
@@ -267,7 +299,9 @@ def test_frechet_distance_that_cannot_converge_is_an_error(tmp_path, capsys):
         return str(path)
 
     ref, samples = feature_file("ref.npz", 1.0), feature_file("samples.npz", 1e160)
-    rc, err = run_cli(capsys, "evaluate", ref, samples, "--no-mlflow", "--workers", "0")
+    rc, err = run_cli(
+        capsys, "evaluate", ref, samples, "--no-mlflow", "--workers", "0", store=tmp_path
+    )
     assert rc == 2 and "the Frechet distance does not converge" in err
     assert_no_ray()
 
