@@ -119,6 +119,18 @@ def setup_mlflow(cfg: AdmConfig) -> str:
     return exp.experiment_id
 
 
+def check_experiment(cfg: AdmConfig) -> None:
+    """Before a pipeline starts: the store answers and an existing experiment keeps its
+    artifacts under this storage root (see :func:`check_artifact_location`). Creates at most
+    the local sqlite store, which the run would create anyway."""
+    import mlflow
+
+    uri = check_tracking(cfg)
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        check_artifact_location(cfg, uri, exp)
+
+
 def check_artifact_location(cfg: AdmConfig, tracking_uri: str, exp: Any) -> None:
     """An existing experiment keeps the artifact location it was created with: one made
     under another storage root (a typo'd bucket, say) would send every model there."""

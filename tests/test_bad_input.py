@@ -158,6 +158,23 @@ def test_an_experiment_kept_under_another_root_is_an_error(capsys, store, tmp_pa
     assert "tracking.experiment=" in err and "mlflow experiments delete" in err
 
 
+def test_reproduce_into_an_experiment_kept_under_another_root(capsys, store, tmp_path):
+    """The same, for the pipeline: refused before Prefect and Ray start."""
+    from admflow.tracking import setup_mlflow
+
+    tracking = f"sqlite:///{tmp_path / 'shared.db'}"
+    setup_mlflow(load_config("tiny", [f"storage.root={tmp_path / 'typo'}",
+                                      f"tracking.tracking_uri={tracking}"]))  # fmt: skip
+    argv = [
+        "reproduce",
+        "--set",
+        f"storage.root={store}",
+        "--set",
+        f"tracking.tracking_uri={tracking}",
+    ]
+    bad_input(capsys, argv, "MLflow experiment 'admflow'", str(tmp_path / "typo"), store=store)
+
+
 # ----------------------------------------------------------------------------- 6: checkpoints
 
 

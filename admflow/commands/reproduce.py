@@ -60,6 +60,9 @@ def run_reproduce(preset: str, overrides: list[str]) -> dict:
     cfg.check_pipeline()  # before Prefect and Ray start
     # storage, reference, Inception (the bundled weights come with the `fid` extra), placement
     preflight(cfg, reproduce_inputs(cfg))
+    from admflow.tracking import check_experiment
+
+    check_experiment(cfg)  # reachable, and not keeping its artifacts under another root
     from flows.reproduce import reproduce  # Prefect's import is seconds: after the checks
 
     # Prefect records the parameters: credentials in a URI move out of them (admflow.uris).
