@@ -72,6 +72,10 @@ def guard(command: str) -> Iterator[None]:
     watcher.start()
     try:
         yield
+    except BaseException as e:
+        if not isinstance(e, Exception):  # KeyboardInterrupt, or what Prefect or Ray raise
+            STOP.wait(1.0)  # for a signal on its way to the watcher: then this is a stop
+        raise
     finally:
         if not STOP.is_set():  # while stopping, a second signal must stay harmless
             signal.set_wakeup_fd(old_fd)
@@ -83,6 +87,7 @@ def guard(command: str) -> Iterator[None]:
 def _raise_interrupt(signum: int, frame: object) -> None:
     """The main thread's side: unwind (the watcher does the stopping)."""
     _state.setdefault("signum", signum)
+    STOP.set()  # at once: the main thread must see a stop, not a plain KeyboardInterrupt
     if not _state.get("raised"):  # once: a second Ctrl-C must not break the unwinding
         _state["raised"] = True
         raise KeyboardInterrupt
