@@ -176,3 +176,44 @@ def test_the_prefect_flow_gives_the_same_bound(inputs, tmp_path, ray_session):
     local = run(cfg, ckpt, data, tmp_path / "local")
     assert result["complete"] and result["mlflow_run_id"]
     assert result["nll_bpd"] == pytest.approx(local["nll_bpd"], rel=1e-6)
+
+
+def test_the_command_prints_bits_per_dim_and_wall_time(inputs, tmp_path, capsys):
+    from admflow.cli import main
+
+    cfg, ckpt, data, _ = inputs
+    argv = [
+        "nll", "--config", "tiny", "--checkpoint", ckpt, "--data", data, "--workers", "0",
+        "--shard-size", str(SHARD), "--batch-size", str(BATCH), "--no-mlflow", "--no-progress",
+        "--out", str(tmp_path / "out"),
+        "--set", f"diffusion.steps={STEPS}", "--set", f"sampling.timestep_respacing='{STEPS}'",
+        "--set", f"storage.root={tmp_path / 'store'}", "--set", "compute.device=cpu",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    want = storage.read_json(str(tmp_path / "out" / "result.json"))["nll_bpd"]
+    assert (
+        line.startswith(f"NLL {want:.4f} ± ") and f"over {IMAGES} images, {STEPS} timesteps" in line
+    )
+    assert "wall time" in line
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("missing.npz", "test set .*missing.npz not found"),
+        ("bad.npz", "arr_0 is float64 .*expected uint8"),
+    ],
+)
+def test_bad_test_sets_are_one_line_errors(inputs, tmp_path, capsys, data, message):
+    import re
+
+    from admflow.cli import main
+
+    _, ckpt, _, _ = inputs
+    np.savez(tmp_path / "bad.npz", np.zeros((2, 16, 16, 3)))
+    argv = ["nll", "--config", "tiny", "--checkpoint", ckpt, "--data", str(tmp_path / data)]
+    argv += ["--no-mlflow", "--set", f"storage.root={tmp_path / 'store'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and re.search(message, err), err
