@@ -73,7 +73,7 @@ def guard(command: str) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        if not isinstance(e, Exception):  # KeyboardInterrupt, or what Prefect or Ray raise
+        if _from_a_signal(e):
             STOP.wait(1.0)  # for a signal on its way to the watcher: then this is a stop
         raise
     finally:
@@ -82,6 +82,14 @@ def guard(command: str) -> Iterator[None]:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             os.close(write_fd)  # the watcher reads end of file and returns
+
+
+def _from_a_signal(e: BaseException) -> bool:
+    """What the main thread sees of SIGINT or SIGTERM: a KeyboardInterrupt, Prefect's
+    TerminationSignal, or the SystemExit(15) of the handler Ray installs in a driver."""
+    if isinstance(e, SystemExit):
+        return e.code in SIGNALS
+    return isinstance(e, KeyboardInterrupt) or type(e).__name__ == "TerminationSignal"
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
