@@ -46,8 +46,8 @@ def network_row(label: str, preset: str, section_name: str) -> dict[str, Any]:
         if ckpt and section_name == "classifier":
             continue  # the classifier has no checkpointing switch
         prof = profile(*network_pass(section, use_checkpoint=ckpt), "train", half, batches=(1, 2))
-        row[f"{name} saved"] = round(prof.saved_per_image / GIB, 3)
-        row[f"{name} peak"] = round(prof.peak_per_image / GIB, 3)
+        row[f"{name} saved"] = float(f"{prof.saved_per_image / GIB:.3g}")
+        row[f"{name} peak"] = float(f"{prof.peak_per_image / GIB:.3g}")
     return row
 
 
