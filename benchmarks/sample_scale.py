@@ -204,6 +204,9 @@ def sample_overrides(args: argparse.Namespace, store: str, address: str) -> list
         f"sampling.num_samples={args.num_samples}",
         "sampling.workers=2",
         "compute.torch_threads=1",
+        # its own MLflow experiment: a demo store copied elsewhere keeps the demo's experiment
+        # with artifacts at the old location, which sample refuses
+        "tracking.experiment=sample-scale",
     ]
 
 
