@@ -8,6 +8,11 @@ that script's default, never admflow's (e.g. no ``--timestep_respacing`` samples
 step with DDPM, as guided-diffusion does). A flag admflow has no setting for is refused with the
 reason; a path is ignored (admflow's commands take paths themselves). The result is validated
 like any preset.
+
+``codebase="improved-diffusion"`` reads the flags of Improved DDPM's README the same way, as
+improved-diffusion's scripts read them: their own flags and defaults (timesteps and learned
+sigmas rescaled unless turned off, no head width, resampling ResBlocks or new attention order),
+its image sizes only.
 """
 
 from __future__ import annotations
