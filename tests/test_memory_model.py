@@ -64,7 +64,7 @@ def test_the_peak_line_bounds_the_counted_peak_from_above(batch):
 
 
 def test_half_precision_and_checkpointing_shrink_the_activations():
-    unet = load_config("bench-32").model
+    unet = load_config("tiny").model
     fp32 = profile(*network_pass(unet), "train", half=False)
     fp16 = profile(*network_pass(unet), "train", half=True)
     ckpt = profile(*network_pass(unet, use_checkpoint=True), "train", half=True)
@@ -77,21 +77,19 @@ def test_half_precision_and_checkpointing_shrink_the_activations():
 
 
 def test_an_estimate_over_budget_names_the_microbatch_that_fits():
-    cfg = load_config("bench-32", ["memory.gpu_gb=1", "training.batch_size=256"])
-    est = estimate_memory(cfg)
+    unguided = ["classifier.enabled=false", "sampling.classifier_scales=[0.0]"]
+    small = ["memory.gpu_gb=1", "training.batch_size=256", *unguided]
+    est = estimate_memory(load_config("bench-32", small))
+    assert est.stage_names == ("train-diffusion", "sample")
     s = est.stage("train-diffusion")
     assert not s.fits and s.microbatch == 128  # 256 over the default 2 workers
     fitting = s.largest_fitting_microbatch()
     assert 0 < fitting < 128
     with pytest.raises(ConfigError, match=f"training.microbatch={fitting} or smaller"):
         est.check()
-    ok = estimate_memory(
-        load_config(
-            "bench-32",
-            ["memory.gpu_gb=1", "training.batch_size=256", f"training.microbatch={fitting}"],
-        )
-    )
-    assert ok.stage("train-diffusion").fits
+    ok = estimate_memory(load_config("bench-32", [*small, f"training.microbatch={fitting}"]))
+    assert ok.stage("train-diffusion").fits and ok.stage("train-diffusion").peak <= s.budget
+    ok.check()
 
 
 def test_the_upsampler_trains_at_its_own_batch():
