@@ -56,8 +56,8 @@ def inputs(tmp_path_factory):
     return cfg, str(root / "tiny.pt"), str(root / "test.npz"), net.eval()
 
 
-def run(cfg, ckpt, data, out, workers=0, seed=0, max_shards=None) -> dict:
-    test = load_test_set(data)
+def run(cfg, ckpt, data, out, workers=0, seed=0, max_shards=None, limit=None) -> dict:
+    test = load_test_set(data, limit)
     spec = build_nll_spec(cfg, ckpt, test, shard_size=SHARD, batch_size=BATCH, seed=seed)
     options = NllOptions(workers=workers, device="cpu", max_shards=max_shards, progress=False)
     return compute_bound(cfg, spec, test, str(out), options)
@@ -217,3 +217,19 @@ def test_bad_test_sets_are_one_line_errors(inputs, tmp_path, capsys, data, messa
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and re.search(message, err), err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_shard_set_gives_the_bound_of_the_same_images_as_an_npz(inputs, tmp_path, ray_session):
+    from tasks.data.shard import shard_dataset
+
+    cfg, ckpt, _, _ = inputs
+    shard_dataset(cfg, "demo", str(tmp_path / "demo"), progress=False)
+    test = load_test_set(str(tmp_path / "demo"), limit=5)
+    assert test.images.shape == (5, 16, 16, 3) and test.labels is not None
+    np.savez(tmp_path / "same.npz", test.images, test.labels)
+    from_shards = run(cfg, ckpt, str(tmp_path / "demo"), tmp_path / "a", limit=5)
+    from_npz = run(cfg, ckpt, str(tmp_path / "same.npz"), tmp_path / "b")
+    assert from_shards["num_images"] == 5 == from_npz["num_images"]
+    np.testing.assert_array_equal(per_image(tmp_path / "a"), per_image(tmp_path / "b"))
