@@ -72,12 +72,19 @@ def cuda_devices() -> int:
 def local_object_store_bytes(cfg: AdmConfig) -> int:
     """``compute.object_store_gib``, by default a fifth of the memory within 1 to 8 GiB: the
     ImageNet 256 network's weights (2.2 GB) and its classifier are put once per sampling pool
-    and each actor returns shards of up to ~200 MB; Ray's old 512 MiB made those spill."""
+    and each actor returns shards of up to ~200 MB; Ray's old 512 MiB made those spill. Kept
+    within /dev/shm where that holds at least 1 GiB (beyond it Ray falls back to disk)."""
     if cfg.compute.object_store_gib:
         return int(cfg.compute.object_store_gib * GIB)
     import psutil
 
-    return int(min(8 * GIB, max(1 * GIB, psutil.virtual_memory().total // 5)))
+    size = min(8 * GIB, max(1 * GIB, psutil.virtual_memory().total // 5))
+    try:
+        shm = os.statvfs("/dev/shm")
+        size = min(size, max(1 * GIB, int(shm.f_bavail * shm.f_frsize * 0.9)))
+    except OSError:  # no /dev/shm (not Linux)
+        pass
+    return int(size)
 
 
 def probe_address(address: str, timeout: float = 3.0) -> None:
