@@ -245,7 +245,12 @@ def test_corrupt_checkpoint_fails_once_and_its_runs_end_failed(ray_session, tmp_
         z.writestr("archive/version", "3\n")
     ref = tmp_path / "VIRTUAL_imagenet64_labeled.npz"
     _reference_batch(ref)
-    overrides = [*SMALL, f"storage.root={tmp_path / 'store'}", f"evaluation.reference={ref}"]
+    overrides = [
+        *SMALL,
+        f"storage.root={tmp_path / 'store'}",
+        f"evaluation.reference={ref}",
+        "compute.use_gpu=false",  # the 64x64 row's preset asks for a GPU
+    ]
     state = paper(
         row=ROW,
         checkpoints=str(released),
@@ -253,7 +258,7 @@ def test_corrupt_checkpoint_fails_once_and_its_runs_end_failed(ray_session, tmp_
         overrides=overrides,
         return_state=True,
     )
-    assert state.is_failed(), state
+    assert state.is_failed() and "Weights only load failed" in state.message, state
     failed = [t for t in _task_runs_of(state.state_details.flow_run_id) if t.state.is_failed()]
     # the sample stage, and the task run that stands for the sample subflow in the row's flow
     assert {t.name.split("-")[0] for t in failed} == {"sample"}, failed
