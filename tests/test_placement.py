@@ -443,7 +443,8 @@ def two_node_cluster():
         ))  # fmt: skip
 
     try:
-        start("--head", "--port", str(port), "--include-dashboard", "false")
+        start("--head", "--port", str(port), "--include-dashboard", "false",
+              "--dashboard-port", str(_free_port()))  # fmt: skip
         deadline = time.time() + 90
         while True:
             try:
