@@ -4,6 +4,7 @@ paper preset's GPU stages against the per-GPU budget (the memory model, tasks/me
     python benchmarks/memory_table.py                 # both tables, markdown
     python benchmarks/memory_table.py --json          # the same numbers as JSON
     python benchmarks/memory_table.py --presets imagenet64 imagenet256
+    python benchmarks/memory_table.py --write-profiles  # after a change to the networks' code
 
 Counted on fake tensors: no GPU, no memory; seconds per network.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from admflow.config import list_presets, load_config
 from models.memory import network_pass, profile, weights
-from tasks.memory import GIB, estimate_memory
+from tasks.memory import GIB, PROFILE_TABLE, estimate_memory, write_profile_table
 
 DEMO = {"tiny", "bench-32"}
 NETWORKS = [  # (label, preset, section)
@@ -63,7 +64,17 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--presets", nargs="*", default=None)
     p.add_argument("--no-networks", action="store_true")
+    p.add_argument(
+        "--write-profiles",
+        action="store_true",
+        help="count every preset's stages and rewrite tasks/memory_profiles.json (the counts "
+        "--plan reads instead of counting)",
+    )
     a = p.parse_args()
+    if a.write_profiles:
+        n = write_profile_table([load_config(name) for name in list_presets()])
+        print(f"{PROFILE_TABLE}: {n} profiles")
+        return
     presets = a.presets if a.presets is not None else [p for p in list_presets() if p not in DEMO]
     nets = [] if a.no_networks else [network_row(*n) for n in NETWORKS]
     stages = []

@@ -23,8 +23,11 @@ network once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from admflow.config import AdmConfig, ClassifierConfig, ConfigError, UNetConfig, UpsamplerConfig
 from models.memory import ActivationProfile, PassKind, network_pass, profile, weights
@@ -160,13 +163,61 @@ def _key(section: Section) -> tuple[str, str]:
     return name[type(section)], section.model_dump_json()
 
 
+# Counting a 256 px network takes tens of seconds, too slow for `--plan`: the presets' counts
+# ship in PROFILE_TABLE, valid while the code that builds and counts the networks is unchanged
+# (tests/test_memory_model.py fails when it is stale; `python benchmarks/memory_table.py
+# --write-profiles` rewrites it). Anything not in the table is counted.
+PROFILE_TABLE = Path(__file__).with_name("memory_profiles.json")
+NETWORK_SOURCES = ("unet.py", "unet_blocks.py", "nn.py", "build.py", "fast.py", "memory.py")
+_COUNTED: dict[str, ActivationProfile] = {}
+
+
+def network_code() -> str:
+    """A hash of the modules that build the networks and count their bytes."""
+    import models
+
+    root = Path(models.__file__).parent
+    h = hashlib.sha256()
+    for name in NETWORK_SOURCES:
+        h.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def _shipped() -> dict[str, list[int]]:
+    if not PROFILE_TABLE.exists():
+        return {}
+    table = json.loads(PROFILE_TABLE.read_text())
+    return table["profiles"] if table.get("code") == network_code() else {}
+
+
+def _profile_key(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
 @lru_cache(maxsize=64)
 def _profile(
     kind_name: str, section_json: str, kind: PassKind, half: bool, batch: int
 ) -> ActivationProfile:
+    key = _profile_key(kind_name, section_json, kind, half, batch)
+    if key in _shipped():
+        return ActivationProfile(*_shipped()[key])
     section = _TYPES[kind_name].model_validate_json(section_json)
     build, inputs = network_pass(section)
-    return profile(build, inputs, kind, half, batches=(1, max(2, batch)))
+    counted = profile(build, inputs, kind, half, batches=(1, max(2, batch)))
+    _COUNTED[key] = counted
+    return counted
+
+
+def write_profile_table(configs: list[AdmConfig], path: Path = PROFILE_TABLE) -> int:
+    """Count every stage of ``configs`` and write the table (returns its number of entries)."""
+    for cfg in configs:
+        estimate_memory(cfg)
+    rows = {k: [p.saved_per_image, p.peak_per_image, p.peak_fixed] for k, p in _COUNTED.items()}
+    rows = {**_shipped(), **rows}
+    table = {"code": network_code(), "profiles": dict(sorted(rows.items()))}
+    path.write_text(json.dumps(table, indent=0) + "\n")
+    return len(rows)
 
 
 @lru_cache(maxsize=64)
@@ -261,3 +312,23 @@ def estimate_memory(cfg: AdmConfig) -> MemoryEstimate:
     if cfg.upsampler.enabled:
         stages.append(_sampling(cfg, "upsample", cfg.upsampler))
     return MemoryEstimate(cfg.name, tuple(stages), cfg.memory.budget_bytes)
+
+
+def check_shared_gpus(est: MemoryEstimate, placements: list) -> None:
+    """Actors that share a GPU (``StagePlacement.gpus`` < 1) each hold a replica of their
+    networks: k actors on one GPU need k times a stage's peak. A one-line ConfigError when
+    that exceeds the budget, naming the share (or the actor count) that fits."""
+    for p in placements:
+        if not 0 < p.gpus < 1 or p.stage not in est.stage_names:
+            continue
+        s = est.stage(p.stage)
+        per_gpu = int(1 / p.gpus + 1e-9)
+        if per_gpu * s.peak <= s.budget:
+            continue
+        fit = max(1, s.budget // s.peak)
+        workers = max(1, int(fit * p.workers * p.gpus + 1e-9))
+        raise ConfigError(
+            f"{p.field}={p.workers} puts {per_gpu} {p.stage} actors on each GPU: {per_gpu} x "
+            f"{s.peak / GIB:.1f} GiB exceeds the {s.budget / GIB:.1f} GiB budget; set "
+            f"{p.field}={workers} (or compute.gpus_per_actor={1 / fit:.4g})"
+        )

@@ -119,3 +119,51 @@ def test_sample_plan_counts_guided_work_and_places_actors(tmp_path, capsys):
     assert "300 images x 50 NFE (guided" in out
     assert "sample                 2 actors" in out or "sample              2 actors" in out
     assert not (tmp_path / "s").exists() and not (tmp_path / "store").exists()
+
+
+def test_the_shipped_memory_counts_belong_to_this_code():
+    """--plan reads the networks' activation counts from tasks/memory_profiles.json; after a
+    change to the code that builds or counts the networks they must be counted again."""
+    from tasks import memory
+
+    assert memory._shipped(), (
+        "tasks/memory_profiles.json is stale: run python benchmarks/memory_table.py "
+        "--write-profiles"
+    )
+    for preset in ("imagenet64", "imagenet256", "upsampler128-512"):
+        cfg = load_config(preset)
+        batch = cfg.training.batches("diffusion")[1]
+        key = memory._profile_key("unet", cfg.model.model_dump_json(), "train", True, batch)
+        assert key in memory._shipped() or preset == "upsampler128-512"
+
+
+def test_gpu_plan_prints_the_memory_estimate(row64, capsys):
+    args = _paper(row64)[:-2] + ["--set", "compute.local_gpus=1", "--set", "compute.device=cpu"]
+    rc, out, err, _ = plan(capsys, *args)
+    assert rc == 0, err
+    assert "memory per GPU" in out and "peak GiB" in out
+    sample = next(
+        ln
+        for ln in out.splitlines()
+        if ln.strip().startswith("sample ") and "GiB" not in ln and "fp" in ln
+    )
+    assert "yes" in sample
+
+
+def test_actors_sharing_a_gpu_must_fit_it_together(tmp_path, capsys):
+    """8 guided 64 px sampling actors on one GPU hold 8 replicas (about 8 x 13 GiB): refused
+    before anything starts, naming the actor count that fits; 4 fit and the plan says so."""
+    cfg = load_config("imagenet64")
+    fabricate(tmp_path / "d.pt", cfg.model)
+    fabricate(tmp_path / "c.pt", cfg.classifier)
+    args = ["sample", "--config", "imagenet64", "--checkpoint", str(tmp_path / "d.pt"),
+            "--classifier", str(tmp_path / "c.pt"), "--out", str(tmp_path / "s"), "--plan",
+            "--set", "compute.local_gpus=1", "--set", "compute.device=cpu",
+            "--set", f"storage.root={tmp_path / 'store'}"]  # fmt: skip
+    rc, _, err, _ = plan(capsys, *args)
+    assert rc == 2 and "\n" not in err
+    assert "sampling.workers=8 puts 8 sample actors on each GPU" in err
+    assert "set sampling.workers=4" in err
+    rc, out, err, _ = plan(capsys, *args, "--workers", "4")
+    assert rc == 0, err
+    assert "sample: 4 actors share each GPU, 4 x 13." in out

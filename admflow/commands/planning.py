@@ -59,6 +59,11 @@ def preflight(cfg: AdmConfig, inputs: RunInputs) -> list[str]:
         lines.append(check_inception(cfg))
     plan = resource_plan(cfg, cluster_for(cfg))
     plan.check(inputs.stages)
+    if cfg.compute.use_gpu:  # actors sharing a GPU must fit it together
+        from tasks.memory import check_shared_gpus, estimate_memory
+
+        placed = [p for p in plan.stages if p.stage in inputs.stages]
+        check_shared_gpus(estimate_memory(cfg), placed)
     return lines
 
 
@@ -79,6 +84,8 @@ def show_plan(cfg: AdmConfig, inputs: RunInputs, work: list) -> int:
     for p in plan.stages:
         if p.stage in inputs.stages:
             print(f"  {p.line()}")
+    if cfg.compute.use_gpu:
+        _print_memory(cfg, [p for p in plan.stages if p.stage in inputs.stages])
     print("work (time from admflow/costs.yaml):")
     table = costs.load_costs()
     device = "gpu" if cfg.compute.use_gpu else "cpu"
@@ -87,3 +94,28 @@ def show_plan(cfg: AdmConfig, inputs: RunInputs, work: list) -> int:
         placed = next((p for p in plan.stages if p.stage == stage), None)
         print(f"  {w.line(device, placed.workers if placed and placed.workers else 1, table)}")
     return 0
+
+
+def _print_memory(cfg: AdmConfig, placed: list) -> None:
+    """The memory model's per-GPU peak of each GPU stage the command runs (docs/memory.md),
+    times the actors that share one GPU."""
+    from tasks.memory import estimate_memory
+
+    est = estimate_memory(cfg)
+    shares = {p.stage: int(1 / p.gpus + 1e-9) for p in placed if 0 < p.gpus < 1}
+    rows = [s for s in est.stages if s.stage in {p.stage for p in placed}]
+    if not rows:
+        return
+    print("memory per GPU (the memory model, docs/memory.md):")
+    table = est.lines()
+    print(f"  {table[0]}")
+    for s, line in zip(est.stages, table[1:], strict=True):
+        if s in rows:
+            print(f"  {line}")
+    for s in rows:
+        if s.stage in shares:
+            k = shares[s.stage]
+            print(f"  {s.stage}: {k} actors share each GPU, {k} x {s.peak / 2**30:.1f} GiB = "
+                  f"{k * s.peak / 2**30:.1f} GiB of {s.budget / 2**30:.1f}")  # fmt: skip
+        if not s.fits:
+            print(f"  warning: {s.stage} is estimated over the {s.budget / 2**30:.1f} GiB budget")
