@@ -12,6 +12,7 @@ from admflow.commands.common import add_config_args, config_from_args, count, lo
 from admflow.commands.planning import RunInputs, add_plan_arg, preflight, show_plan
 from admflow.config import AdmConfig, ConfigError
 from admflow.preflight import check_room_for_samples
+from admflow.tracking import check_experiment
 
 if TYPE_CHECKING:
     from tasks.sampling.spec import ExecutionOptions
@@ -201,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         work = sampling_work(cfg, "sample", cfg.sampling.num_samples, guided=guided)
         return show_plan(cfg, inputs, [work])
     preflight(cfg, inputs)
+    check_experiment(cfg)  # the set is logged to MLflow at its end: check the store now
     with nonfinite_as_exit():
         spec = build_spec(cfg, checkpoint, classifier=classifier, scale=scale)
         check_room_for_samples(local_abs(args.out), spec.num_samples, spec.image_size, args.merge)

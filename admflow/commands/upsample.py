@@ -8,6 +8,7 @@ import json
 from admflow.commands.common import add_config_args, config_from_args, local_abs
 from admflow.commands.planning import RunInputs, add_plan_arg, preflight, show_plan
 from admflow.commands.sample import SAMPLING_FLAGS, add_sampling_args, execution, nonfinite_as_exit
+from admflow.tracking import check_experiment
 
 EPILOG = """\
 example:
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         work = sampling_work(cfg, "upsample", images, guided=False, section="upsampler")
         return show_plan(cfg, inputs, [work])
     preflight(cfg, inputs)
+    check_experiment(cfg)  # the set is logged to MLflow at its end: check the store now
     with nonfinite_as_exit():
         spec = build_upsample_spec(cfg, base, ckpt)
         result = upsample_set(cfg, spec, base, out, execution(args, cfg), merge=args.merge)

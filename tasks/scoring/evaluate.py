@@ -113,10 +113,10 @@ def evaluate_sets(
     ``class_accuracy`` when a ``judge`` file is given) plus ``mlflow_run_id`` (None when not
     logged) and the feature-file URIs used.
     """
-    if log_mlflow:  # an unreachable store fails now, not after the features
-        from admflow.tracking import check_tracking
+    if log_mlflow:  # an unreachable or misplaced store fails now, not after the features
+        from admflow.tracking import check_experiment
 
-        check_tracking(cfg)
+        check_experiment(cfg)
     check_same_resolution(ref, samples)  # from the headers, before Inception runs on either
     ref_feats, ref_fu = features_for(cfg, ref, workers, inception)
     smp_feats, smp_fu = features_for(cfg, samples, workers, inception)
