@@ -121,11 +121,13 @@ def setup_mlflow(cfg: AdmConfig) -> str:
 
 def check_experiment(cfg: AdmConfig) -> None:
     """Before a pipeline starts: the store answers and an existing experiment keeps its
-    artifacts under this storage root (see :func:`check_artifact_location`). Creates at most
-    the local sqlite store, which the run would create anyway."""
+    artifacts under this storage root (see :func:`check_artifact_location`). Creates no
+    database: a local sqlite store not made yet holds no experiment."""
     import mlflow
 
     uri = check_tracking(cfg)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///") :]):
+        return
     exp = mlflow.MlflowClient(uri).get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
         check_artifact_location(cfg, uri, exp)
