@@ -371,6 +371,9 @@ def score(args: argparse.Namespace, out: Path, reference: str, store: str, work:
         (n1, t1), (n2, t2) = [(r["images"], r["seconds"]) for r in runs]
         per = (t2 - t1) / (n2 - n1)
         fixed = t1 - per * n1
+        if per <= 0 or fixed < 0:  # the load changed between the runs: no line through them
+            per, fixed = t2 / n2, 0.0  # the larger run's wall time per image, an upper bound
+            result["fit"] = "none (load changed between runs): larger run's seconds per image"
         result |= {
             "seconds_per_image": round(per, 4),
             "fixed_seconds": round(fixed, 1),
