@@ -56,7 +56,8 @@ def test_admflow_sample_draws_two_images_from_the_released_64px_layout(tmp_path)
         ADMFLOW, "sample", "--config", "imagenet64", "--checkpoint", str(ckpt),
         "--num-samples", "2", "--batch-size", "2", "--sampler", "ddpm", "--steps", "2",
         "--workers", "1", "--seed", "3", "--merge", "--no-progress", "--out", str(out),
-        "--set", "compute.device=cpu", "--set", "compute.torch_threads=2",
+        "--set", "compute.device=cpu", "--set", "compute.use_gpu=false",
+        "--set", "compute.torch_threads=2",
         "--set", "compute.num_workers=1", "--set", "compute.cpus_per_worker=1",
         "--set", "sampling.shard_size=2",
     ]  # fmt: skip
