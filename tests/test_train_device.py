@@ -5,7 +5,7 @@ untouched).
 
 "Host syncs" are counted by patching the Tensor methods that read a value back to the host
 (on a GPU each waits for the device) and keeping the calls made from this repository's code.
-Calls from models/gaussian_diffusion.py are tallied apart (its schedule lookup reads t back).
+Calls from models/gaussian_diffusion.py are tallied apart (its schedule lookups must make none).
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def test_a_step_reads_the_device_once(shards, tmp_path, monkeypatch, kind):  # n
     trainer_reads = [counter.per_step(s)[0] for s in (0, 1, 2)]
     print(kind, "reads per step:", {s: dict(c) for s, c in counter.steps.items()})
     assert trainer_reads == [1, 1, 1], counter.steps
+    # the diffusion's schedule lookups stay on the device (models.gaussian_diffusion.extract)
+    assert [counter.per_step(s)[1] for s in (0, 1, 2)] == [0, 0, 0], counter.steps
 
 
 # ----------------------------------------------------------------------------- collectives
