@@ -56,15 +56,17 @@ def test_full_run_at_toy_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["checks_hold"] and all(result["checks"].values()), result["checks"]
-    # 8 shards of 50: killed after 4, the rerun drew the other 4 and kept the first 4
-    assert result["kill"]["after_shards"] == 4
-    assert result["kill"]["listed_before_rerun"] == 4
-    assert result["rerun"]["shards_skipped"] == 4
-    assert result["rerun"]["shards_sampled"] == 4
+    # 8 shards of 50: killed once half were listed (a shard or two more may land before the
+    # SIGKILL does), the rerun kept those and drew the rest
+    done = result["kill"]["after_shards"]
+    assert 4 <= done < 8, result["kill"]
+    assert result["kill"]["listed_before_rerun"] == done
+    assert result["rerun"]["shards_skipped"] == done
+    assert result["rerun"]["shards_sampled"] == 8 - done
     assert result["rerun"]["complete"] is True
     # shards on both sides of the kill were redrawn and matched
     redrawn = sorted(int(name[8:13]) for name in result["redrawn"])
-    assert redrawn[0] < 4 <= redrawn[-1]
+    assert redrawn[0] < done <= redrawn[-1]
     manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
     assert sum(s["rows"] for s in manifest["shards"]) == 400
     assert result["driver_rss_mib"]["rerun"]["samples"] > 0
