@@ -37,7 +37,9 @@ class StageWork:
         return None if cost is None else cost.hours(self.images, self.evaluations)
 
     def line(self, device: str, devices: float, table: CostTable) -> str:
-        """One row of the plan: the work, and its wall time spread over ``devices``."""
+        """One row of the plan: the work, and its wall time spread over ``devices`` GPUs. A CPU
+        figure is a whole machine's (all the threads it was measured with), so on CPU the wall
+        time is the machine's, whatever the number of actors sharing its cores."""
         what = f"{self.images:,} images x {self.evaluations} NFE"
         if self.guided:
             what += " (guided: + a classifier gradient each)"
@@ -49,10 +51,12 @@ class StageWork:
                 else "admflow/costs.yaml holds the released sampling networks only"
             )
             return f"{self.stage:22s} {what}; time: n/a ({why})"
+        if device == "cpu":
+            return f"{self.stage:22s} {what}; ~{_duration(hours * 3600)} on a machine like the measured one"
         wall = hours / max(devices, 1e-9)
         return (
             f"{self.stage:22s} {what}; {hours:,.2f} {device}-hours, "
-            f"~{_duration(wall * 3600)} wall over {devices:g} {device} workers"
+            f"~{_duration(wall * 3600)} wall over {devices:g} GPUs"
         )
 
 

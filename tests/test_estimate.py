@@ -44,19 +44,21 @@ def test_cost_network_matches_layout_and_guidance():
 def test_device_time_is_the_tables_figure_times_the_work(tmp_path):
     table = costs.read_table()
     table["networks"]["imagenet64"]["cpu"] = {"s_per_image_nfe": 0.5, "source": {"by": "test"}}
+    table["networks"]["imagenet64"]["gpu"] = {"s_per_image_nfe": 0.01, "source": {"by": "test"}}
     path = tmp_path / "costs.yaml"
     path.write_text(yaml.safe_dump(table))
     figures = costs.load_costs(path)
     work = estimate.sampling_work(load_config("imagenet64"), "sample", 1000, guided=False)
     assert work.device_hours("cpu", figures) == pytest.approx(0.5 * 1000 * 250 / 3600)
-    assert work.device_hours("gpu", figures) is None
+    assert work.device_hours("gpu", figures) == pytest.approx(0.01 * 1000 * 250 / 3600)
+    # a CPU figure is a whole machine's: actors sharing its cores do not divide it
     line = work.line("cpu", 2, figures)
-    assert (
-        "1,000 images x 250 NFE" in line
-        and "34.72 cpu-hours" in line
-        and "~17.4 h wall over 2 cpu workers" in line
-    )
-    assert "n/a" in work.line("gpu", 8, figures)
+    assert "1,000 images x 250 NFE; ~34.7 h on a machine like the measured one" in line
+    # GPUs divide the GPU-hours
+    line = work.line("gpu", 8, figures)
+    assert "0.69 gpu-hours, ~5 min wall over 8 GPUs" in line
+    guided = estimate.sampling_work(load_config("imagenet64"), "sample", 10, guided=True)
+    assert "n/a" in guided.line("gpu", 8, figures)  # no figure for a guided 64 px network
 
 
 def test_training_work_counts_each_kind_steps():
