@@ -92,7 +92,8 @@ def show_plan(cfg: AdmConfig, inputs: RunInputs, work: list) -> int:
     for w in work:
         stage = w.stage.split(" ")[0]
         placed = next((p for p in plan.stages if p.stage == stage), None)
-        print(f"  {w.line(device, placed.workers if placed and placed.workers else 1, table)}")
+        gpus = placed.workers * placed.gpus if placed else 0.0  # actors may share a GPU
+        print(f"  {w.line(device, max(gpus, 1.0), table)}")
     return 0
 
 
