@@ -40,33 +40,24 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-# Schedule tables as tensors on the devices that use them, so a lookup never reads ``t`` back
-# to the host (on a GPU each such read waits for every queued kernel). Keyed by the table's
-# id; the table itself is kept beside its copy so that an id is never reused for another.
+# Schedule tables as tensors on the devices that use them, so a lookup never reads ``t`` back to
+# the host (on a GPU each such read waits for the queue). The table is kept beside its copy, so
+# its id (the key) is never reused for another table while cached.
 _ON_DEVICE: dict[tuple[int, str, torch.dtype], tuple[np.ndarray, torch.Tensor]] = {}
-_MAX_TABLES = 512
-
-
-def _table_on(table: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    key = (id(table), str(device), dtype)
-    hit = _ON_DEVICE.get(key)
-    if hit is None or hit[0] is not table:
-        if len(_ON_DEVICE) >= _MAX_TABLES:  # many short-lived diffusions: start again
-            _ON_DEVICE.clear()
-        hit = (table, torch.from_numpy(table).to(dtype).to(device))
-        _ON_DEVICE[key] = hit
-    return hit[1]
 
 
 def extract(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """table[t] shaped (B, 1, ..., 1) to broadcast against ``like``.
-
-    Tables are float64; they are cast to float64 when ``like`` is float64 (closed-form tests),
-    else to float32 (some devices lack float64), then gathered on ``like``'s device: the same
-    values as gathering first and casting after, without a host read.
-    """
+    """table[t] shaped (B, 1, ..., 1) to broadcast against ``like``: the float64 table cast to
+    float64 when ``like`` is (closed-form tests), else float32 (some devices lack float64),
+    then gathered on ``like``'s device (the same values as gathering first, no host read)."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    values = _table_on(table, like.device, dtype)[t.detach().to(like.device).long()]
+    key = (id(table), str(like.device), dtype)
+    hit = _ON_DEVICE.get(key)
+    if hit is None or hit[0] is not table:
+        if len(_ON_DEVICE) >= 512:  # many short-lived diffusions: start again
+            _ON_DEVICE.clear()
+        hit = _ON_DEVICE[key] = (table, torch.from_numpy(table).to(dtype).to(like.device))
+    values = hit[1][t.detach().to(like.device).long()]
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
