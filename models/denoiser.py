@@ -17,10 +17,15 @@ It answers in the three forms the samplers need; they differ only in where guida
 
 Without guidance and clipping the three agree. Networks and cond_fns are called with the
 timestep the network was trained on (``GaussianDiffusion.wrap_model``).
+
+``micro_batch`` bounds how many images one network (and classifier) call sees: the sampler
+still steps the whole batch, so an image's noise does not depend on the micro-batch, which
+only decides memory and speed (:func:`in_micro_batches`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,13 +36,39 @@ from models.guidance import CondFn, classifier_free, condition_mean, condition_s
 Moments = dict[str, torch.Tensor]
 
 
+def in_micro_batches(fn: Callable[..., torch.Tensor], size: int) -> Callable[..., torch.Tensor]:
+    """``fn(x, t, **kwargs)`` called on at most ``size`` examples at a time, outputs joined.
+
+    Every tensor argument whose first dimension is the batch is split with ``x``; a batch that
+    fits is passed through untouched, so one micro-batch is the unsplit call bit for bit.
+    """
+    if size < 1:
+        raise ValueError(f"micro_batch must be at least 1, got {size}")
+
+    def call(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        n = x.shape[0]
+        if n <= size:
+            return fn(x, t, **kwargs)
+
+        def part(v: Any, s: slice) -> Any:
+            return v[s] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v
+
+        outs = []
+        for start in range(0, n, size):
+            s = slice(start, start + size)
+            outs.append(fn(x[s], part(t, s), **{k: part(v, s) for k, v in kwargs.items()}))
+        return torch.cat(outs)
+
+    return call
+
+
 class Denoiser:
     """``model`` under ``diffusion`` as D(x_t, t), with clipping and guidance applied.
 
     ``cfg_scale`` > 0 mixes the conditional and the null-class (``null_class``) predictions,
     ε̂ = (1+w)·ε(x, y) − w·ε(x, ∅) (models.guidance.classifier_free); at 0 the model runs alone.
     ``model_kwargs`` (e.g. the labels ``y``, the upsampler's ``low_res``) go to the model and
-    to ``cond_fn``.
+    to ``cond_fn``. ``micro_batch`` (None: the whole batch) bounds the images per network call.
     """
 
     def __init__(
@@ -51,11 +82,15 @@ class Denoiser:
         cond_fn: CondFn | None = None,
         cfg_scale: float = 0.0,
         null_class: int | None = None,
+        micro_batch: int | None = None,
     ):
         if cfg_scale > 0:
             if null_class is None:
                 raise ValueError("classifier-free guidance needs the model's null class")
             model = classifier_free(model, cfg_scale, null_class)
+        if micro_batch is not None:
+            model = in_micro_batches(model, micro_batch)
+            cond_fn = in_micro_batches(cond_fn, micro_batch) if cond_fn is not None else None
         self.diffusion = diffusion
         self.model = model
         self.model_kwargs = model_kwargs or {}

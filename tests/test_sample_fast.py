@@ -104,3 +104,31 @@ def test_upsampler_actor_runs_fast_path_and_matches_plain(cfg):
     fast = sampler.sample(0, labels, low_res)[0]
     assert fast.shape == (4, cfg.upsampler.unet.image_size, cfg.upsampler.unet.image_size, 3)
     _assert_close(fast, _plain_images(sampler, up, 0, labels, low_res))
+
+
+def test_the_micro_batch_bounds_network_calls_but_not_the_images(cfg):
+    # One generator per shard: a micro-batch of 1, 4 or the whole shard gives the same images
+    # (up to floating-point rounding), and the network never sees more than a micro-batch.
+    torch.manual_seed(0)
+    net, clf = build_unet(cfg.model), build_classifier(cfg.classifier)
+    model_bytes, clf_bytes = _weights(net), _weights(clf)
+    labels = np.array([0, 1, 2, 3, 4, 5], dtype=np.int64)
+    images, widest = {}, {}
+    for micro in (6, 4, 1):
+        spec = _spec(
+            cfg,
+            "base",
+            classifier=cfg.classifier.model_dump(mode="json"),
+            classifier_scale=2.0,
+        )
+        spec.batch_size = micro
+        sampler = ShardSampler(spec, model_bytes, clf_bytes)
+        seen: list[int] = []
+        sampler.model.register_forward_pre_hook(
+            lambda _m, args, seen=seen: seen.append(args[0].shape[0])
+        )
+        images[micro] = sampler.sample(3, labels)[0]
+        widest[micro] = max(seen)
+    assert widest == {6: 6, 4: 4, 1: 1}
+    _assert_close(images[4], images[6])
+    _assert_close(images[1], images[6])

@@ -11,7 +11,7 @@ from admflow.config.base import ConfigError, Section
 
 class SamplingConfig(Section):
     num_samples: int = Field(200, gt=0)
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="images per network call (memory, not the set)")
     shard_size: int = Field(32, gt=0, description="images per output shard")
     sampler: Literal["ddpm", "ddim", "dpm++2m", "unipc"] = "ddim"
     solver_steps: int | None = Field(

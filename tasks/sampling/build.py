@@ -102,7 +102,6 @@ def build_spec(
         classes=_labels(network["num_classes"], s, clf_classes),
         num_samples=num_samples or s.num_samples,
         shard_size=s.shard_size,
-        batch=min(s.batch_size, s.shard_size),
         image_size=network["image_size"],
         precision="fp16" if network.get("use_fp16") else "fp32",
         code_version=code_version(),
@@ -139,7 +138,6 @@ def build_upsample_spec(
         classes=None,  # the base set's labels
         num_samples=base_manifest["num_samples"],
         shard_size=s.shard_size,
-        batch=min(s.batch_size, s.shard_size),
         image_size=up.unet.image_size,
         precision="fp16" if up.unet.use_fp16 else "fp32",
         code_version=code_version(),

@@ -30,7 +30,6 @@ def describe(spec: SampleSetSpec) -> dict[str, Any]:
         "classifier_sha256": clf.sha256 if clf else None,
         "seed": spec.seed,
         "use_ema": spec.model.ema,
-        "batch_size": spec.batch,
         "classes": list(spec.classes) if spec.classes else None,
         "code_version": spec.code_version,
     }

@@ -34,10 +34,15 @@ def draw_labels(seed: int, index: int, rows: int, classes: list[int] | None) -> 
 
 
 def batch_seed(seed: int, index: int, batch: int, stream: int = 1) -> int:
-    """The torch seed of micro-batch ``batch`` of shard ``index`` (``stream`` 1: base
-    sampling, 2: upsampling, so the two stages never share noise)."""
+    """A torch seed for micro-batch ``batch`` of shard ``index`` in noise ``stream`` (1: base
+    sampling, 2: upsampling, 3: the likelihood bound), so no two uses share noise."""
     state = np.random.SeedSequence([seed, index, stream, batch]).generate_state(2, np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def shard_seed(seed: int, index: int, stream: int = 1) -> int:
+    """The torch seed of shard ``index``'s x_T and step noise: one generator per shard."""
+    return batch_seed(seed, index, 0, stream)
 
 
 def default_scale(scales: list[float], has_classifier: bool) -> float:
@@ -70,12 +75,10 @@ class SampleSetSpec:
     names the set in every flow's cache key, the manifest and the resume check.
 
     ``shard_size`` is identity: shards are the unit of resumption and of seeding (shard i's
-    labels and noise come from ``(seed, i)``). ``batch`` is identity as well: each micro-batch
-    of a shard draws x_T and every step's noise from one generator seeded per micro-batch,
-    so its size decides which noise an image gets (a batch larger than a shard is the whole
-    shard, hence ``min(batch_size, shard_size)``). ``precision`` is the network's released
-    precision (fp16 where the device supports it); what the device, the thread count or
-    torch.compile change is floating-point rounding, not the set, so they are execution.
+    labels and noise come from ``(seed, i)``, one generator for the whole shard).
+    ``precision`` is the network's released precision (fp16 where the device supports it);
+    what the device, the thread count, torch.compile or the micro-batch change is
+    floating-point rounding, not the set, so they are execution.
     """
 
     kind: Literal["base", "upsample"]
@@ -94,7 +97,6 @@ class SampleSetSpec:
     classes: tuple[int, ...] | None  # the label set (None: unconditional, labels -1)
     num_samples: int
     shard_size: int
-    batch: int
     image_size: int
     precision: str
     code_version: str
@@ -132,6 +134,7 @@ class ExecutionOptions:
     """How a set is produced, never what it holds: any value gives the same set."""
 
     workers: int = 2  # Ray actors, one model replica each
+    batch_size: int = 32  # images per network call (memory and speed, never the noise)
     torch_threads: int = 1
     device: str = "auto"
     compile: bool = False  # torch.compile the diffusion network
@@ -143,6 +146,7 @@ class ExecutionOptions:
         """The config's execution settings, each replaced by a given value that is not None."""
         values: dict[str, Any] = {
             "workers": cfg.sampling.workers,
+            "batch_size": cfg.sampling.batch_size,
             "torch_threads": cfg.compute.torch_threads,
             "device": cfg.compute.device,
             "compile": cfg.sampling.compile,
@@ -163,7 +167,7 @@ class SamplerSpec:
     eta: float = 0.0
     clip_denoised: bool = True
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = 32  # images per network call
     torch_threads: int = 1
     device: str = "auto"
     classifier: dict | None = None  # ClassifierConfig as JSON, when guiding
@@ -185,7 +189,7 @@ def sampler_spec(spec: SampleSetSpec, options: ExecutionOptions) -> SamplerSpec:
         eta=spec.eta,
         clip_denoised=spec.clip_denoised,
         seed=spec.seed,
-        batch_size=spec.batch,
+        batch_size=min(options.batch_size, spec.shard_size),
         torch_threads=options.torch_threads,
         device=options.device,
         classifier=spec.classifier_network,

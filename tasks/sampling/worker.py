@@ -1,10 +1,10 @@
 """The per-process half of sampling: seeds, model loading and one shard's reverse process.
 
 Everything random in shard ``i`` (its class labels, x_T and every step's noise) comes from
-seeds derived from ``(run seed, i)`` alone, drawn on CPU generators. A shard is sampled in
-fixed micro-batches of ``batch_size`` (part of the set's identity), each with its own
-generator, so an image depends on the set's spec, never on which actor ran it, when, or what
-else it ran.
+seeds derived from ``(run seed, i)`` alone, drawn on one CPU generator per shard. The sampler
+steps the whole shard; ``batch_size`` only bounds the images per network call (the
+denoiser's micro-batches), so an image depends on the set's spec, never on which actor ran
+it, when, what else it ran, or the micro-batch.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from models.denoiser import Denoiser
 from models.fast import InferencePlan, apply_plan, plan_inference
 from models.resize import downsample_area, upsample_bilinear
 from models.samplers import SAMPLERS, initial_noise, sampler_grid, sampler_options
-from tasks.sampling.spec import NonFiniteSampleError, SamplerSpec, batch_seed
+from tasks.sampling.spec import NonFiniteSampleError, SamplerSpec, shard_seed
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -113,6 +113,7 @@ class ShardSampler:
             cond_fn=self.cond_fn,
             cfg_scale=self.spec.cfg_scale,
             null_class=self.net_cfg.num_classes,  # classifier-free ∅ is label num_classes
+            micro_batch=self.spec.batch_size,
         )
 
     def _low_res(self, images: np.ndarray) -> torch.Tensor:
@@ -141,33 +142,25 @@ class ShardSampler:
         out = SAMPLERS[name](self._denoiser(kwargs), x_T, grid, gen, **options)
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).flatten(1).any(1).sum())
-            raise NonFiniteSampleError(f"{bad} of {n} images hold NaN/inf (batch seed {seed})")
+            raise NonFiniteSampleError(f"{bad} of {n} images hold NaN/inf (shard seed {seed})")
         return ((out + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
     def sample(
         self, index: int, labels: np.ndarray, low_res: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Shard ``index``: images (uint8 NHWC) for ``labels`` (and base images when upsampling)."""
-        y_all = torch.from_numpy(np.array(labels, dtype=np.int64)).to(self.device)
-        use_y = self.net_cfg.num_classes is not None or self.cond_fn is not None
-        lr_all = self._low_res(low_res) if low_res is not None else None
-        chunks = []
-        bs = self.spec.batch_size
+        kwargs: dict[str, torch.Tensor] = {}
+        if self.net_cfg.num_classes is not None or self.cond_fn is not None:
+            kwargs["y"] = torch.from_numpy(np.array(labels, dtype=np.int64)).to(self.device)
+        if low_res is not None:
+            kwargs["low_res"] = self._low_res(low_res)
         stream = 2 if self.spec.kind == "upsample" else 1
-        for b, start in enumerate(range(0, len(labels), bs)):
-            kwargs: dict[str, torch.Tensor] = {}
-            if use_y:
-                kwargs["y"] = y_all[start : start + bs]
-            if lr_all is not None:
-                kwargs["low_res"] = lr_all[start : start + bs]
-            n = len(y_all[start : start + bs])
-            try:
-                seed = batch_seed(self.spec.seed, index, b, stream)
-                chunks.append(self._sample_batch(n, kwargs, seed))
-            except NonFiniteSampleError as e:
-                raise NonFiniteSampleError(
-                    f"shard {index}, micro-batch {b}, after "
-                    f"{self.diffusion.num_timesteps} sampling steps: {e}; the model or "
-                    "its sampling settings diverge, so the shard is not written"
-                ) from None
-        return torch.cat(chunks).numpy(), np.asarray(labels, dtype=np.int64)
+        seed = shard_seed(self.spec.seed, index, stream)
+        try:
+            images = self._sample_batch(len(labels), kwargs, seed)
+        except NonFiniteSampleError as e:
+            raise NonFiniteSampleError(
+                f"shard {index}, after {self.diffusion.num_timesteps} sampling steps: {e}; the "
+                "model or its sampling settings diverge, so the shard is not written"
+            ) from None
+        return images.numpy(), np.asarray(labels, dtype=np.int64)
