@@ -1,13 +1,17 @@
 """Sampler leaderboard: FID (and a judge's class accuracy) against network evaluations.
 
-For one trained model, every sampler (ddpm, ddim, dpm++2m, unipc) runs at each NFE budget
-(default 5, 10, 15, 25, 50), unguided and guided (the noisy classifier at the preset's scale,
-or classifier-free guidance for a model trained with label dropout), all from the same x_T
-and labels. Each set is scored with the project's evaluator pieces (models.inception
-features, models.metrics FID) against the reference features of the training data.
+For one trained model, every sampler (ddpm, ddim, dpm++2m, unipc) runs at each budget of
+network evaluations (NFE, default 5, 10, 15, 25, 50), unguided and guided (the noisy
+classifier at the preset's scale, or classifier-free guidance for a model trained with label
+dropout), all from the same x_T and labels. Classifier-free guidance evaluates the network
+twice a step, so a budget buys it half as many steps (``budget // 2``) and its sets are keyed
+by the evaluations they spend. Each set is scored with the project's evaluator pieces
+(models.inception features, models.metrics FID) against the reference features of the base
+model's training data at its own resolution. One progress line per set goes to stderr.
 
 Prints one JSON object:
-  fid_by_sampler_nfe       {sampler: {nfe: FID}}; guided sets are named e.g. "unipc+classifier2"
+  fid_by_sampler_nfe       {sampler: {network evaluations: FID}}; guided sets are named e.g.
+                           "unipc+classifier2"
   best_at_10_vs_ddim_25    min over the solvers of FID@10 / DDIM FID@25 (< 1: better), unguided
   best_at_5_vs_ddim_15     the same at 5 vs 15; "…_guided" variants for the guided sets
   accuracy_by_sampler_nfe  the judge's top-1 on the target labels (see --judge)
@@ -21,11 +25,13 @@ Defaults find the demo's latest runs under the store (storage.root, ./admflow-st
     python benchmarks/samplers.py --checkpoint STORE/runs/diffusion-…/checkpoints/step-000200 \\
         --classifier … --reference STORE/data/… --nfes 5,10 --samplers ddim,unipc --num-samples 16
 
-The judge is by default the demo's (tasks.scoring.judge: a small CNN trained on the labelled reference
-images, with its held-out accuracy and the FID floor of real images at
-this sample count in the JSON); ``--judge module:function`` plugs in any classifier of clean
-images instead: function(uint8 NHWC array) -> predicted class ids. FID from a few hundred images is biased upwards (compare sets of the
-same size only); the number of images is in the JSON.
+The default reference is the newest shard set at the base model's resolution (a two-stage
+demo shards twice; the upsampler's set is not the base model's reference). The judge is by
+default the demo's (tasks.scoring.judge: small CNNs trained on the labelled reference images,
+with its held-out accuracy and the FID floor of real images at this sample count in the
+JSON); ``--judge module:function`` plugs in any classifier of images instead:
+function(uint8 NHWC array) -> predicted class ids. FID from a few hundred images is biased
+upwards (compare sets of the same size only); the number of images is in the JSON.
 """
 
 from __future__ import annotations
@@ -75,14 +81,20 @@ def _uri(base: str, name: str) -> str:
     return storage.join(base, name.rsplit("/", 1)[-1])
 
 
-def default_reference(root: str) -> str | None:
-    """The newest shard set under ``root``/data (the training images)."""
+def default_reference(root: str, image_size: int) -> str | None:
+    """The newest shard set under ``root``/data at ``image_size`` (the base model's training
+    images: a two-stage demo also shards at the upsampler's size, which is not the base
+    model's reference)."""
     data = storage.join(root, "data")
     if not storage.exists(data):
         return None
     fs, path = storage.filesystem(data)
     sets = sorted(fs.ls(path, detail=True), key=lambda p: p.get("mtime") or 0, reverse=True)
-    return _uri(data, sets[0]["name"]) if sets else None
+    for entry in sets:
+        manifest = storage.join(_uri(data, entry["name"]), "manifest.json")
+        if storage.exists(manifest) and storage.read_json(manifest).get("image_size") == image_size:
+            return _uri(data, entry["name"])
+    return None
 
 
 def load_network(uri: str, cfg: AdmConfig, kind: str, device: torch.device) -> tuple[Any, Any]:
@@ -113,20 +125,21 @@ def load_judge(spec: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
 # ---------------------------------------------------------------------------- sampling
 
 
-def sample_loop(cfg: AdmConfig, sampler: str, nfe: int, schedule: str) -> Callable[..., Any]:
-    """The loop of ``sampler`` costing ``nfe`` network evaluations per image."""
+def sample_loop(cfg: AdmConfig, sampler: str, steps: int, schedule: str) -> Callable[..., Any]:
+    """The loop of ``sampler`` taking ``steps`` steps (one network evaluation each, two with
+    classifier-free guidance)."""
     from models.diffusion_factory import create_diffusion
 
     if sampler in SOLVERS:
         return make_sample_loop(
-            create_diffusion(cfg.diffusion), sampler, steps=nfe, schedule=schedule
+            create_diffusion(cfg.diffusion), sampler, steps=steps, schedule=schedule
         )
     try:  # ADM's DDIM stride where it exists, else evenly spaced steps
-        diffusion = create_diffusion(cfg.diffusion, f"ddim{nfe}" if sampler == "ddim" else "")
-        if sampler == "ddpm" or diffusion.num_timesteps != nfe:
+        diffusion = create_diffusion(cfg.diffusion, f"ddim{steps}" if sampler == "ddim" else "")
+        if sampler == "ddpm" or diffusion.num_timesteps != steps:
             raise ValueError
     except ValueError:
-        diffusion = create_diffusion(cfg.diffusion, str(nfe))
+        diffusion = create_diffusion(cfg.diffusion, str(steps))
     return make_sample_loop(diffusion, sampler)
 
 
@@ -204,18 +217,22 @@ def ratio(table: dict, keys: list[str], nfe: int, base_key: str, base_nfe: int) 
     return min(best) / base if best and base else None
 
 
-def summary(fids: dict, guided_suffix: str | None) -> dict[str, float | None]:
+def summary(fids: dict, guided_suffix: str | None, guided_per_step: int = 1) -> dict:
+    """The solvers' best FID at a budget over DDIM's at a larger one; a guided set that
+    evaluates the network ``guided_per_step`` times a step is read at the evaluations its
+    budget buys (``per_step * (budget // per_step)``)."""
     out = {}
-    for suffix, name in [("", ""), (guided_suffix, "_guided")]:
+    for suffix, name, per in [("", "", 1), (guided_suffix, "_guided", guided_per_step)]:
         if suffix is None:
             continue
         solvers = [f"{s}{suffix}" for s in SOLVERS]
-        out[f"best_at_10_vs_ddim_25{name}"] = ratio(fids, solvers, 10, f"ddim{suffix}", 25)
-        out[f"best_at_5_vs_ddim_15{name}"] = ratio(fids, solvers, 5, f"ddim{suffix}", 15)
+        for few, many in ((10, 25), (5, 15)):
+            a, b = per * (few // per), per * (many // per)
+            out[f"best_at_{few}_vs_ddim_{many}{name}"] = ratio(fids, solvers, a, f"ddim{suffix}", b)
     return out
 
 
-def plot(fids: dict, path: str, title: str) -> None:
+def plot(fids: dict, path: str, title: str, per_step: int = 1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,7 +244,12 @@ def plot(fids: dict, path: str, title: str) -> None:
         points = sorted((int(n), fid) for n, fid in by_nfe.items())  # JSON keys are strings
         ax.plot([n for n, _ in points], [f for _, f in points], marker="o", label=name)
         ticks.update(n for n, _ in points)
-    ax.set(xlabel="network evaluations (NFE)", ylabel="FID", title=title, xscale="log")
+    ax.set(
+        xlabel="network evaluations" + (" (guided: two per step)" if per_step == 2 else ""),
+        ylabel="FID",
+        title=title,
+        xscale="log",
+    )
     ax.set_xticks(sorted(ticks), [str(n) for n in sorted(ticks)])
     ax.minorticks_off()
     ax.legend(fontsize=7)
@@ -326,68 +348,119 @@ def setup(args: argparse.Namespace, cfg: AdmConfig, device: torch.device) -> dic
         guided = {"name": f"+classifier{scale:g}", "cond_fn": cond_fn_from_classifier(clf, scale)}
     elif guidance == "free":
         w = args.scale or cfg.sampling.cfg_scale or 1.0
-        guided = {"name": f"+free{w:g}", "model": classifier_free(net, w, source.model.num_classes)}
-    return {"model": model, "labels": labels, "noise": noise, "guided": guided}
+        guided = {
+            "name": f"+free{w:g}",
+            "model": classifier_free(net, w, source.model.num_classes),
+            "evals_per_step": 2,  # the conditional and the unconditional pass
+        }
+    return {"model": model, "labels": labels, "noise": noise, "guided": guided, "size": size}
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def plan_sets(
+    variants: list[tuple[str, Any, Any, int]], samplers: list[str], budgets: list[int]
+) -> list[dict[str, Any]]:
+    """One entry per set: a budget of network evaluations buys ``budget // per_step`` steps
+    (classifier-free guidance evaluates the network twice a step); the set is keyed by the
+    evaluations it spends."""
+    sets = []
+    for suffix, model, cond_fn, per_step in variants:
+        for sampler in samplers:
+            for budget in budgets:
+                steps = budget // per_step
+                if steps < (3 if sampler in SOLVERS else 1):
+                    continue
+                sets.append({"name": f"{sampler}{suffix}", "sampler": sampler, "steps": steps,
+                             "nfe": steps * per_step, "model": model, "cond_fn": cond_fn})  # fmt: skip
+    return sets
+
+
+def run_sets(args, cfg, run, sets, scorer, probe, judge) -> tuple[dict, dict, dict]:
+    """Draw and score every planned set, one progress line each on stderr."""
+    fids: dict[str, dict[int, float]] = {}
+    accs: dict[str, dict[int, float]] = {}
+    secs: dict[str, dict[int, float]] = {}
+    labels = run["labels"].cpu().numpy()
+    begin = time.perf_counter()
+    for i, job in enumerate(sets, 1):
+        name, nfe = job["name"], job["nfe"]
+        loop = sample_loop(cfg, job["sampler"], job["steps"], args.schedule)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            images = draw_set(
+                loop, job["model"], run["labels"], run["noise"], job["cond_fn"], args.batch_size
+            )
+        secs.setdefault(name, {})[nfe] = (time.perf_counter() - t0) / len(images)
+        if scorer is not None:
+            fids.setdefault(name, {})[nfe], _pool = scorer.score(images)
+            if probe is not None:
+                accs.setdefault(name, {})[nfe] = probe(images, labels)
+        if judge is not None:
+            accs.setdefault(name, {})[nfe] = float(np.mean(judge(images) == labels))
+        spent = time.perf_counter() - begin
+        left = spent / i * (len(sets) - i)  # sets differ in cost: a rough guide
+        progress(
+            f"{i}/{len(sets)} {name} at {nfe} evaluations ({job['steps']} steps): "
+            f"FID {_num(fids.get(name, {}).get(nfe))}, class acc "
+            f"{_num(accs.get(name, {}).get(nfe))}; {spent / 60:.1f} min so far, "
+            f"~{left / 60:.0f} min left"
+        )
+    return fids, accs, secs
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = setup(args, cfg, device)
-    scorer = None
-    if not args.random_init:
-        reference = args.reference or default_reference(cfg.storage.root)
-        if not reference:
-            raise SystemExit(f"no --reference and no shard set under {cfg.storage.root}/data")
-        scorer = Scorer(cfg, reference, device)
-    judge = load_judge(args.judge)
-    probe, judge_info = None, {}
-    if args.judge == "auto" and scorer is not None:
-        probe, judge_info = demo_judge(cfg, reference, scorer, args.num_samples)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     unknown = set(samplers) - set(SAMPLERS)
     if unknown:
         raise SystemExit(f"--samplers: unknown {sorted(unknown)}; choose from {SAMPLERS}")
-    nfes = sorted(int(n) for n in args.nfes.split(","))
-    variants = [("", run["model"], None)]
-    if run["guided"]["name"]:
-        g = run["guided"]
-        variants.append((g["name"], g.get("model", run["model"]), g.get("cond_fn")))
+    budgets = sorted(int(n) for n in args.nfes.split(","))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    progress("loading the networks")
+    run = setup(args, cfg, device)
+    scorer = None
+    if not args.random_init:
+        reference = args.reference or default_reference(cfg.storage.root, run["size"])
+        if not reference:
+            raise SystemExit(
+                f"no --reference and no {run['size']}px shard set under {cfg.storage.root}/data"
+            )
+        progress(f"reference features of {reference} (Inception; cached after the first run)")
+        scorer = Scorer(cfg, reference, device)
+    judge = load_judge(args.judge)
+    probe, judge_info = None, {}
+    if args.judge == "auto" and scorer is not None:
+        progress("the judge (trained once per reference, then cached)")
+        probe, judge_info = demo_judge(cfg, reference, scorer, args.num_samples)
+    variants = [("", run["model"], None, 1)]
+    g = run["guided"]
+    if g["name"]:
+        variants.append(
+            (g["name"], g.get("model", run["model"]), g.get("cond_fn"), g.get("evals_per_step", 1))
+        )
     with torch.no_grad():  # warm-up (allocator, kernels) so the first set's time is fair
         t = torch.zeros(1, dtype=torch.long, device=device)
         run["model"](run["noise"][:1], t, y=run["labels"][:1])
-    fids: dict[str, dict[int, float]] = {}
-    accs: dict[str, dict[int, float]] = {}
-    secs: dict[str, dict[int, float]] = {}
-    for suffix, model, cond_fn in variants:
-        for sampler in samplers:
-            name = f"{sampler}{suffix}"
-            for nfe in nfes:
-                if sampler in SOLVERS and nfe < 3:
-                    continue
-                loop = sample_loop(cfg, sampler, nfe, args.schedule)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    images = draw_set(
-                        loop, model, run["labels"], run["noise"], cond_fn, args.batch_size
-                    )
-                secs.setdefault(name, {})[nfe] = (time.perf_counter() - t0) / len(images)
-                labels = run["labels"].cpu().numpy()
-                if scorer is not None:
-                    fids.setdefault(name, {})[nfe], _pool = scorer.score(images)
-                    if probe is not None:
-                        accs.setdefault(name, {})[nfe] = probe(images, labels)
-                if judge is not None:
-                    accs.setdefault(name, {})[nfe] = float(np.mean(judge(images) == labels))
-                print(name, nfe, fids.get(name, {}).get(nfe), file=sys.stderr)
+    sets = plan_sets(variants, samplers, budgets)
+    progress(f"{len(sets)} sets of {args.num_samples} samples")
+    fids, accs, secs = run_sets(args, cfg, run, sets, scorer, probe, judge)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "num_samples": args.num_samples,
         "schedule": args.schedule,
-        "guided_as": run["guided"]["name"],
+        "guided_as": g["name"],
+        "guided_evaluations_per_step": g.get("evals_per_step", 1) if g["name"] else None,
+        "reference": reference if scorer is not None else None,
         "fid_by_sampler_nfe": fids,
-        **summary(fids, run["guided"]["name"]),
+        **summary(fids, g["name"], g.get("evals_per_step", 1)),
         "accuracy_by_sampler_nfe": accs or None,
         **judge_info,
         "seconds_per_image": secs,
@@ -398,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=2)
     if fids:
         files.append(os.path.join(args.out, "fid_vs_nfe.png"))
-        plot(fids, files[1], f"{cfg.name}: FID vs NFE ({args.num_samples} samples)")
+        title = f"{cfg.name}: FID vs network evaluations ({args.num_samples} samples)"
+        plot(fids, files[1], title, result["guided_evaluations_per_step"] or 1)
     result["mlflow_run_id"] = log_mlflow(cfg, result, files)
     print(json.dumps(result, indent=2))
     return 0
