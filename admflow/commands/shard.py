@@ -24,13 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "SRC: 'demo' (built-in 10-class shapes set), an ImageNet-style folder (one "
             "sub-folder per class; labels in sorted class-name order), a flat folder "
-            "(unconditional, LSUN-style) or an ADM .npz batch (arr_0 uint8 NHWC, optional "
-            "arr_1 labels). Images get the paper's preprocessing (BOX halving, BICUBIC, centre "
-            "crop). Runs on Ray; deterministic; a rerun writes only missing shards. Corrupt "
+            "(unconditional, LSUN-style), an ADM .npz batch (arr_0 uint8 NHWC, optional "
+            "arr_1 labels), or your copy of CIFAR-10's python batches (the cifar-10-batches-py "
+            "folder for the 50,000 training images, or one batch file such as test_batch; read "
+            "by an unpickler that builds only arrays). Images get the paper's preprocessing (BOX "
+            "halving, BICUBIC, centre crop). Runs on Ray; deterministic; a rerun writes only missing shards. Corrupt "
             "files are skipped and listed in the manifest."
         ),
     )
-    p.add_argument("src", help="'demo', an image folder, or an .npz batch")
+    p.add_argument(
+        "src", help="'demo', an image folder, an .npz batch, or CIFAR-10's cifar-10-batches-py"
+    )
     p.add_argument("dest", help="output directory: a path, file:// or s3://bucket/prefix")
     add_config_args(p)
     p.add_argument("--image-size", type=int, help="target size (default: data.image_size)")

@@ -24,7 +24,7 @@ def build_manifest(source: Source, dest: str, size: int, records: list[dict]) ->
     for r in records:
         for lab, c in r["counts"].items():
             counts[lab] = counts.get(lab, 0) + c
-    conditional = source.kind in ("demo", "folder") or (
+    conditional = source.kind in ("demo", "folder", "cifar10") or (
         source.kind == "npz" and bool(source.class_names)
     )
     return {

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from admflow import storage
 from admflow.config import AdmConfig
+from tasks.data.cifar import CifarRows
 from tasks.data.manifest import FORMAT, build_manifest
 from tasks.data.preprocess import PREPROCESSING, center_crop, encode_png
 from tasks.data.sources import ShardError, Source, list_source, open_npz
@@ -57,7 +58,11 @@ def build_shard(source: Source, indices: list[int], size: int) -> tuple[bytes, d
     import pyarrow.parquet as pq
 
     images, labels, keys, skipped = [], [], [], []
-    npz = open_npz(source.uri, labels=False)[0] if source.kind == "npz" else None
+    npz: Any = None  # rows by index: an .npz batch's or CIFAR-10's
+    if source.kind == "npz":
+        npz = open_npz(source.uri, labels=False)[0]
+    elif source.kind == "cifar10":
+        npz = CifarRows(source.uri, source.keys, source.fingerprint)
     for i in indices:
         try:
             arr = _load_item(source, i, size, npz)

@@ -1,5 +1,6 @@
 """What a sharding source holds: an image folder (class sub-folders or flat), an ADM ``.npz``
-batch or the demo set, local or on object storage.
+batch, CIFAR-10's python batches (:mod:`tasks.data.cifar`) or the demo set, local or on object
+storage.
 
 A remote source is listed once by the driver (names, sizes, ETags: no object is read); an
 ``.npz`` batch's rows are read where they are used (memory-mapped, or fetched by range).
@@ -17,12 +18,16 @@ import numpy as np
 
 from admflow import storage
 from admflow.config import AdmConfig
+from tasks.data import cifar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 # Folder and demo items are dealt to shards in a fixed pseudo-random order (not sorted by
 # class), so every shard mixes classes and shard-level shuffling gives mixed batches.
 ORDER_SEED = 0
-ORDER = f"sorted keys permuted by numpy default_rng({ORDER_SEED}); npz keeps its row order"
+ORDER = (
+    f"sorted keys permuted by numpy default_rng({ORDER_SEED}); npz and CIFAR-10 batches keep "
+    "their row order"
+)
 
 
 class ShardError(ValueError):
@@ -31,7 +36,7 @@ class ShardError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "demo" | "folder" | "flat" | "npz"
+    kind: str  # "demo" | "folder" | "flat" | "npz" | "cifar10"
     uri: str
     keys: list[str]
     labels: list[int]
@@ -45,12 +50,15 @@ def list_source(cfg: AdmConfig, src: str) -> Source:
         return _mixed(_demo_source(cfg))
     if src.endswith(".npz"):
         return _npz_source(cfg, src)
+    if cifar.is_cifar(src):
+        return _cifar_source(src)
     if storage.is_remote(src):
         return _mixed(_folder_source(src.rstrip("/")))
     path = storage.local_path(src)
     if path is None or not os.path.isdir(path):
         raise ShardError(
-            f"source {src!r} is neither 'demo', an .npz batch, nor an image folder (local or s3://)"
+            f"source {src!r} is neither 'demo', an .npz batch, CIFAR-10's python batches, nor an "
+            "image folder (local or s3://)"
         )
     return _mixed(_folder_source(path))
 
@@ -143,6 +151,14 @@ def _folder_source(root: str) -> Source:
         h.update(f"{k}\0{files[k]}\n".encode())
     kind = "folder" if subdirs else "flat"  # flat (LSUN-style) is unconditional
     return Source(kind, root, keys, labels, subdirs, h.hexdigest(), tuple(sorted(ignored, key=str)))
+
+
+def _cifar_source(src: str) -> Source:
+    try:
+        keys, labels, names, fingerprint = cifar.describe(src)
+    except cifar.CifarError as e:
+        raise ShardError(str(e)) from None
+    return Source("cifar10", src.rstrip("/"), keys, labels, names, fingerprint)
 
 
 def _npz_source(cfg: AdmConfig, uri: str) -> Source:
