@@ -40,6 +40,8 @@ RELEASED_UNET_PARAMS = {
     "iddpm-upsampler256": 273.0e6,
     "iddpm-lsun-bedroom-lr1e-4": 113.7e6,
     "iddpm-lsun-bedroom-lr2e-5": 113.7e6,
+    # DDPM's CIFAR-10 network: "35.7 million parameters" (Ho et al. 2020, Appendix B)
+    "ddpm-cifar10": 35.7e6,
 }
 RELEASED_UPSAMPLER_PARAMS = {
     "upsampler64-256": 312e6,
