@@ -1,13 +1,17 @@
-"""The paper's results as data: which released files, presets and sampling settings each row
-of "Diffusion Models Beat GANs" used, and the numbers it published.
+"""The papers' results as data: which released files, presets and sampling settings each row
+of "Diffusion Models Beat GANs" used, and the numbers it published; and the same for its
+ancestors (Improved DDPM's released models, DDPM's CIFAR-10 recipe).
 
-The registry is ``configs/paper/rows.yaml``; :func:`load_rows` validates it (every file a row
-names has a download address, every preset exists and agrees with the row's run preset) so a
-broken entry fails at load, not after an hour of sampling. Nothing here downloads anything.
+The registries are ``configs/paper/rows.yaml`` and ``configs/paper/ancestors.yaml``;
+:func:`load_rows` and :func:`load_ancestor_rows` validate them (every file a row names has a
+download address, every preset exists and agrees with the row's run preset) so a broken entry
+fails at load, not after an hour of sampling. :func:`find_row` finds a row that `paper run`
+regenerates in either. Nothing here downloads anything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -34,18 +38,31 @@ class Network(_Strict):
 
 
 class Published(_Strict):
-    """What the paper printed for the row (None: not in the table the row comes from)."""
+    """What the paper printed for the row (None: not in the table the row comes from, or not
+    found). ADM's rows always have their FID and table (:class:`Registry` checks)."""
 
-    fid: float = Field(gt=0)
+    fid: float | None = Field(None, gt=0)
     sfid: float | None = Field(None, gt=0)
     inception_score: float | None = Field(None, gt=0)
     precision: float | None = Field(None, ge=0, le=1)
     recall: float | None = Field(None, ge=0, le=1)
-    table: str = Field(pattern=r"^Table \d+$", description="the paper's own table number")
+    table: str | None = Field(
+        None, pattern=r"^Table \d+$", description="the paper's own table number"
+    )
+    source: str | None = Field(
+        None, description="where the figures are quoted from, when not from the paper's text"
+    )
+
+    def cited(self) -> str:
+        """Where the figures come from, for reports."""
+        if self.table:
+            return self.table
+        return f"as quoted by {self.source}" if self.source else "no published figure"
 
 
 class PaperRow(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    paper: Literal["adm", "improved-ddpm", "ddpm"] = "adm"
     description: str
     preset: str = Field(description="the config the run loads (the upsampler's for two stages)")
     diffusion: Network
@@ -63,7 +80,10 @@ class PaperRow(_Strict):
         [], description="settings the paper does not give for this row (the note says why)"
     )
     note: str = Field("", description="where a setting comes from when not from the table")
-    reference: str = Field(description="the paper's reference batch (.npz)")
+    reference: str | None = Field(
+        description="the paper's reference batch (.npz); None: none was released, the run is "
+        "given the data set's own (an .npz, a feature file or a shard folder)"
+    )
     published: Published
 
     @model_validator(mode="after")
@@ -92,8 +112,10 @@ class PaperRow(_Strict):
         return {k: v for k, v in named.items() if v is not None}
 
     def files(self) -> list[str]:
-        """Every file the row needs: checkpoints, then the reference batch."""
-        return [n.file for n in self.networks().values()] + [self.reference]
+        """Every released file the row needs: checkpoints, then the reference batch."""
+        return [n.file for n in self.networks().values()] + (
+            [self.reference] if self.reference else []
+        )
 
     def overrides(self, num_samples: int | None = None) -> list[str]:
         """The row's sampling settings as config overrides (user overrides go after these)."""
@@ -120,6 +142,10 @@ class Registry(_Strict):
         if len(set(ids)) != len(ids):
             raise ValueError(f"row ids are not unique: {ids}")
         for row in self.rows:
+            if row.paper != "adm" or not row.reference:
+                raise ValueError(f"row {row.id}: an ADM row names its reference batch")
+            if row.published.fid is None or row.published.table is None:
+                raise ValueError(f"row {row.id}: an ADM row has the FID of the table it cites")
             for name in row.files():
                 if name not in self.files:
                     raise ValueError(f"row {row.id}: {name} has no entry under files")
@@ -167,24 +193,27 @@ def load_rows(path: Path = REGISTRY) -> Registry:
 
 
 def locate_files(
-    registry: Registry, row: PaperRow, checkpoints: str, reference: str
+    urls: Mapping[str, str], row: PaperRow, checkpoints: str, reference: str
 ) -> dict[str, str]:
     """URIs of the row's files: checkpoints in the directory ``checkpoints``; the reference is
-    ``reference`` itself when it names an .npz, else the row's file inside that directory.
+    ``reference`` itself when it names an .npz or the row has no released one, else the row's
+    file inside that directory. ``urls``: the download address of each released file.
 
-    Any missing file fails here, before Ray or Prefect start, naming it and its download address.
+    Any missing released file fails here, before Ray or Prefect start, naming it and its
+    download address (a reference of the user's own is checked by the scoring inputs' check).
     """
     from admflow import storage
 
     found = {kind: storage.join(checkpoints, n.file) for kind, n in row.networks().items()}
-    found["reference"] = (
-        reference if reference.endswith(".npz") else storage.join(reference, row.reference)
-    )
-    names = {kind: n.file for kind, n in row.networks().items()} | {"reference": row.reference}
+    own = row.reference is None or reference.endswith(".npz")
+    found["reference"] = reference if own else storage.join(reference, str(row.reference))
+    names = {kind: n.file for kind, n in row.networks().items()}
+    if row.reference:
+        names["reference"] = row.reference
     missing = [
-        f"{names[kind]} not found at {uri}; download it from {registry.url(names[kind])}"
+        f"{names[kind]} not found at {uri}; download it from {urls[names[kind]]}"
         for kind, uri in found.items()
-        if not storage.exists(uri)
+        if kind in names and not storage.exists(uri)
     ]
     if missing:
         raise storage.StorageError(f"paper row {row.id}: " + "; ".join(missing))
@@ -197,53 +226,114 @@ ANCESTORS = CONFIG_DIR / "paper" / "ancestors.yaml"
 ANCESTOR_PREFIXES = {
     "improved-ddpm": "https://openaipublic.blob.core.windows.net/diffusion/march-2021/"
 }
-AncestorMetric = Literal["nll_bpd", "fid"]
+AncestorMetric = Literal["nll_bpd", "fid", "inception_score"]
 
 
 class AncestorPublished(_Strict):
-    """The paper's own figures for the model (None: not transcribed from its full text)."""
+    """The paper's own figures for the model (None: not transcribed from its full text, nor
+    found quoted elsewhere)."""
 
     nll_bpd: float | None = Field(None, gt=0, description="variational bound, bits/dim")
     fid: float | None = Field(None, gt=0)
+    inception_score: float | None = Field(None, gt=0)
     table: str | None = Field(None, pattern=r"^Table \d+$")
     page: int | None = Field(None, gt=0)
+    section: str | None = Field(None, description="the paper's section printing the table")
+    source: str | None = Field(
+        None,
+        description="an address quoting the figures, when they are not transcribed from the "
+        "paper's full text: what quotes them and where, so a reader can check",
+    )
 
     @model_validator(mode="after")
     def _cited(self) -> AncestorPublished:
-        has_figure = self.nll_bpd is not None or self.fid is not None
-        if has_figure and (self.table is None or self.page is None):
-            raise ValueError("a published figure needs the table and page it comes from")
+        has_figure = any(v is not None for v in (self.nll_bpd, self.fid, self.inception_score))
+        from_paper = self.table is not None and (self.page is not None or self.section)
+        if has_figure and not (from_paper or self.source):
+            raise ValueError(
+                "a published figure needs the table and page (or section) it comes from, or "
+                "the source that quotes it"
+            )
         return self
 
     def figures(self) -> str:
         shown = [
             f"{label} {value:g}"
-            for label, value in (("NLL", self.nll_bpd), ("FID", self.fid))
+            for label, value in (
+                ("NLL", self.nll_bpd),
+                ("FID", self.fid),
+                ("IS", self.inception_score),
+            )
             if value is not None
         ]
         if not shown:
             return "published figures not transcribed"
-        return ", ".join(shown) + f" ({self.table}, p. {self.page})"
+        if self.table is not None:
+            where = f"p. {self.page}" if self.page else f"Section {self.section}"
+            return ", ".join(shown) + f" ({self.table}, {where})"
+        return ", ".join(shown) + " (quoted, see source)"
+
+
+class Sampling(_Strict):
+    """How `paper run` draws a row's samples: the sampler and the respaced steps."""
+
+    sampler: Literal["ddpm", "ddim"]
+    steps: str = Field(description="timestep respacing, e.g. '100' or 'ddim50'")
+
+    @model_validator(mode="after")
+    def _matched(self) -> Sampling:
+        if (self.sampler == "ddim") != self.steps.startswith("ddim"):
+            raise ValueError(f"sampler {self.sampler} does not match steps {self.steps!r}")
+        return self
 
 
 class AncestorRow(_Strict):
-    """One released model of an ancestor paper, the preset that loads it, its figures."""
+    """One model of an ancestor paper (a released checkpoint, or a recipe to train), the preset
+    that loads it, its figures, and (``sampling``) how `paper run` samples it."""
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
-    paper: Literal["improved-ddpm"]
+    paper: Literal["improved-ddpm", "ddpm"]
     description: str
     preset: str
-    file: str
+    file: str | None = Field(description="the released checkpoint; None: none, train the preset")
     metrics: list[AncestorMetric] = Field(min_length=1)
+    sampling: Sampling | None = None
     published: AncestorPublished
     note: str = ""
 
     @model_validator(mode="after")
     def _noted(self) -> AncestorRow:
         p = self.published
-        if p.nll_bpd is None and p.fid is None and not self.note:
+        if p.nll_bpd is None and p.fid is None and p.inception_score is None and not self.note:
             raise ValueError("a row without published figures needs a note saying why")
+        if self.sampling is not None and (self.file is None or "fid" not in self.metrics):
+            raise ValueError("a row sampled by `paper run` needs its checkpoint and FID")
         return self
+
+    def paper_row(self) -> PaperRow:
+        """The row as `paper run` regenerates it (only rows with ``sampling``): unguided, scored
+        against the data set's own reference, which the paper's FIDs are computed against."""
+        if self.sampling is None or self.file is None:
+            raise ConfigError(
+                f"paper row {self.id}: no sampling settings or released checkpoint, so "
+                "`paper run` cannot regenerate it (see `admflow paper list`)"
+            )
+        p = self.published
+        return PaperRow(
+            id=self.id,
+            paper=self.paper,
+            description=self.description,
+            preset=self.preset,
+            diffusion=Network(preset=self.preset, file=self.file),
+            sampler=self.sampling.sampler,
+            steps=self.sampling.steps,
+            classifier_scale=0.0,
+            note=self.note,
+            reference=None,
+            published=Published(
+                fid=p.fid, inception_score=p.inception_score, table=p.table, source=p.source
+            ),
+        )
 
 
 class AncestorRegistry(_Strict):
@@ -256,17 +346,20 @@ class AncestorRegistry(_Strict):
         if len(set(ids)) != len(ids):
             raise ValueError(f"row ids are not unique: {ids}")
         for row in self.rows:
+            if row.file is None:
+                continue
             url = self.files.get(row.file)
             if url is None:
                 raise ValueError(f"row {row.id}: {row.file} has no entry under files")
-            prefix = ANCESTOR_PREFIXES[row.paper]
-            if not url.startswith(prefix) or not url.endswith("/" + row.file):
+            prefix = ANCESTOR_PREFIXES.get(row.paper, "")
+            if not prefix or not url.startswith(prefix) or not url.endswith("/" + row.file):
                 raise ValueError(f"files.{row.file}: {url} is not a released download address")
         return self
 
 
 def load_ancestor_rows(path: Path = ANCESTORS) -> AncestorRegistry:
-    """The validated registry of the ancestors' models; every preset must load."""
+    """The validated registry of the ancestors' models; every preset must load, with the
+    sampling settings of the rows that `paper run` regenerates."""
     try:
         registry = AncestorRegistry.model_validate(yaml.safe_load(path.read_text()))
     except ValidationError as e:
@@ -274,5 +367,22 @@ def load_ancestor_rows(path: Path = ANCESTORS) -> AncestorRegistry:
         loc = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"{path.name}: {loc}: {first['msg']}") from None
     for row in registry.rows:
-        load_config(row.preset)
+        load_config(row.preset, row.paper_row().overrides() if row.sampling else [])
     return registry
+
+
+def find_row(row_id: str) -> tuple[dict[str, str], PaperRow]:
+    """A row `paper run` regenerates, ADM's or an ancestor's, with the download addresses of
+    its registry's files."""
+    registry = load_rows()
+    if row_id in {r.id for r in registry.rows}:
+        return registry.files, registry.row(row_id)
+    ancestors = load_ancestor_rows()
+    for row in ancestors.rows:
+        if row.id == row_id:
+            return ancestors.files, row.paper_row()
+    runnable = [r.id for r in ancestors.rows if r.sampling]
+    raise ConfigError(
+        f"no paper row {row_id!r}; see `admflow paper list` ({registry.ids()}, "
+        f"{', '.join(runnable)})"
+    )

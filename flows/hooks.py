@@ -16,9 +16,9 @@ def flow_config(params: dict[str, Any]):
     from admflow.config import load_config
 
     if params.get("row"):
-        from admflow.paper import load_rows
+        from admflow.paper import find_row
 
-        entry = load_rows().row(params["row"])
+        entry = find_row(params["row"])[1]
         settings = entry.overrides(params.get("num_samples")) + list(params.get("overrides") or [])
         return load_config(entry.preset, settings)
     return load_config(params.get("preset") or "tiny", params.get("overrides") or [])

@@ -1,4 +1,4 @@
-"""One row of the paper from the released checkpoints: the `sample` flow with the row's
+"""One row of the paper (or of its ancestors) from the released checkpoints: the `sample` flow with the row's
 settings (two stages where the row has an upsampler), scored against the paper's reference
 batch, and a table of ours beside the published numbers."""
 
@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from admflow.config import ConfigError, load_config
-from admflow.paper import load_rows, locate_files
+from admflow.paper import find_row, locate_files
 from flows.hooks import PARENT_RUN_HOOKS
 from flows.sample import sample_released
 
@@ -28,15 +28,18 @@ def paper(
     from tasks.reporting import lineage, paper_report
     from tasks.scoring.inputs import check_reference
 
-    registry = load_rows()
-    entry = registry.row(row)
+    urls, entry = find_row(row)
     reference = load_config(entry.preset, overrides or []).evaluation.reference
     if not reference:
-        raise ConfigError(
-            "evaluation.reference: give the reference batch .npz or a directory holding "
-            f"{entry.reference} (--reference or --set evaluation.reference=...)"
+        wanted = (
+            f"the reference batch .npz or a directory holding {entry.reference}"
+            if entry.reference
+            else "the training set's reference (an .npz, a feature file or a shard folder)"
         )
-    files = locate_files(registry, entry, checkpoints, reference)
+        raise ConfigError(
+            f"evaluation.reference: give {wanted} (--reference or --set evaluation.reference=...)"
+        )
+    files = locate_files(urls, entry, checkpoints, reference)
     check_reference(files["reference"])  # before the parent run opens
     settings = entry.overrides(num_samples) + list(overrides or [])
     settings.append(f"evaluation.reference={files['reference']}")

@@ -22,6 +22,11 @@ example:
 under their released names; --reference is the reference batch .npz or a directory holding it.
 `admflow paper list` says which files each row needs and where to download them.
 
+The ancestors' rows marked "paper run" in the list (Improved DDPM's L_hybrid models, at their
+full 4000 steps and at 50 and 100 steps against DDIM) have no released reference batch: their
+papers compute FID against the training set, so --reference is the training set's own (an .npz
+batch, a feature file, or a shard folder from `admflow shard`).
+
 Inception Score needs the 1008-way logits of the paper's Inception network, which the bundled
 feature network lacks: bring the weights yourself (a state dict in the pt_inception-2015-12-05
 layout with its 1008x2048 fc.weight) and pass --set evaluation.inception_weights=PATH. Without
@@ -32,7 +37,10 @@ them the table's IS line reads n/a; FID, sFID, precision and recall need no extr
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("paper", help="the paper's result rows: list them, or regenerate one")
     psub = p.add_subparsers(dest="paper_command", metavar="ACTION", required=True)
-    lst = psub.add_parser("list", help="rows with published FID and the files each needs")
+    lst = psub.add_parser(
+        "list",
+        help="rows with published figures and the files each needs, ADM's then its ancestors'",
+    )
     lst.add_argument("--json", action="store_true", help="the whole registry as JSON")
     lst.set_defaults(func=_list)
     run = psub.add_parser(
@@ -48,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("row", help="row id (see `admflow paper list`)")
+    run.add_argument("row", help="row id: ADM's, or an ancestor's marked 'paper run' in the list")
     run.add_argument(
         "--checkpoints", required=True, metavar="DIR_OR_URI", help="the released .pt files"
     )
@@ -84,23 +92,30 @@ def _list(args: argparse.Namespace) -> int:
             print(f"    note: {row.note}")
         for name in row.files():
             print(f"    {name:32s} {registry.url(name)}")
-    for arow in ancestors.rows:  # the ancestors' released models (Improved DDPM)
+    for arow in ancestors.rows:  # the ancestors' models (Improved DDPM, DDPM)
         print(f"{arow.id:31s} [{arow.paper}] {arow.published.figures()}  {arow.description}")
         print(f"    preset: {arow.preset}; metrics: {', '.join(arow.metrics)}")
+        if arow.sampling:
+            print(
+                f"    paper run: {arow.paper_row().settings()}; --reference: the training "
+                "set's (an .npz, a feature file or a shard folder)"
+            )
+        if arow.published.source:
+            print(f"    quoted from: {arow.published.source}")
         if arow.note:
             print(f"    note: {arow.note}")
-        print(f"    {arow.file:32s} {ancestors.files[arow.file]}")
+        if arow.file:
+            print(f"    {arow.file:32s} {ancestors.files[arow.file]}")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from admflow.paper import load_rows, locate_files
+    from admflow.paper import find_row, locate_files
 
     if args.num_samples is not None and args.num_samples <= 0:
         raise SystemExit("--num-samples: must be a positive number of images")
-    registry = load_rows()
-    row = registry.row(args.row)
-    files = locate_files(registry, row, args.checkpoints, args.reference)
+    urls, row = find_row(args.row)
+    files = locate_files(urls, row, args.checkpoints, args.reference)
     cfg = load_config(row.preset, row.overrides(args.num_samples) + args.overrides)
     inputs = paper_inputs(cfg, row, files)
     if args.plan:

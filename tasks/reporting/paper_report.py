@@ -60,7 +60,7 @@ def to_markdown(row: PaperRow, entries: list[dict[str, Any]], num_samples: int) 
     lines = [
         f"### {row.id}: {row.description}",
         "",
-        f"{row.settings()}, {num_samples} samples; published: {row.published.table}",
+        f"{row.settings()}, {num_samples} samples; published: {row.published.cited()}",
         "",
         "| metric | ours | published | ours - published |",
         "|---|---|---|---|",
