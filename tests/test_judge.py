@@ -30,7 +30,14 @@ def test_judge_learns_shapes_and_reads_larger_images_at_its_own_size():
     assert judge_accuracy(model, test_x, test_y) >= 0.95
     assert judge_accuracy(model, test_x, 1 - test_y) <= 0.05  # wrong labels score as wrong
     big = test_x.repeat(2, axis=1).repeat(2, axis=2)  # an upsampler's 32px output
+    seen = []  # what each network is given: bars read at any size, so check the size itself
+    hooks = [
+        m.register_forward_pre_hook(lambda _, a: seen.append(a[0].shape)) for m in model.members
+    ]
     assert judge_accuracy(model, big, test_y) >= 0.95
+    for h in hooks:
+        h.remove()
+    assert seen and all(tuple(s[1:]) == (3, 16, 16) for s in seen), seen
     again = fit_judge(train_x, train_y, num_classes=2, steps=60, seed=0)  # deterministic
     np.testing.assert_array_equal(judge_predict(again, test_x), judge_predict(model, test_x))
 
@@ -111,3 +118,48 @@ def test_a_bilinear_set_is_judged_on_the_base_set_it_was_made_from(tmp_path):
     assert acc == class_accuracy(judge, base) == judge_accuracy(model, x, y) >= 0.95
     _write_set(base, x, 1 - y)  # the base set's labels are what the bilinear row is judged by
     assert class_accuracy(judge, up) <= 0.05
+
+
+def test_a_judge_trained_on_degraded_copies_reads_soft_images_that_a_clean_one_misreads():
+    from models.judge import softening_ladder
+
+    train_x, train_y = _two_class_images(128, 16, seed=0)
+    test_x, test_y = _two_class_images(64, 16, seed=1)
+    kw = {"num_classes": 2, "members": 1, "steps": 60, "seed": 0}
+    clean = softening_ladder(fit_judge(train_x, train_y, degradation=None, **kw), test_x, test_y)
+    robust = softening_ladder(fit_judge(train_x, train_y, **kw), test_x, test_y)
+    assert clean[0]["accuracy"] >= 0.95 and robust[0]["accuracy"] >= 0.95  # both read crisp bars
+    assert [r["sharpness"] for r in clean] == [r["sharpness"] for r in robust]  # the same images
+    soft = [(c["accuracy"], r["accuracy"]) for c, r in zip(clean, robust, strict=True)]
+    assert sum(r for _, r in soft) > sum(c for c, _ in soft), soft
+
+
+def test_a_sample_sets_sharpness_is_matched_on_the_judges_softening_ladder(tmp_path):
+    import io
+
+    from admflow import storage
+    from models.judge import image_sharpness, match_softness, softening_ladder
+    from tasks.scoring.judge import judge_reading
+
+    model = fit_judge(*_two_class_images(128, 16, seed=0), num_classes=2, steps=60, seed=0)
+    held_x, held_y = _two_class_images(32, 16, seed=2)
+    ladder = softening_ladder(model, held_x, held_y, levels=11)
+    assert ladder[0]["accuracy"] == judge_accuracy(model, held_x, held_y)
+    assert all(a["sharpness"] > b["sharpness"] for a, b in zip(ladder, ladder[1:], strict=False))
+    judge = str(tmp_path / "judge")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    storage.write_bytes(judge + ".pt", buf.getvalue())
+    storage.write_json(judge + ".json", {"num_classes": 2, "judge_image_size": 16,
+                                         "judge_members": 4, "judge_softening": ladder})  # fmt: skip
+    x, y = _two_class_images(16, 16, seed=1)
+    soft = ((x.astype(np.float32) - 40) * 0.5 + 40).astype(np.uint8)  # half the contrast
+    samples = str(tmp_path / "samples")
+    _write_set(samples, soft, y)
+    reading = judge_reading(judge, samples)
+    sharpness = float(image_sharpness(soft, 16).mean())
+    assert reading["sharpness"] == pytest.approx(sharpness, rel=1e-6)
+    assert sharpness < ladder[0]["sharpness"]  # softer than the real images
+    assert reading["softened_real"] == match_softness(ladder, reading["sharpness"])
+    assert reading["softened_real_accuracy"] == reading["softened_real"]["accuracy"]
+    assert reading["class_accuracy"] == judge_accuracy(model, soft, y)

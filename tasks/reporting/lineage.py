@@ -106,7 +106,7 @@ def finish_parent_run(run_id: str, summary: dict) -> None:
             if row.get(metric) is not None:
                 client.log_metric(run_id, f"{label}/{metric}", float(row[metric]))
     for name, y in (summary.get("yardsticks") or {}).items():
-        for metric in ("judge_heldout_accuracy", "fid_floor"):
+        for metric in ("judge_heldout_accuracy", "judge_softened_real_accuracy", "fid_floor"):
             if y and y.get(metric) is not None:
                 client.log_metric(run_id, f"{name}/{metric}", float(y[metric]))
     for point in summary.get("curve") or []:

@@ -72,19 +72,47 @@ def rows_to_markdown(
 
 
 def yardsticks_to_markdown(yardsticks: dict[str, dict | None]) -> str:
-    """What "good" is: the judge's accuracy on held-out real images and the FID floor."""
-    lines = ["| reference | judge accuracy on held-out real images | FID floor (N) |",
-             "|---|---|---|"]  # fmt: skip
+    """What "good" is: the judge's accuracy on held-out real images, clean and softened as
+    much as the unguided samples (:func:`softened_yardstick`), and the FID floor."""
+    lines = ["| reference | judge accuracy on held-out real images | on them softened as the "
+             "unguided samples | FID floor (N) |", "|---|---|---|---|"]  # fmt: skip
+    notes = []
     for name, y in yardsticks.items():
         if not y:
             continue
-        judge = "-"  # a reference scored without a judge trained at its size
+        judge = soft = "-"  # a reference scored without a judge trained at its size
         if y.get("judge_heldout_accuracy") is not None:
             judge = f"{_fmt(y['judge_heldout_accuracy'])} ({y.get('judge_heldout_images')} images)"
+        m = y.get("judge_softened_real")
+        if m:
+            soft = _fmt(m["accuracy"])
+            notes.append(
+                f"{name}: real images softened by a Gaussian blur of {m['blur']:.2f} px and "
+                f"contrast x{m['contrast']:.2f}, until their mean gradient magnitude "
+                f"({m['sharpness']:.3f}; clean {m['real_sharpness']:.3f}) is the unguided "
+                "samples' as the judge sees them" + (f" ({m['clipped']})" if m["clipped"] else "")
+            )
         lines.append(
-            f"| {name} | {judge} | {_fmt(y.get('fid_floor'))} ({y.get('fid_floor_images')}) |"
+            f"| {name} | {judge} | {soft} | {_fmt(y.get('fid_floor'))} "
+            f"({y.get('fid_floor_images')}) |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "".join(f"\n{n}.\n" for n in notes)
+
+
+def softened_yardstick(
+    rows: list[dict], yardsticks: dict[str, dict | None]
+) -> dict[str, dict | None]:
+    """The yardsticks, the one with a judge given its accuracy on real images softened as
+    much as the unguided base samples (the row's ``softened_real``, tasks.scoring.judge)."""
+    unguided = [r for r in rows if _stage(r) == "base" and r.get("classifier_scale") == 0.0]
+    matched = unguided[0].get("softened_real") if unguided else None
+    out: dict[str, dict | None] = {}
+    for name, y in yardsticks.items():
+        if y and y.get("judge_heldout_accuracy") is not None and matched:
+            y = {**y, "judge_softened_real": matched,
+                 "judge_softened_real_accuracy": matched["accuracy"]}  # fmt: skip
+        out[name] = y
+    return out
 
 
 def curve_to_markdown(curve: list[dict]) -> str:
@@ -202,6 +230,7 @@ def write_report(
     links = _run_links(cfg, rows)
     table = rows_to_markdown(cfg, rows, links)
     text = "## Results\n\n" + table
+    yardsticks = softened_yardstick(rows, yardsticks or {})
     if yardsticks and any(yardsticks.values()):
         text += "\n## Yardsticks\n\n" + yardsticks_to_markdown(yardsticks)
     if curve:

@@ -17,7 +17,7 @@ from models import inception as inc
 from models import metrics as M
 from tasks.scoring.features import features_for
 from tasks.scoring.inputs import EvaluationInputError
-from tasks.scoring.judge import class_accuracy
+from tasks.scoring.judge import judge_reading
 from tasks.scoring.preflight import check_same_resolution
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ def evaluate_sets(
     """Score ``samples`` against ``ref`` (each an .npz, feature file, sample set or data set).
 
     Returns the metrics (``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall``;
-    ``class_accuracy`` when a ``judge`` file is given) plus ``mlflow_run_id`` (None when not
+    ``class_accuracy``, ``sharpness`` and ``softened_real_accuracy`` when a ``judge`` file is
+    given, tasks.scoring.judge.judge_reading) plus ``mlflow_run_id`` (None when not
     logged) and the feature-file URIs used.
     """
     if log_mlflow:  # an unreachable or misplaced store fails now, not after the features
@@ -122,7 +123,7 @@ def evaluate_sets(
     smp_feats, smp_fu = features_for(cfg, samples, workers, inception)
     metrics: dict[str, Any] = compute_metrics(ref_feats, smp_feats, cfg.evaluation.fid_method)
     if judge:  # the demo's independent class-fidelity judge
-        metrics["class_accuracy"] = class_accuracy(judge, samples)
+        metrics.update(judge_reading(judge, samples))
     metrics.update(reference_features=ref_fu, sample_features=smp_fu, mlflow_run_id=None)
     if not log_mlflow:
         return metrics

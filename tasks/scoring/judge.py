@@ -1,9 +1,11 @@
 """The demo's independent judge and its yardsticks.
 
 * **Judge**: an ensemble of small CNNs (:mod:`models.judge`) trained on 80% of the labelled
-  real images of the base model's data set, at its resolution; its accuracy on the other 20%
-  is reported so the reader knows how far to trust it. It never sees the guidance classifier
-  nor a sample.
+  real images of the base model's data set, at its resolution, clean and degraded; its
+  accuracy on the other 20% is reported so the reader knows how far to trust it, clean and
+  softened step by step (the ladder in the summary). Each judged sample set gets its
+  sharpness and the ladder's accuracy at that sharpness: how well the judge reads real
+  images as soft as the samples. It never sees the guidance classifier nor a sample.
 * **FID floor**: the FID between two disjoint halves of the real reference images, each as
   large as a sample set. FID is biased upwards at small N, so this is the best score a perfect
   model could get at the demo's sample count: the number to read every other FID against.
@@ -30,14 +32,17 @@ from models.judge import (
     JudgeEnsemble,
     fit_judge,
     holdout_split,
+    image_sharpness,
     judge_accuracy,
     judge_predict,
+    match_softness,
+    softening_ladder,
 )
 from tasks.resources import JUDGE_BATCH
 from tasks.scoring.features import load_features
 from tasks.scoring.inputs import Unit, describe, read_unit, read_unit_labels
 
-JUDGE_VERSION = 3  # 3: an ensemble of JUDGE_MEMBERS networks
+JUDGE_VERSION = 4  # 3: an ensemble of JUDGE_MEMBERS networks; 4: trained on degraded copies too
 JUDGE_MEMBERS = 4
 JUDGE_MAX_IMAGES = 20_000  # a larger data set trains the judge on this many of its images
 
@@ -106,6 +111,7 @@ def build_judge(
     summary = {
         "uri": uri,
         "judge_heldout_accuracy": judge_accuracy(model, images[held], labels[held]),
+        "judge_softening": softening_ladder(model, images[held], labels[held]),
         "judge_train_images": int(len(train)),
         "judge_heldout_images": int(len(held)),
         "judge_image_size": int(model.image_size),
@@ -154,13 +160,35 @@ def judged_set(samples_uri: str) -> str:
 
 
 def class_accuracy(judge_uri: str, samples_uri: str) -> float | None:
-    """The judge's accuracy on a sample set (labels: the classes the samples were drawn for),
-    read one unit at a time so a 50K-image set never sits in memory at once."""
-    model, _ = read_judge(judge_uri)
+    """The judge's accuracy on a sample set (labels: the classes the samples were drawn for)."""
+    return judge_reading(judge_uri, samples_uri)["class_accuracy"]
+
+
+def judge_reading(judge_uri: str, samples_uri: str) -> dict[str, Any]:
+    """``class_accuracy`` of a sample set (None for unconditional samples), its mean
+    ``sharpness`` as the judge sees it, and ``softened_real_accuracy``: the judge's accuracy
+    on held-out real images softened to that sharpness (``softened_real``: how, from
+    :func:`models.judge.match_softness`). Read one unit at a time, so a 50K-image set never
+    sits in memory at once."""
+    model, summary = read_judge(judge_uri)
     hits = total = 0
+    sharp = 0.0
+    unlabelled = False
     for images, labels in _read_units(describe(judged_set(samples_uri))["units"]):
+        sharp += float(image_sharpness(images, model.image_size).sum())
+        total += len(images)
         if labels is None or (labels < 0).any():
-            return None  # unconditional samples have no class to judge
-        hits += int((judge_predict(model, images) == labels).sum())
-        total += len(labels)
-    return hits / total if total else None
+            unlabelled = True  # unconditional samples have no class to judge
+        else:
+            hits += int((judge_predict(model, images) == labels).sum())
+    if not total:
+        return {"class_accuracy": None}
+    out: dict[str, Any] = {
+        "class_accuracy": None if unlabelled else hits / total,
+        "sharpness": sharp / total,
+    }
+    if summary.get("judge_softening"):
+        matched = match_softness(summary["judge_softening"], out["sharpness"])
+        out["softened_real_accuracy"] = matched["accuracy"]
+        out["softened_real"] = matched
+    return out
