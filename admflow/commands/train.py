@@ -17,7 +17,7 @@ from admflow.commands.common import (
 DESCRIPTION = """\
 Train one model of the ADM pipeline on Ray Train (cfg.compute: workers, CPUs, GPU).
 
-  diffusion   the class-conditional UNet with L_hybrid, EMA (training.steps)
+  diffusion   the UNet on its preset's objective (L_hybrid, L_vlb, L_simple), EMA (training.steps)
   classifier  the noisy classifier p(y | x_t, t) for guidance (training.classifier_steps)
   upsampler   the super-resolution UNet on area-downsampled inputs (training.upsampler_steps)
 
