@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,13 @@ class Stack:
         digest = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:10]
         return Path(tempfile.gettempdir()) / f"admflow-ray-{digest}"
 
+    def node_temp_dir(self, name: str) -> Path:
+        """Each Ray node's own temp dir under :attr:`ray_temp_dir`. Two nodes sharing one
+        unpack a Ray Job's working dir into the same path: the second node's copy replaces
+        the one the job's driver runs in, and the driver loses its cwd mid-run; their log
+        monitors also both tail the one log dir, so every worker line reaches a driver twice."""
+        return self.ray_temp_dir / name.removeprefix("ray-")
+
     @classmethod
     def load(cls, state_dir: str | Path) -> Stack:
         state = Path(state_dir).resolve()
@@ -90,6 +98,11 @@ class Stack:
             "MLFLOW_TRACKING_URI": f"http://{HOST}:{p['mlflow']}",
             "PREFECT_API_URL": f"http://{HOST}:{p['prefect']}/api",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # flow and task run logs go to the server (its UI, `prefect flow-run logs`)
+            "PREFECT_LOGGING_TO_API_ENABLED": "true",
+            # One result store for the stack's worker, its Ray Jobs and a sourced shell: a
+            # flow run from any of them finds the others' cached stages.
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(self.state_dir / "prefect-results"),
             "RAY_ADDRESS": f"{HOST}:{p['ray']}",
             "RAY_AUTH_MODE": "disabled",
             "RAY_USAGE_STATS_ENABLED": "0",
@@ -234,7 +247,7 @@ def _prefect_env(stack: Stack, env: dict[str, str]) -> dict[str, str]:
     return {
         **env,
         "PREFECT_HOME": str(stack.state_dir / "prefect-home"),
-        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",  # the links Prefect prints (flow runs, deployments)
         "PREFECT_SERVER_API_HOST": HOST,
     }
 
@@ -261,8 +274,8 @@ def _spawn_prefect_worker(stack: Stack, env: dict[str, str]) -> None:
 _RAY_COMMON = ["--num-cpus", "1", "--block", "--disable-usage-stats"]
 
 
-def _ray_common(stack: Stack) -> list[str]:
-    return [*_RAY_COMMON, "--temp-dir", str(stack.ray_temp_dir)]
+def _ray_common(stack: Stack, name: str) -> list[str]:
+    return [*_RAY_COMMON, "--temp-dir", str(stack.node_temp_dir(name))]
 
 
 def _ray_env(env: dict[str, str]) -> dict[str, str]:
@@ -280,7 +293,7 @@ def _spawn_ray_head(stack: Stack, env: dict[str, str]) -> None:
             "--port", str(stack.ports["ray"]), "--include-dashboard", "true",
             "--dashboard-host", HOST, "--dashboard-port", str(stack.ports["ray-dashboard"]),
             "--dashboard-agent-listen-port", str(stack.ports["ray-agent-head"]),
-            *_ray_common(stack)]  # fmt: skip
+            *_ray_common(stack, "ray-head")]  # fmt: skip
     stack._spawn("ray-head", head, _ray_env(env))
 
 
@@ -288,7 +301,7 @@ def _start_ray_node(stack: Stack, env: dict[str, str], timeout: float) -> None:
     _wait(lambda: _port_open(stack.ports["ray"]), "Ray head (GCS port)", timeout)
     node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST,
             "--dashboard-agent-listen-port", str(stack.ports["ray-agent-node"]),
-            *_ray_common(stack)]  # fmt: skip
+            *_ray_common(stack, "ray-node")]  # fmt: skip
     stack._spawn("ray-node", node, _ray_env(env))
     _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 2, "both Ray nodes", timeout)
 
@@ -298,6 +311,13 @@ def _port_open(port: int) -> bool:
         s.settimeout(1.0)
         return s.connect_ex((HOST, port)) == 0
 
+
+LOST_ON_DOWN = (
+    "the S3 store (moto_server keeps it in memory) is gone: the next `up` starts an empty "
+    "bucket, so earlier runs' artifacts, sample sets, checkpoints and registered models' "
+    "files are lost while MLflow and Prefect (their databases stay in the state dir) still "
+    "list those runs; rerun `admflow reproduce` to fill it again"
+)
 
 # Stop order: worker before server (stack notes), Ray node before head.
 _STOP_ORDER = ("prefect-worker", "ray-node", "ray-head", "prefect", "mlflow", "s3")
@@ -317,6 +337,9 @@ def down(state_dir: str | Path, timeout: float = 30.0) -> list[str]:
         stopped.append(name)
     stack.pids = {}
     stack.save()
+    # Ray's sessions (logs, a Ray Job's unpacked files, `ray_current_cluster` naming the
+    # dead head) are of no use to the next `up`, which starts a new cluster.
+    shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
     return stopped
 
 

@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "up: start moto_server (S3), mlflow server (sqlite, S3 artifacts), prefect server "
             "and a process worker, a Ray head and a second Ray node; wait until each is "
-            "healthy; write STATE/stack.env to `source`. down: stop them by recorded PID. "
+            "healthy; write STATE/stack.env to `source` (new ports on every up). down: stop them "
+            "by recorded PID; MLflow's and Prefect's databases stay in STATE, the S3 store "
+            "(in memory) is lost. "
             "status: each service, its PID and URL."
         ),
     )
@@ -34,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:15s} {url}")
         print(f"\npoint admflow at it:  source {s.env_file}")
     elif args.action == "down":
-        print("stopped: " + (", ".join(stack.down(args.state)) or "nothing"))
+        stopped = stack.down(args.state)
+        print("stopped: " + (", ".join(stopped) or "nothing"))
+        if "s3" in stopped:
+            print(stack.LOST_ON_DOWN)
     else:
         rows = stack.status(args.state)
         if not rows:
