@@ -174,8 +174,10 @@ def stage_run(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     sections: tuple[str, ...] | None = None,
+    run_name: str | None = None,
 ) -> Iterator[Any]:
-    """An MLflow run for one stage; a child of ``parent_run_id`` when given."""
+    """An MLflow run for one stage (tagged ``admflow.stage``: ``name``), named ``run_name``
+    (default ``name``); a child of ``parent_run_id`` when given."""
     import mlflow
 
     experiment_id = setup_mlflow(cfg)
@@ -183,7 +185,7 @@ def stage_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     client = mlflow.MlflowClient()
-    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    run = client.create_run(experiment_id, run_name=run_name or name, tags=all_tags)
     with mlflow.start_run(run_id=run.info.run_id) as active:
         mlflow.log_params(flat_params(cfg, sections))
         yield active

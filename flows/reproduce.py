@@ -62,7 +62,7 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     runs = {kind: f.result() for kind, f in futures.items()}
 
     refs = {"base": (ref, keys["reference"]), "up": (up_ref, keys["up_reference"])}
-    rows = _sample_and_score(cfg, plan, runs, refs, judge, data, parent)
+    rows = _sample_and_score(cfg, plan, runs, refs, judge, train_data, parent)
     curve: list[dict] = []
     if plan.curve:
         scored = _final_unguided(runs["diffusion"], rows) if plan.curve_reuses_unguided else {}
@@ -74,7 +74,7 @@ def reproduce(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
             cfg, up_ref, cache_key=keys["floor"]
         )
     summary = report.write_report(cfg, rows, parent, curve=curve, yardsticks=yardsticks)
-    lineage.register_models(cfg, runs)
+    lineage.register_models(cfg, runs, train_data, overrides)
     lineage.finish_parent_run(parent, summary)
     log.info("metrics:\n%s", summary["table"])
     return {"rows": rows, **summary, "mlflow_parent_run_id": parent, "mlflow_ui": ui_hint(cfg)}
@@ -86,10 +86,11 @@ def _sample_and_score(
     runs: dict[str, dict],
     refs: dict[str, tuple[dict, str]],
     judge: dict | None,
-    data: dict,
+    train_data: dict[str, dict],
     parent: str,
 ) -> list[dict]:
-    """Every planned set drawn (keyed by its spec) and scored against its reference."""
+    """Every planned set drawn (keyed by its spec) and scored against its reference;
+    ``train_data``: each training's shards, for the sets' lineage."""
     from tasks.plan import reproduce_set_spec
     from tasks.reporting import lineage
     from tasks.sampling.build import build_upsample_spec
@@ -110,7 +111,8 @@ def _sample_and_score(
             upsampled = stages.upsample(cfg, up_spec, base, u_key, parent)
             sets.append((u_key, upsampled, refs["up"]))
         for key, sset, (set_ref, ref_key) in sets:
-            tags = lineage.sample_tags(sset, runs, data)
+            shards = set_ref.get("shards")  # what a reference built here was built from
+            tags = lineage.sample_tags(sset, runs, train_data, base, shards)
             e_key = evaluate_key(cfg, ref_key, key)
             row = stages.evaluate(cfg, set_ref, sset, e_key, parent, tags, judge=judge)
             rows.append({**row, "base_samples": base["uri"]})

@@ -10,9 +10,13 @@ are skipped), so a lost cache record costs time, not correctness.
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from admflow.config import AdmConfig
 from admflow.storage import join
@@ -46,11 +50,50 @@ def _by_key(ctx: Any, params: dict[str, Any]) -> str:
     return f"admflow-{key}-{nonce}"
 
 
-def _stage_task(name: str):
-    return task(name=name, cache_key_fn=_by_key, persist_result=True, **RETRY)  # type: ignore[arg-type]
+class _QuietCompleted(logging.Filter):
+    """Drops Prefect's "Finished in state Completed()" of each task run: the stage's own
+    "done" line says it, with its time. Cached, failed and retried states still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Finished in state Completed(")
 
 
-@_stage_task("shard")
+logging.getLogger("prefect.task_runs").addFilter(_QuietCompleted())
+
+
+def _stage_task(name: str, label: Callable[[dict[str, Any]], str] | None = None):
+    """A stage as a Prefect task: cached by its key, retried on transient faults, its run
+    named by ``label(parameters)`` (``train diffusion``, ``sample s=2``), and its start and
+    end in the flow run's log (so in the Prefect UI and `prefect flow-run logs`)."""
+
+    def run_name(parameters: dict[str, Any]) -> str:
+        return label(parameters) if label else name
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def logged(*args: Any, **kwargs: Any) -> Any:
+            from prefect.runtime import task_run
+
+            log, what = get_run_logger(), task_run.get_name() or name
+            log.info("%s: started", what)
+            t0 = time.monotonic()
+            out = fn(*args, **kwargs)
+            log.info("%s: done in %.1f s", what, time.monotonic() - t0)
+            return out
+
+        return task(
+            name=name, task_run_name=run_name, cache_key_fn=_by_key, persist_result=True,
+            **RETRY,  # type: ignore[arg-type]
+        )(logged)  # fmt: skip
+
+    return wrap
+
+
+def _scale(s: float) -> str:
+    return f"s={float(s or 0.0):g}"
+
+
+@_stage_task("shard", lambda p: f"shard {p['cfg'].data.image_size}px")
 def shard(cfg: AdmConfig, cache_key: str, parent_run_id: str | None = None) -> dict:
     from tasks.data.shard import shard_dataset
     from tasks.reporting.lineage import log_shard_run
@@ -66,7 +109,7 @@ def shard(cfg: AdmConfig, cache_key: str, parent_run_id: str | None = None) -> d
     }
 
 
-@_stage_task("train")
+@_stage_task("train", lambda p: f"train {p['kind']}")
 def train(cfg: AdmConfig, kind: str, data: dict, cache_key: str, parent_run_id: str | None) -> dict:
     from tasks.training import launch as training
 
@@ -75,21 +118,28 @@ def train(cfg: AdmConfig, kind: str, data: dict, cache_key: str, parent_run_id: 
         "classifier": training.train_classifier,
         "upsampler": training.train_upsampler,
     }[kind]
-    out = fn(cfg, data["uri"], run_name=f"{kind}-{cache_key}", parent_run_id=parent_run_id)
+    from tasks.reporting.lineage import link_training
+
+    log = get_run_logger()  # the progress lines, from the driver's polling thread
+    out = fn(
+        cfg, data["uri"], run_name=f"{kind}-{cache_key}", parent_run_id=parent_run_id,
+        progress=log.info,
+    )  # fmt: skip
+    link_training(out, data)
     return {**out, "kind": kind, "cache_key": cache_key}
 
 
-@_stage_task("reference")
+@_stage_task("reference", lambda p: f"reference {p['cfg'].data.image_size}px")
 def reference(cfg: AdmConfig, data: dict, cache_key: str, workers: int | None = None) -> dict:
     from tasks.scoring.features import build_reference
 
     if cfg.evaluation.reference:  # e.g. the paper's reference batch, instead of our shards
         return {"uri": cfg.evaluation.reference}
     uri = build_reference(cfg, data["uri"], workers)
-    return {"uri": uri}
+    return {"uri": uri, "shards": data}
 
 
-@_stage_task("sample")
+@_stage_task("sample", lambda p: f"sample {_scale(p['spec'].classifier_scale)}")
 def sample(cfg: AdmConfig, spec: SampleSetSpec, cache_key: str, parent_run_id: str | None) -> dict:
     """The base set ``spec`` (its key: the spec's fingerprint)."""
     from tasks.sampling.sample_set import sample_set
@@ -102,7 +152,7 @@ def sample(cfg: AdmConfig, spec: SampleSetSpec, cache_key: str, parent_run_id: s
     return {**result, "uri": out, "classifier_scale": spec.classifier_scale}
 
 
-@_stage_task("upsample")
+@_stage_task("upsample", lambda p: f"upsample {_scale(p['base']['classifier_scale'])}")
 def upsample(
     cfg: AdmConfig, spec: SampleSetSpec, base: dict, cache_key: str, parent_run_id: str | None
 ) -> dict:
@@ -116,7 +166,7 @@ def upsample(
     return {**result, "uri": out, "classifier_scale": base["classifier_scale"], "upsampled": True}
 
 
-@_stage_task("bilinear")
+@_stage_task("bilinear", lambda p: f"bilinear {_scale(p['base']['classifier_scale'])}")
 def bilinear(cfg: AdmConfig, base: dict, cache_key: str) -> dict:
     """The two-stage baseline: the base samples upscaled bilinearly to the upsampler's size."""
     from tasks.sampling.bilinear import bilinear_set
@@ -172,7 +222,7 @@ def training_curve(
     ]
 
 
-@_stage_task("evaluate")
+@_stage_task("evaluate", lambda p: _evaluation_name(p))
 def evaluate(
     cfg: AdmConfig,
     ref: dict,
@@ -182,8 +232,10 @@ def evaluate(
     tags: dict,
     judge: dict | None = None,
 ) -> dict:
+    from tasks.reporting.lineage import evaluation_run
     from tasks.scoring.evaluate import evaluate_sets
 
+    run_name, params = evaluation_run(cfg, samples)
     metrics = evaluate_sets(
         cfg,
         ref["uri"],
@@ -191,6 +243,8 @@ def evaluate(
         parent_run_id=parent_run_id,
         tags=tags,
         judge=judge["uri"] if judge else None,
+        run_name=run_name,
+        params=params,
     )
     return {
         **metrics,
@@ -199,3 +253,9 @@ def evaluate(
         "upsampled": samples.get("upsampled", False),
         "stage": samples.get("stage", "upsampler" if samples.get("upsampled") else "base"),
     }
+
+
+def _evaluation_name(p: dict[str, Any]) -> str:
+    from tasks.reporting.lineage import evaluation_run
+
+    return evaluation_run(p["cfg"], p["samples"])[0]

@@ -35,7 +35,8 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
         )
     out: dict[str, list[str]] = {}
     for tr in runs:
-        out.setdefault(tr.name.split("-")[0], []).append(tr.state.name)
+        # task runs are named "train diffusion", "sample s=2", "training-curve", ...
+        out.setdefault(tr.name.split(" ")[0].split("-")[0], []).append(tr.state.name)
     return out
 
 

@@ -244,7 +244,7 @@ def _assert_stopped(stop: dict, rc: int, store: Path, known: set[str]) -> list:
     runs = [r for r in _runs(store) if r.info.run_id not in known]
     by_name = {r.info.run_name: r.info.status for r in runs}
     assert by_name.get("reproduce-tiny") in ("KILLED", "FAILED"), by_name
-    assert by_name.get("train-diffusion") in ("KILLED", "FAILED"), by_name
+    assert by_name.get("train diffusion 16px") in ("KILLED", "FAILED"), by_name
     assert "RUNNING" not in by_name.values(), by_name
     return runs
 
@@ -272,7 +272,7 @@ def test_sigint_and_sigterm_stop_everything_and_the_rerun_resumes(tmp_path):
     timings["sigterm"] = (round(stop["exit_s"], 2), round(stop["all_s"], 2))
     runs = _assert_stopped(stop, 143, store, seen)
     seen |= {r.info.run_id for r in runs}
-    train = next(r for r in runs if r.info.run_name == "train-diffusion")
+    train = next(r for r in runs if r.info.run_name == "train diffusion 16px")
     assert _first_logged_step(store, train.info.run_id) > first  # resumed, not restarted
     last = _checkpoint_steps(store)[-1]
     assert second <= last < 40
@@ -284,9 +284,9 @@ def test_sigint_and_sigterm_stop_everything_and_the_rerun_resumes(tmp_path):
     runs = [r for r in _runs(store) if r.info.run_id not in seen]
     by_name = {r.info.run_name: r for r in runs}
     assert by_name["reproduce-tiny"].info.status == "FINISHED"
-    train = by_name["train-diffusion"]
+    train = by_name["train diffusion 16px"]
     assert train.info.status == "FINISHED"
     assert _first_logged_step(store, train.info.run_id) > last
     assert train.data.tags["admflow.final_step"] == "40"
-    assert "shard" not in by_name  # the finished shard set is a cache hit
+    assert "shard 16px" not in by_name  # the finished shard set is a cache hit
     print(json.dumps({"stop_seconds (exit, all processes)": timings}))

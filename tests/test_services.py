@@ -29,6 +29,7 @@ FAST = [
     "sampling.shard_size=10",
     "sampling.batch_size=10",
     "sampling.timestep_respacing=10",
+    "sampling.upsample_respacing=10",
     "evaluation.reference_images=100",
     "evaluation.checkpoint_samples=0",  # FID over training: test_flows (it costs ~45 s here)
 ]
@@ -55,30 +56,30 @@ def stack(tmp_path_factory):
         yield {"stack": s, "env": env, "state": state}
     finally:
         pids = dict(s.pids)
+        head = f"{stk.HOST}:{s.ports['ray']}"
+        # each node keeps its own temp dir (a Ray Job's files unpacked once per node)
+        for node in ("ray-head", "ray-node"):
+            assert (s.node_temp_dir(node) / "ray_current_cluster").read_text().strip() == head
         stk.down(state)
         for _name, pid in pids.items():  # nothing left behind: every process group is gone
             with pytest.raises(ProcessLookupError):
                 os.killpg(pid, 0)
-        # ...and no pointer to the dead head in Ray's default temp dir, where the state API
-        # of every later local Ray session would look for its cluster (12 s lost per fit)
-        head = f"{stk.HOST}:{s.ports['ray']}"
+        # ...no pointer to the dead head in Ray's default temp dir, where the state API of
+        # every later local Ray session would look for its cluster (12 s lost per fit),
+        # and the stack's own Ray temp dir is gone with it
         default = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         assert not (default.exists() and default.read_text().strip() == head)
-        assert (s.ray_temp_dir / "ray_current_cluster").read_text().strip() == head
+        assert not s.ray_temp_dir.exists()
 
 
 # The Jobs API needs the head's dashboard agent; infra.stack gives it its own port, since a
 # local Ray of an earlier test holding the default one made every submission fail.
-def test_a_ray_job_runs_admflow_on_the_two_node_cluster(stack):
-    """`ray job submit --working-dir . -- admflow ...` through the Jobs API of the head node:
-    the job shards a small demo set into the stack's S3 with Ray tasks on the cluster."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def _ray_job(stack: dict, argv: list[str], timeout: int = 1500) -> dict:
+    """`ray job submit --working-dir . -- ARGV` through the head's Jobs API, as the README
+    shows; returns the job's status, logs and the submission's output."""
+    from ray.job_submission import JobSubmissionClient
 
-    from admflow import storage
-
-    env = stack["env"]
     api = f"http://127.0.0.1:{stack['stack'].ports['ray-dashboard']}"
-    dest = "s3://admflow/store/ray-job/demo"
     client = JobSubmissionClient(api)
     for attempt in range(6):
         if attempt:  # "No available agent to submit job, please try again later"
@@ -86,9 +87,8 @@ def test_a_ray_job_runs_admflow_on_the_two_node_cluster(stack):
         job_id = f"admflow-job-{os.getpid()}-{attempt}"
         out = subprocess.run(
             [_bin("ray"), "job", "submit", "--address", api, "--submission-id", job_id,
-             "--working-dir", ".", "--", "admflow", "shard", "demo", dest,
-             "--set", "data.demo_images_per_class=3", "--set", "data.shard_rows=10"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+             "--working-dir", ".", "--", *argv],
+            env=stack["env"], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         if any(j.submission_id == job_id for j in client.list_jobs()):
             break
@@ -96,22 +96,12 @@ def test_a_ray_job_runs_admflow_on_the_two_node_cluster(stack):
         print(f"submission {job_id} was not accepted:\n{out.stdout}\n{out.stderr}")
     else:
         pytest.fail(f"the Jobs API accepted no submission:\n{out.stdout}\n{out.stderr}")
-    logs = client.get_job_logs(job_id)
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, out.stdout + out.stderr + logs
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "30 images (10 classes, 16px) in 3 shards; 3 written" in logs, logs
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")}
-    os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                          "AWS_SECRET_ACCESS_KEY")})  # fmt: skip
-    try:
-        manifest = storage.read_json(f"{dest}/manifest.json")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    assert manifest["num_images"] == 30 and len(manifest["shards"]) == 3
+    return {
+        "status": client.get_job_status(job_id),
+        "logs": client.get_job_logs(job_id),
+        "output": out.stdout + out.stderr,
+        "returncode": out.returncode,
+    }
 
 
 def _prefect(env, *args, timeout=300) -> str:
@@ -159,29 +149,84 @@ def test_periodic_deployment_has_its_cron_schedule(deployed):
     assert "0 */6 * * *" in out.stdout, out.stderr
 
 
+OVERRIDES = [*FAST, "sampling.classifier_scales=[2.0]"]
+
+
+def _report_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("admflow-report-*")}
+
+
 @pytest.fixture(scope="module")
 def reproduced(deployed):
-    # One guided set and no upsampler: every service is exercised; the full pipeline's
-    # semantics are checked on embedded defaults in test_flows.
-    overrides = [*FAST, "sampling.classifier_scales=[2.0]", "upsampler.enabled=false"]
-    params = {"preset": "tiny", "overrides": overrides}
+    """One reduced pipeline, upsampler included (the lineage walk needs its three trainings),
+    run as a Ray Job through the head's Jobs API; then the same through the deployment on the
+    worker, all cache hits. Every later test reads these two runs."""
+    from ray.job_submission import JobStatus
+
+    before = _report_dirs()
+    argv = ["admflow", "reproduce", "--config", "tiny"]
+    for o in OVERRIDES:
+        argv += ["--set", o]
     t0 = time.time()
-    first = _run_deployment(deployed["env"], "reproduce/reproduce", params)
+    job = _ray_job(deployed, argv)
     first_s = time.time() - t0
+    print(f"reproduce as a Ray Job: {first_s:.1f} s")
+    assert job["status"] == JobStatus.SUCCEEDED, job["output"][-5000:] + job["logs"][-5000:]
+    assert job["returncode"] == 0, job["output"][-5000:]
+    found = re.findall(r"runs/flow-run/([0-9a-f-]{36})", job["logs"])
+    assert found, job["logs"][-3000:]
+    first = {"id": found[0], "state": _flow_run_state(deployed["env"], found[0])}
+    new_report_dirs = _report_dirs() - before
     t0 = time.time()
+    params = {"preset": "tiny", "overrides": OVERRIDES}
     second = _run_deployment(deployed["env"], "reproduce/reproduce", params)
     return {
         **deployed,
+        "job": job,
         "first": first,
         "second": second,
         "first_s": first_s,
         "second_s": time.time() - t0,
+        "new_report_dirs": new_report_dirs,
     }
 
 
-def test_reproduce_runs_on_worker_and_second_trigger_is_cached(reproduced):
+def _flow_run_state(env, flow_run_id: str) -> str:
+    code = (
+        "import sys;from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "  print(c.read_flow_run(sys.argv[1]).state.name)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, flow_run_id], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_reproduce_as_a_ray_job_then_cached_through_the_deployment(reproduced):
+    """The README's `ray job submit --working-dir . -- admflow reproduce ...` on the stack
+    runs to the end (the two nodes no longer share a temp dir, where the second unpacked the
+    job's files over the driver's working directory); the deployment's run on the worker then
+    finds every stage in the stack's shared result store."""
     assert reproduced["first"]["state"] == "Completed"
+    logs = reproduced["job"]["logs"]
+    assert re.search(r"\| tiny \+U \| upsampler \| 32 \|", logs), logs[-3000:]
+    # each worker line once (the nodes' log monitors no longer tail one shared log dir), and
+    # no Ray Train report dicts: the progress lines say the same
+    assert "TrainingReport(" not in logs, logs[-3000:]
     assert reproduced["second"]["state"] == "Completed"
+    # the job's driver left no report temp dir behind
+    assert not reproduced["new_report_dirs"], reproduced["new_report_dirs"]
+    states = _task_runs(reproduced["env"], reproduced["second"]["id"])
+    stage_states = [
+        s for n, s in states if n.split(" ")[0] in {"shard", "train", "sample", "evaluate"}
+    ]
+    assert stage_states and set(stage_states) == {"Cached"}, states
+    assert reproduced["second_s"] < 0.5 * reproduced["first_s"]
+
+
+def _task_runs(env, flow_run_id: str) -> list[list[str]]:
     code = (
         "import sys,json;from prefect.client.orchestration import get_client\n"
         "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId\n"
@@ -190,26 +235,46 @@ def test_reproduce_runs_on_worker_and_second_trigger_is_cached(reproduced):
         "  print(json.dumps([[t.name,t.state.name] for t in trs]))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, reproduced["second"]["id"]], env=reproduced["env"],
+        [sys.executable, "-c", code, flow_run_id], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_flow_run_log_shows_stages_and_training_progress(reproduced):
+    """What `prefect flow-run logs ID` and the Prefect UI show: each stage starting and
+    ending, the trainings' progress lines; not Ray Train's report dicts, not a "Finished in
+    state Completed()" per task."""
+    code = (
+        "import sys,json;from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId\n"
+        "with get_client(sync_client=True) as c:\n"
+        "  logs=c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[sys.argv[1]])))\n"
+        "  print(json.dumps([l.message for l in logs]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, reproduced["first"]["id"]], env=reproduced["env"],
         capture_output=True, text=True,
     )  # fmt: skip
-    states = json.loads(out.stdout.strip().splitlines()[-1])
-    stage_states = [
-        s for n, s in states if n.split("-")[0] in {"shard", "train", "sample", "evaluate"}
-    ]
-    assert stage_states and set(stage_states) == {"Cached"}, states
-    assert reproduced["second_s"] < 0.5 * reproduced["first_s"]
+    assert out.returncode == 0, out.stderr
+    lines = json.loads(out.stdout.strip().splitlines()[-1])
+    text = "\n".join(lines)
+    for stage in ("shard 16px", "train diffusion", "train upsampler", "sample s=2",
+                  "upsample s=2", "evaluate upsampler s=2 32px"):  # fmt: skip
+        assert f"{stage}: started" in text and f"{stage}: done in" in text, (stage, text)
+    assert re.search(r"\[train diffusion\] step \d+/15", text), text
+    assert "TrainingReport(" not in text and "metrics={" not in text, text
+    assert sum("Finished in state Completed()" in m for m in lines) <= 1, text  # the flow's
 
 
 def test_work_ran_on_both_ray_nodes(reproduced):
     code = (
-        "import ray,json;from ray.util.state import list_tasks, list_actors, list_jobs\n"
+        "import ray,json;from ray.util.state import list_tasks, list_actors\n"
         "ray.init(logging_level='ERROR')\n"
         "nodes={n['NodeID'] for n in ray.nodes() if n['Alive']}\n"
-        # only the flow's work: not the Jobs API test's, which runs first on this cluster
-        "jobs={j.job_id for j in list_jobs() if j.submission_id}\n"
-        "used={a.node_id for a in list_actors(limit=10000) if a.node_id and a.job_id not in jobs}\n"
-        "used|={t.node_id for t in list_tasks(limit=10000) if t.node_id and t.job_id not in jobs}\n"
+        # the reproduce job's work (the deployment's run after it is all cache hits)
+        "used={a.node_id for a in list_actors(limit=10000) if a.node_id}\n"
+        "used|={t.node_id for t in list_tasks(limit=10000) if t.node_id}\n"
         "print(json.dumps({'nodes':sorted(nodes),'used':sorted(used)}))"
     )
     out = subprocess.run(
@@ -237,7 +302,16 @@ def test_artifacts_in_s3_and_runs_in_mlflow_server(reproduced):
     exp = client.get_experiment_by_name("admflow")
     runs = client.search_runs([exp.experiment_id])
     assert any("fid" in r.data.metrics for r in runs)
-    reproduced["mlflow"] = {"client": client, "exp": exp, "runs": runs}
+    # each registered version says what it was trained on, from where, under which overrides
+    for kind in ("diffusion", "classifier", "upsampler"):
+        (version,) = client.search_model_versions(f"name = 'admflow-tiny-{kind}'")
+        train = client.get_run(version.run_id)
+        assert version.tags["admflow.train_run_id"] == version.run_id
+        assert version.tags["admflow.data_manifest"] == train.data.tags[
+            "admflow.upstream.data_manifest"]  # fmt: skip
+        assert version.tags["admflow.checkpoint"] == train.data.tags["checkpoint.final"]
+        assert "sampling.classifier_scales=[2.0]" in version.tags["admflow.overrides"]
+        assert version.tags["admflow.data_manifest"] in version.description
 
 
 def _dump_dom(url: str, out_png: Path | None = None) -> str:
@@ -262,39 +336,117 @@ def _dump_dom(url: str, out_png: Path | None = None) -> str:
     return dom.stdout
 
 
+_LINK = re.compile(r'<a[^>]*href="#/experiments/(\d+)/runs/([0-9a-f]{32})"[^>]*>([^<]+)</a>')
+
+
+def _links(dom: str) -> dict[str, str]:
+    """The run links in a page's description: run id -> the link's text."""
+    return {rid: label for _eid, rid, label in _LINK.findall(dom)}
+
+
+def _lineage(client, exp_id: str) -> dict:
+    """The first reproduce run's stage runs by name, and the FID run of the upsampled set
+    with every run it names as upstream (from the tags, for the browser to check against)."""
+    parent = client.search_runs(
+        [exp_id], filter_string="tags.`admflow.flow` = 'reproduce'",
+        order_by=["attributes.start_time ASC"],
+    )[0]  # fmt: skip
+    children = client.search_runs(
+        [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_name = {c.info.run_name: c for c in children}
+    assert len(by_name) == len(children), sorted(c.info.run_name for c in children)
+    fid = by_name["evaluate upsampler s=2 32px"]
+    tags = {k.removeprefix("admflow.upstream."): v for k, v in fid.data.tags.items()}
+    return {"parent": parent, "children": children, "by_name": by_name, "fid": fid, "tags": tags}
+
+
 @pytest.mark.browser
-def test_mlflow_ui_shows_children_dataset_fid_and_grid(reproduced, output_dir):
+def test_mlflow_ui_walk_from_the_parent_run_to_an_fids_samples_checkpoints_and_shards(
+    reproduced, output_dir
+):
+    """Click by click in the MLflow UI: the parent run links each stage run (distinct names
+    that say what each is); the upsampled set's FID run links its samples, the base samples,
+    the three training runs with their checkpoints and the shards of both sizes; each link
+    leads to the run it names, and those pages show the samples' grid and one data set name
+    for each shard set (on the shard run and the training run alike)."""
     import mlflow
 
-    env = reproduced["env"]
-    base = env["MLFLOW_TRACKING_URI"]
+    base = reproduced["env"]["MLFLOW_TRACKING_URI"]
     client = mlflow.MlflowClient(tracking_uri=base)
-    exp = client.get_experiment_by_name("admflow")
-    parents = client.search_runs(
-        [exp.experiment_id],
-        filter_string="tags.`admflow.flow` = 'reproduce'",
-        order_by=["attributes.start_time ASC"],
-    )
-    parent = parents[0]
-    children = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-    )
-    fid_run = next(c for c in children if "fid" in c.data.metrics)
-    train_run = next(c for c in children if c.inputs and c.inputs.dataset_inputs)
-    sample_run = next(c for c in children if c.data.tags.get("admflow.stage") == "sample")
-    eid = exp.experiment_id
+    eid = client.get_experiment_by_name("admflow").experiment_id
+    walk = _lineage(client, eid)
+    by_name, tags = walk["by_name"], walk["tags"]
+    expected = {"shard 16px", "shard 32px", "train diffusion 16px", "train classifier 16px",
+                "train upsampler 16->32px", "sample s=2 ddpm-10 16px",
+                "upsample s=2 ddpm-10 32px", "evaluate base s=2 16px",
+                "evaluate bilinear s=2 32px", "evaluate upsampler s=2 32px"}  # fmt: skip
+    assert expected <= set(by_name), sorted(by_name)
+    page = lambda rid: f"{base}/#/experiments/{eid}/runs/{rid}"  # noqa: E731
+
     shot = output_dir / "mlflow-ui-parent-run.png"
-    dom = _dump_dom(f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}", shot)
+    dom = _dump_dom(page(walk["parent"].info.run_id), shot)
     assert shot.exists() and shot.stat().st_size > 10_000
-    assert any(c.info.run_name in dom for c in children), "child runs not shown on the parent page"
-    dom = _dump_dom(f"{base}/#/experiments/{eid}/runs/{fid_run.info.run_id}")
+    links = _links(dom)  # the parent's description: every stage run, by its name
+    assert {by_name[n].info.run_id: n for n in expected}.items() <= links.items(), links
+
+    fid = walk["fid"]
+    dom = _dump_dom(page(fid.info.run_id))
     # the metrics table: a cell naming "fid" (not just sfid or a tag) and the logged value as
     # the UI renders it (JavaScript's Number.toString: shortest repr, no trailing ".0")
-    shown = repr(fid_run.data.metrics["fid"]).removesuffix(".0")
+    shown = repr(fid.data.metrics["fid"]).removesuffix(".0")
     assert re.search(rf">fid<.{{0,2000}}?>{re.escape(shown)}<", dom, re.S), (shown, dom[:2000])
-    dom = _dump_dom(f"{base}/#/experiments/{eid}/runs/{train_run.info.run_id}")
-    ds_name = train_run.inputs.dataset_inputs[0].dataset.name
-    assert ds_name in dom
+    links = _links(dom)
+    train = {k: client.get_run(tags[f"{p}train_run_id"])
+             for k, p in (("diffusion", ""), ("classifier", "classifier_"),
+                          ("upsampler", "upsampler_"))}  # fmt: skip
+    want = {
+        tags["sample_run_id"]: "upsample s=2 ddpm-10 32px",
+        tags["base_sample_run_id"]: "sample s=2 ddpm-10 16px",
+        train["diffusion"].info.run_id: "train diffusion 16px",
+        train["classifier"].info.run_id: "train classifier 16px",
+        train["upsampler"].info.run_id: "train upsampler 16->32px",
+        by_name["shard 16px"].info.run_id: "shard 16px",
+        by_name["shard 32px"].info.run_id: "shard 32px",
+    }
+    assert want.items() <= links.items(), (want, links)
+    assert tags["samples"] in dom and tags["base_samples"] in dom
+    for rid, label in links.items():  # every link's target is the run it names
+        assert client.get_run(rid).info.run_name == label
+    # the checkpoints the FID came from, beside their training runs' links
+    for k, run in train.items():
+        assert run.data.tags["checkpoint.final"] in dom, k
+    assert tags["upsampler_checkpoint"] == train["upsampler"].data.tags["checkpoint.final"]
+    # the upsampler trained on its own (32px) shards, and says so
+    up_manifest = train["upsampler"].data.tags["admflow.upstream.data_manifest"]
+    assert up_manifest == tags["reference_data_manifest"] != tags["data_manifest"]
+    assert train["upsampler"].data.tags["admflow.upstream.shard_run_id"] == (
+        by_name["shard 32px"].info.run_id)  # fmt: skip
+
+    # follow the links: the samples' run shows their grid, the upsampler's training run and
+    # the 32px shard run show the one data set name of those shards
     path = urllib.parse.quote("grid.png")
-    dom = _dump_dom(f"{base}/#/experiments/{eid}/runs/{sample_run.info.run_id}/artifacts/{path}")
+    dom = _dump_dom(f"{page(tags['sample_run_id'])}/artifacts/{path}")
     assert "grid.png" in dom
+    (ds,) = {i.dataset.name for i in train["upsampler"].inputs.dataset_inputs}
+    assert {i.dataset.name for i in by_name["shard 32px"].inputs.dataset_inputs} == {ds}
+    dom = _dump_dom(page(train["upsampler"].info.run_id))
+    assert ds in dom and by_name["shard 32px"].info.run_id in _links(dom)
+    dom = _dump_dom(page(by_name["shard 32px"].info.run_id))
+    assert ds in dom
+
+
+@pytest.mark.browser
+def test_prefect_ui_shows_the_flow_run_with_its_task_runs(reproduced, output_dir):
+    """The stack's Prefect server serves its UI (the links Prefect prints lead somewhere): the
+    reproduce flow run's page lists its task runs by name."""
+    ui = reproduced["env"]["PREFECT_API_URL"].removesuffix("/api")
+    flow_run = reproduced["first"]["id"]
+    names = [n for n, _state in _task_runs(reproduced["env"], flow_run)]
+    assert "train upsampler" in names, names
+    shot = output_dir / "prefect-ui-flow-run.png"
+    dom = _dump_dom(f"{ui}/runs/flow-run/{flow_run}?tab=Task+Runs", shot)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    shown = [n for n in names if n in dom]
+    assert {"train diffusion", "train classifier", "train upsampler"} <= set(shown), (
+        names, dom[:3000])  # fmt: skip

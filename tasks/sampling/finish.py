@@ -88,10 +88,10 @@ def log_mlflow(cfg: AdmConfig, out: str, metadata: dict, parent_run_id: str, sta
     import mlflow
 
     from admflow.tracking import stage_run
+    from tasks.reporting.lineage import set_run_name
 
-    with stage_run(
-        cfg, stage, parent_run_id, tags={"admflow.samples": out}, sections=("sampling",)
-    ):
+    tags, name = {"admflow.samples": out}, set_run_name(stage, metadata)
+    with stage_run(cfg, stage, parent_run_id, tags, sections=("sampling",), run_name=name):
         params = {f"set.{k}": str(v)[:500] for k, v in metadata.items() if v is not None}
         mlflow.log_params(params)
         with tempfile.TemporaryDirectory() as tmp:

@@ -106,6 +106,8 @@ def evaluate_sets(
     tags: dict[str, str] | None = None,
     log_mlflow: bool = True,
     judge: str | None = None,
+    run_name: str | None = None,
+    params: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Score ``samples`` against ``ref`` (each an .npz, feature file, sample set or data set).
 
@@ -132,7 +134,9 @@ def evaluate_sets(
     from admflow.tracking import stage_run
 
     run_tags = {"admflow.reference": ref, "admflow.samples": samples, **(tags or {})}
-    with stage_run(cfg, "evaluate", parent_run_id, run_tags, sections=("evaluation",)) as run:
+    sections = ("evaluation",)
+    with stage_run(cfg, "evaluate", parent_run_id, run_tags, sections, run_name) as run:
+        mlflow.log_params(params or {})
         mlflow.log_metrics(
             {k: float(v) for k, v in metrics.items() if k in _METRICS and v is not None}
         )

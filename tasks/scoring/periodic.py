@@ -91,9 +91,13 @@ def _sample_and_score(
     tags = {"admflow.upstream.checkpoint": ckpt["uri"], "admflow.upstream.samples": out}
     if train_run:
         tags["admflow.upstream.train_run_id"] = train_run
+    size = cfg.model.image_size
     metrics = evaluate_sets(
-        cfg, reference_uri, out, parent_run_id=train_run, tags=tags, judge=judge
-    )
+        cfg, reference_uri, out, parent_run_id=train_run, tags=tags, judge=judge,
+        run_name=f"evaluate step {ckpt['step']} {size}px",
+        params={"set.stage": "checkpoint", "set.step": str(ckpt["step"]),
+                "set.classifier_scale": "0.0", "set.image_size": str(size)},
+    )  # fmt: skip
     return out, metrics
 
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from admflow import storage
 from admflow.config import AdmConfig, ConfigError
 from admflow.tracking import stage_run
+from tasks.reporting.lineage import train_run_name
 from tasks.training import checkpoint as ckpt
 from tasks.training.callbacks import Callback
 from tasks.training.checkpoint import latest_checkpoint, list_checkpoints
@@ -110,11 +110,12 @@ def train(
     *,
     max_failures: int = 3,
     callbacks: Sequence[Callback] = (),
+    progress: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Run (or continue) one training job; returns checkpoint URIs, step, run id, metrics.
 
     ``callbacks`` join the standard ones (MLflow, progress) on every worker; they are pickled
-    into the workers.
+    into the workers. ``progress`` takes the driver's progress lines (a flow's run logger).
     """
     make_job(kind, cfg)  # fail early on an impossible job
     data_uri = data_root(data_uri)
@@ -122,7 +123,8 @@ def train(
     check_data(kind, cfg, manifest)
     uri = run_uri(cfg, run_name)
     tags = {"admflow.run_name": run_name, "admflow.run_uri": uri, "admflow.kind": kind}
-    with stage_run(cfg, f"train-{kind}", parent_run_id, tags=tags) as run:
+    title = train_run_name(kind, cfg)
+    with stage_run(cfg, f"train-{kind}", parent_run_id, tags=tags, run_name=title) as run:
         import mlflow
 
         log_dataset(manifest, data_uri)
@@ -135,7 +137,7 @@ def train(
             tracking_uri=mlflow.get_tracking_uri(),
             mlflow_run_id=run.info.run_id,
         )
-        result = fit(spec, cfg, max_failures=max_failures, callbacks=callbacks)
+        result = fit(spec, cfg, max_failures, callbacks, progress)
         metrics = dict(result.metrics or {})
         if metrics.get("error"):
             raise NonFiniteLossError(metrics["error"])
@@ -158,9 +160,15 @@ def train(
         }
 
 
-def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3, callbacks: Sequence[Callback] = ()):
+def fit(
+    spec: LoopSpec,
+    cfg: AdmConfig,
+    max_failures: int = 3,
+    callbacks: Sequence[Callback] = (),
+    progress: Callable[[str], Any] = print,
+):
     """One TorchTrainer.fit; resumes when ``<runs>/<run_name>`` already holds checkpoints."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.resources import Cluster, resource_plan
@@ -198,38 +206,26 @@ def fit(spec: LoopSpec, cfg: AdmConfig, max_failures: int = 3, callbacks: Sequen
             # (which spares the periodically scored ones), so Ray itself deletes nothing.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": env} if env else None,
+            # Ray Train's INFO lines (each report's whole metrics dict, the worker group's
+            # set-up) stay in its session logs: the progress lines below say what matters.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     from tasks.training.progress import ProgressPrinter
 
     steps = make_job(spec.kind, cfg).steps
-    with ProgressPrinter(spec.run_uri, spec.kind, steps):
+    with ProgressPrinter(spec.run_uri, spec.kind, steps, printer=progress):
         return trainer.fit()
 
 
 def log_dataset(manifest: dict, data_uri: str) -> None:
-    """Record the shard manifest as the run's training input."""
+    """Record the shard manifest as the run's training input, and point the run at it."""
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
 
-    digest = storage.sha256_bytes(
-        "".join(s["sha256"] for s in manifest.get("shards", [])).encode()
-    )[:16]
-    name = f"shards-{manifest.get('num_images')}x{manifest.get('image_size')}"
-    with warnings.catch_warnings():  # "local path can be read two ways": both are the same
-        warnings.simplefilter("ignore")
-        source = resolve_dataset_source(data_uri)
-    dataset = MetaDataset(source, name=name, digest=digest)  # type: ignore[abstract]
-    tags = {"num_images": str(manifest.get("num_images"))}
-    try:
-        mlflow.log_input(dataset, context="training", tags=tags)
-    except mlflow.exceptions.MlflowException as e:
-        # Parallel trainings register the same data set at once on a sqlite store: the
-        # loser of that race finds the row there on a second try.
-        if "UNIQUE constraint" not in str(e):
-            raise
-        mlflow.log_input(dataset, context="training", tags=tags)
+    from tasks.reporting.lineage import UPSTREAM, log_shards_input
+
+    log_shards_input(manifest, data_uri, "training")
+    mlflow.set_tag(UPSTREAM + "data_manifest", storage.join(data_uri, "manifest.json"))
     mlflow.log_dict(manifest, "data/manifest.json")
 
 

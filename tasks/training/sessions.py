@@ -9,6 +9,7 @@ writing the checkpoint once (see :meth:`RaySession.report`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -132,6 +133,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     "callbacks": [...]}``; the extra callbacks join the standard ones on every worker."""
     torch.set_num_threads(int(config.get("torch_threads", 1)))
     os.environ.setdefault("OMP_NUM_THREADS", str(config.get("torch_threads", 1)))
+    # Ray Train logs each report with its whole metrics dict at INFO, on every worker (its
+    # RunConfig log level reaches only the controller): the driver's progress lines say it
+    # in one line (tasks.training.progress).
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     spec = LoopSpec(**config["spec"])
     session = RaySession(spec.config["compute"]["device"])
     callbacks = [*standard_callbacks(spec, session.rank), *config.get("callbacks", ())]
