@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -125,48 +124,22 @@ def _in_process(spec: NllSpec, test: TestSet, todo: list[int], options: NllOptio
 def _on_ray(cfg: AdmConfig, spec: NllSpec, test: TestSet, todo: list[int], options: NllOptions):
     """Shards to a pool of actors, placed like the sampling actors; a dead actor is replaced
     and its shard computed again."""
-    from ray.exceptions import RayActorError
-
+    from tasks.runtime.actor_pool import ActorSlots, each_result
     from tasks.runtime.ray_session import ensure_ray
     from tasks.sampling.pool import actor_options
 
     ray = ensure_ray(cfg, "sample")
     workers = max(1, min(options.workers, len(todo)))
-    cls, opts = ray.remote(_Worker), actor_options(cfg, workers, "sample")
     # read once by the driver, shared with every (replacement) actor through the object store
     args = (spec, options.device, options.torch_threads, ray.put(storage.read_bytes(spec.weights)))
-    actors = [cls.options(**opts).remote(*args) for _ in range(workers)]
-    restarts, pending, inflight = 0, deque(todo), {}
-
-    def submit(slot: int) -> None:
-        if pending:
-            index = pending.popleft()
-            ref = actors[slot].bound.remote(index, *test.rows(*spec.bounds(index)))
-            inflight[ref] = (slot, index)
-
+    opts = actor_options(cfg, workers, "sample")
+    pool = ActorSlots(_Worker, args, opts, workers, max_restarts=2 * workers + 2, what="likelihood")
     try:
-        ray.get([a.info.remote() for a in actors])  # a checkpoint that does not fit fails now
-        for slot in range(workers):
-            submit(slot)
-        while inflight:
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            slot, index = inflight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayActorError as err:
-                restarts += 1
-                if restarts > 2 * workers + 2:
-                    raise RuntimeError(f"likelihood actors died {restarts} times") from err
-                ray.kill(actors[slot], no_restart=True)
-                actors[slot] = cls.options(**opts).remote(*args)
-                pending.appendleft(index)
-                submit(slot)
-                continue
-            yield index, result
-            submit(slot)
+        yield from each_result(
+            pool, todo, lambda actor, i: actor.bound.remote(i, *test.rows(*spec.bounds(i)))
+        )
     finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        pool.shutdown()
 
 
 def describe(spec: NllSpec) -> dict[str, Any]:

@@ -13,7 +13,6 @@ with the execution options.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +21,12 @@ import numpy as np
 
 from admflow import storage
 from admflow.config import AdmConfig
+from tasks.runtime.actor_pool import each_result
 from tasks.runtime.ray_session import ensure_ray
 from tasks.sampling import files as sample_io
 from tasks.sampling.finish import finish
 from tasks.sampling.manifest import open_manifest, record_shard
-from tasks.sampling.pool import ActorPool, actor_options
+from tasks.sampling.pool import sampling_pool
 from tasks.sampling.spec import (
     ExecutionOptions,
     NonFiniteSampleError,
@@ -52,7 +52,6 @@ class ShardJob:
 
 def run_job(cfg: AdmConfig, job: ShardJob, options: ExecutionOptions) -> dict[str, Any]:
     """Sample every missing shard of ``job`` (at most ``options.max_shards``); returns stats."""
-    from ray.exceptions import RayActorError
     from tqdm.auto import tqdm
 
     spec = job.spec
@@ -64,17 +63,9 @@ def run_job(cfg: AdmConfig, job: ShardJob, options: ExecutionOptions) -> dict[st
         sample_io.write_manifest(job.out, manifest)
         return {**stats, "manifest": manifest, "sampling_seconds": 0.0}
     stage = "upsample" if spec.kind == "upsample" else "sample"
-    ray = ensure_ray(cfg, stage)
+    ensure_ray(cfg, stage)
     workers = max(1, min(options.workers, len(todo)))
-    pool = ActorPool(
-        sampler_spec(spec, options),
-        job.weights(),
-        actor_options(cfg, workers, stage),
-        workers,
-        max_restarts=2 * workers + 2,
-    )
-    pending: deque[int] = deque(todo)
-    inflight: dict[Any, tuple[int, int]] = {}
+    pool = sampling_pool(sampler_spec(spec, options), job.weights(), cfg, workers, stage)
     bar = tqdm(
         total=spec.num_samples,
         initial=sum(s["rows"] for s in manifest["shards"]),
@@ -83,33 +74,18 @@ def run_job(cfg: AdmConfig, job: ShardJob, options: ExecutionOptions) -> dict[st
         disable=not options.progress,
     )
 
-    def submit(slot: int) -> None:
-        if pending:
-            i = pending.popleft()
-            low = job.low_res_for(i) if job.low_res_for else None
-            ref = pool.actors[slot].sample.remote(i, job.labels_for(i, spec.rows(i)), low)
-            inflight[ref] = (slot, i)
+    def call(actor: Any, i: int) -> Any:
+        low = job.low_res_for(i) if job.low_res_for else None
+        return actor.sample.remote(i, job.labels_for(i, spec.rows(i)), low)
 
     start = time.perf_counter()
     try:
-        for slot in range(workers):
-            submit(slot)
-        while inflight:
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            slot, index = inflight.pop(ref)
-            try:
-                images, labels = ray.get(ref)
-            except NonFiniteSampleError as err:  # Ray's error wraps it; raise the cause alone
-                raise NonFiniteSampleError(str(getattr(err, "cause", err))) from None
-            except RayActorError as err:
-                pool.replace(slot, err)
-                pending.appendleft(index)
-                submit(slot)
-                continue
+        for index, (images, labels) in each_result(pool, todo, call):
             record_shard(job.out, spec, manifest, index, images, labels)
             stats["shards_sampled"] += 1
             bar.update(len(images))
-            submit(slot)
+    except NonFiniteSampleError as err:  # Ray's error wraps it; raise the cause alone
+        raise NonFiniteSampleError(str(getattr(err, "cause", err))) from None
     finally:
         bar.close()
         pool.shutdown()
