@@ -107,14 +107,14 @@ def sampling_work(
     cfg: AdmConfig, stage: str, images: int, guided: bool, section: str = "model"
 ) -> StageWork:
     """A sample set of ``images`` drawn with ``cfg.sampling``'s sampler (the upsampler's
-    respacing for ``section='upsampler'``)."""
+    sampler and respacing for ``section='upsampler'``)."""
     s = cfg.sampling
-    respacing = s.timestep_respacing
+    sampler, respacing = s.sampler, s.timestep_respacing
     if section == "upsampler":
-        respacing = s.upsample_respacing or respacing
+        sampler, respacing = s.upsample_sampler or sampler, s.upsample_respacing or respacing
     diffusion = cfg.upsampler.diffusion if section == "upsampler" else cfg.diffusion
     nfe = evaluations_per_image(
-        diffusion.model_dump(), s.sampler, respacing, s.solver_steps, s.step_schedule
+        diffusion.model_dump(), sampler, respacing, s.solver_steps, s.step_schedule
     )
     return StageWork(stage, images, nfe, cost_network(cfg, section, guided), guided)
 

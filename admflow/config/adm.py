@@ -87,6 +87,7 @@ class AdmConfig(Section):
 def _check_consistent(cfg: AdmConfig) -> None:
     """Every check a valid config passes, in reporting order."""
     _check_networks(cfg)
+    _check_upsampler_crop(cfg)
     _check_respacing(cfg)
     _check_free_guidance(cfg)
     _check_solver_steps(cfg)
@@ -107,6 +108,22 @@ def _check_networks(cfg: AdmConfig) -> None:
         cfg.upsampler.diffusion.learn_sigma
     ):
         raise ValueError("upsampler.unet.learn_sigma must equal upsampler.diffusion.learn_sigma")
+
+
+def _check_upsampler_crop(cfg: AdmConfig) -> None:
+    """A training crop fits the upsampler's output, maps onto whole low-resolution pixels and
+    can be halved by every level of its UNet."""
+    crop, up = cfg.training.upsampler_crop, cfg.upsampler
+    if crop is None:
+        return
+    size, levels = up.unet.image_size, len(up.unet.channel_mult)
+    factor = size // up.small_size
+    if crop > size or crop % factor or crop % 2 ** (levels - 1):
+        raise ValueError(
+            f"training.upsampler_crop: {crop} must be at most upsampler.unet.image_size {size} "
+            f"and a multiple of {factor} (the upscale factor) and of {2 ** (levels - 1)} "
+            f"(the UNet's {levels} levels)"
+        )
 
 
 def _check_respacing(cfg: AdmConfig) -> None:

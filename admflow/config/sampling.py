@@ -24,6 +24,9 @@ class SamplingConfig(Section):
     upsample_respacing: str | None = Field(
         None, description="the upsampler's respacing (default: timestep_respacing)"
     )
+    upsample_sampler: Literal["ddpm", "ddim"] | None = Field(
+        None, description="the upsampler's sampler (default: sampler)"
+    )
     upsample_sets: Literal["all", "extremes", "largest"] = Field(
         "all",
         description="which scales' sets the upsampler takes to full size beside the bilinear "

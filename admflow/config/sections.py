@@ -70,6 +70,13 @@ class TrainingConfig(Section):
         "tiny images, where it cuts away a large part of the object",
     )
     upsampler_steps: int = Field(200, gt=0)
+    upsampler_crop: int | None = Field(
+        None,
+        gt=0,
+        description="train the upsampler on random crops of this side (pixels of its output "
+        "size) instead of whole images; it is fully convolutional, so it still samples whole "
+        "images (None: whole images)",
+    )
     classifier_batch_size: int | None = Field(
         None, gt=0, description="the classifier's global batch (None: batch_size)"
     )

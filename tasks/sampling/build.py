@@ -114,7 +114,8 @@ def build_upsample_spec(
     cfg: AdmConfig, base: str, checkpoint: str, *, sampling: Mapping[str, Any] | None = None
 ) -> SampleSetSpec:
     """The second stage: the upsampler conditioned on every image (and label) of the complete
-    base set ``base``; its respacing is ``sampling.upsample_respacing`` when set."""
+    base set ``base``; its sampler and respacing are ``sampling.upsample_sampler`` and
+    ``sampling.upsample_respacing`` when set."""
     s = sampling_with(cfg, sampling)
     base_manifest = sample_io.read_manifest(base)
     if base_manifest is None or not base_manifest.get("complete"):
@@ -126,7 +127,7 @@ def build_upsample_spec(
         model=_identity(ckpt),
         network=up.model_dump(mode="json"),
         diffusion=up.diffusion.model_dump(mode="json"),
-        sampler=s.sampler,
+        sampler=s.upsample_sampler or s.sampler,
         respacing=s.upsample_respacing or s.timestep_respacing,
         solver_steps=s.solver_steps,
         step_schedule=s.step_schedule,

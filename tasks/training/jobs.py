@@ -43,6 +43,8 @@ class Job:
     microbatch: int  # -1: each worker's whole share at once
     flip: bool = True
     random_crop: bool = False  # the classifier's 80-100% scale-and-crop (ADM)
+    crop: int | None = None  # train on random crops of this side (the upsampler)
+    crop_stride: int = 1  # crop corners on this grid (the upsampler's scale factor)
     holdout_every: int = 0  # > 0: every n-th row is held out and scored at checkpoints
     anneal_lr: bool = False
 
@@ -112,10 +114,13 @@ def upsampler_job(cfg: AdmConfig) -> Job:
     """The super-resolution UNet (ADM-U) on its own diffusion, with EMA."""
     t, up = cfg.training, cfg.upsampler
     diffusion = create_diffusion(up.diffusion)
+    factor = up.unet.image_size // up.small_size
+    # a crop's low-resolution input is the crop of the low-resolution image
+    small = t.upsampler_crop // factor if t.upsampler_crop else up.small_size
     return Job(
         "upsampler",
         build_model=partial(build_upsampler, up),
-        loss=UpsamplerLoss(diffusion, up.small_size, class_cond=up.unet.num_classes is not None),
+        loss=UpsamplerLoss(diffusion, small, class_cond=up.unet.num_classes is not None),
         schedule_sampler=partial(
             create_named_schedule_sampler, up.diffusion.schedule_sampler, diffusion.num_timesteps
         ),
@@ -128,6 +133,8 @@ def upsampler_job(cfg: AdmConfig) -> Job:
         classes_field="upsampler.unet.num_classes",
         batch_size=t.batches("upsampler")[0],
         microbatch=t.batches("upsampler")[1],
+        crop=t.upsampler_crop,
+        crop_stride=factor,
     )
 
 

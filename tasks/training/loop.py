@@ -235,7 +235,12 @@ class Trainer:
         images, labels = self.stream.read(positions)
         rng = np.random.default_rng(step_seed(self.seed, step, self.session.rank, 1))
         x = augment(
-            to_model_input(images), rng, flip=self.job.flip, random_crop=self.job.random_crop
+            to_model_input(images),
+            rng,
+            flip=self.job.flip,
+            random_crop=self.job.random_crop,
+            crop=self.job.crop,
+            crop_stride=self.job.crop_stride,
         )
         xt, yt = torch.from_numpy(x), torch.from_numpy(labels)
         if self.device.type == "cuda":

@@ -177,14 +177,44 @@ MIN_CROP_FRAC = 0.8  # guided-diffusion's classifier crops 80-100% of the image 
 
 
 def augment(
-    images: np.ndarray, rng: np.random.Generator, *, flip: bool, random_crop: bool = False
+    images: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    flip: bool,
+    random_crop: bool = False,
+    crop: int | None = None,
+    crop_stride: int = 1,
 ) -> np.ndarray:
-    """NCHW images: (``random_crop``) the paper's scale-and-crop, then random horizontal flips."""
-    out = scale_and_crop(images, rng) if random_crop else images.copy()
+    """NCHW images: (``random_crop``) the paper's scale-and-crop, or (``crop``) a random
+    ``crop`` x ``crop`` window of each, then random horizontal flips."""
+    if random_crop:
+        out = scale_and_crop(images, rng)
+    elif crop:
+        out = random_windows(images, crop, crop_stride, rng)
+    else:
+        out = images.copy()
     if flip:
         mask = rng.random(len(out)) < 0.5
         out[mask] = out[mask][..., ::-1]
     return np.ascontiguousarray(out)
+
+
+def random_windows(
+    images: np.ndarray, side: int, stride: int, rng: np.random.Generator
+) -> np.ndarray:
+    """A random ``side`` x ``side`` window of each image, its corner on a ``stride`` grid: with
+    the upsampler's scale factor as the stride, a window's area-downsample is a window of the
+    whole image's, the kind of low-resolution input it samples from."""
+    n = images.shape[-1]
+    if side > n:
+        raise ValueError(f"a {side}px crop does not fit {n}px images")
+    corners = rng.integers(0, (n - side) // stride + 1, size=(len(images), 2)) * stride
+    return np.stack(
+        [
+            img[:, top : top + side, left : left + side]
+            for img, (top, left) in zip(images, corners, strict=True)
+        ]
+    )
 
 
 def scale_and_crop(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
