@@ -71,11 +71,16 @@ def is_cifar(src: str) -> bool:
         return False
 
 
-def _unpickle(uri: str) -> Any:
+def _read(uri: str) -> bytes:
     try:
-        data = storage.read_bytes(uri)
+        return storage.read_bytes(uri)
     except (FileNotFoundError, storage.StorageError) as e:
         raise CifarError(f"{uri}: cannot read ({e}); {HINT}") from None
+
+
+def _unpickle(uri: str, data: bytes | None = None) -> Any:
+    """The object pickled in ``uri`` (``data``: its bytes, when already read)."""
+    data = _read(uri) if data is None else data
     try:
         return _ArraysOnly(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # truncated, not a pickle, or a pickle asking for code
@@ -92,9 +97,10 @@ def _field(batch: dict, name: str) -> Any:
     return None
 
 
-def read_batch(uri: str) -> tuple[np.ndarray, list[int]]:
-    """One batch file: its images (uint8 N x 32 x 32 x 3) and labels, checked."""
-    batch = _unpickle(uri)
+def read_batch(uri: str, data: bytes | None = None) -> tuple[np.ndarray, list[int]]:
+    """One batch file: its images (uint8 N x 32 x 32 x 3) and labels, checked (``data``: the
+    file's bytes, when already read)."""
+    batch = _unpickle(uri, data)
     if not isinstance(batch, dict):
         raise CifarError(f"{uri}: holds a {type(batch).__name__}, not a batch dict; {HINT}")
     data, labels = _field(batch, "data"), _field(batch, "labels")
@@ -145,11 +151,12 @@ def describe(src: str) -> tuple[list[str], list[int], list[str], str]:
     labels: list[int] = []
     h = hashlib.sha256()
     for uri in files:
-        _, found = read_batch(uri)
+        raw = _read(uri)  # read once: checked, labelled and hashed
+        found = read_batch(uri, raw)[1]
         batch = uri.rsplit("/", 1)[-1]
         keys += [f"{batch}/{i:05d}" for i in range(len(found))]
         labels += found
-        h.update(f"{batch}\0{storage.content_hash(uri)}\n".encode())
+        h.update(f"{batch}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
     return keys, labels, _class_names(folder), h.hexdigest()
 
 
