@@ -128,15 +128,25 @@ def standard_callbacks(spec: LoopSpec, rank: int) -> list[Callback]:
     return found
 
 
+def _quiet_ray_train_info() -> None:
+    """Ray Train's INFO lines on a worker (the worker group's set-up, and each report with its
+    whole metrics dict) stay out of the driver's output: its RunConfig log level reaches only
+    the controller, and the report line's logger is named by its file's path, outside
+    ``ray.train``. The driver's progress lines say the same in one line
+    (tasks.training.progress)."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    tail = os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(tail):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config = {"spec": asdict(LoopSpec), "torch_threads": n,
     "callbacks": [...]}``; the extra callbacks join the standard ones on every worker."""
     torch.set_num_threads(int(config.get("torch_threads", 1)))
     os.environ.setdefault("OMP_NUM_THREADS", str(config.get("torch_threads", 1)))
-    # Ray Train logs each report with its whole metrics dict at INFO, on every worker (its
-    # RunConfig log level reaches only the controller): the driver's progress lines say it
-    # in one line (tasks.training.progress).
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_ray_train_info()
     spec = LoopSpec(**config["spec"])
     session = RaySession(spec.config["compute"]["device"])
     callbacks = [*standard_callbacks(spec, session.rank), *config.get("callbacks", ())]
