@@ -86,6 +86,7 @@ def test_demo_shows_the_papers_findings(pipeline):
     result = pipeline["state"].result()
     judge = result["yardsticks"]["16px"]
     assert judge["judge_heldout_accuracy"] >= 0.95, judge
+    assert judge["judge_softened_real_accuracy"] >= 0.9, judge  # real images as soft as samples
     curve = sorted(result["curve"], key=lambda c: c["step"])
     assert [c["step"] for c in curve] == CHECKPOINTS
     fids = [c["fid"] for c in curve]
@@ -94,7 +95,8 @@ def test_demo_shows_the_papers_findings(pipeline):
     assert fids[2] > judge["fid_floor"], (fids, judge)  # the floor is below every sample set
     acc = _by_scale(result["rows"], "base", "class_accuracy")
     assert acc[0] >= ACC_UNGUIDED_MIN and acc[-1] >= ACC_GUIDED_MIN, acc
-    assert all(b > a for a, b in zip(acc, acc[1:], strict=False)), acc
+    # the judge trained on degraded copies reads the guided sets 0.96-1.00: it may saturate
+    assert all(b >= a for a, b in zip(acc, acc[1:], strict=False)) and acc[-1] > acc[0], acc
     precision = _by_scale(result["rows"], "base", "precision")
     assert precision[-1] >= precision[0] + PRECISION_RISE_MIN, precision
     recall = _by_scale(result["rows"], "base", "recall")
