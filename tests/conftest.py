@@ -114,10 +114,17 @@ def ray_session(s3_server):
     It starts after the S3 endpoint so its workers inherit the endpoint and credentials, as
     the nodes of a real cluster have them in their environment."""
     ray = pytest.importorskip("ray")
+    # Prefect binds its console handler to the sys.stderr of the moment it first sets up
+    # logging; were that a test's capsys stream, closed after that test, every later flow run
+    # would log into a closed file. Set it up here, on the session's stream.
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
     if not ray.is_initialized():
         ray.init(
             address="local",  # never attach to another Ray cluster found on the machine
             num_cpus=4,
+            num_gpus=1,  # logical: the paper flow's tests place on it with torch on the CPU
             include_dashboard=False,
             object_store_memory=400 * 1024 * 1024,
             log_to_driver=False,

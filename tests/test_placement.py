@@ -4,8 +4,9 @@ not) while ``compute.device: cpu`` keeps torch on the CPU.
 
 - The plan itself, without Ray: 1 GPU, 8 GPUs, 2 nodes x 4 GPUs, and every plan that cannot
   be placed, with its one-line message naming the field to change.
-- Real runs at tiny sizes, one Ray start each: one node with 1 GPU (sampling and scoring share
-  it), one node with 8 GPUs (8 sampling actors on 8 GPUs, training over its workers), and a
+- Real runs at tiny sizes, one Ray start each: the reproduce flow on one node with 1 GPU
+  (sampling and scoring share it; the paper flow's tests run on the suite's Ray session, which
+  offers 1 GPU, with ``compute.use_gpu=true``), one node with 8 GPUs (8 sampling actors on 8 GPUs, training over its workers), and a
   2-node cluster of 4 GPUs each (8 training workers across both nodes, sampling, scoring);
   where every worker and actor ran (node id, the GPU ids Ray gave it) comes from Ray itself.
 - The CLI's errors for an over-asking plan, a missing GPU, a missing CUDA device and a stale
@@ -288,12 +289,23 @@ def main(args):
     from tests.test_train import SMALL, build_shards
 
     root = Path(args["root"])
-    cfg = load_config("tiny", [*SMALL, f"storage.root={root}", *args["overrides"]])
+    overrides = [*SMALL, f"storage.root={root}", *args["overrides"]]
+    cfg = load_config("tiny", overrides)
     handler = Actors()
     for name in ("tasks.sampling.pool", "tasks.scoring.features"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
     ray = ensure_ray(cfg)
+    if args.get("flow") == "reproduce":  # the whole pipeline, as `admflow reproduce` runs it
+        from flows.reproduce import reproduce
+
+        result = reproduce(preset="tiny", overrides=overrides)
+        out = {"rows": [[r["stage"], r["classifier_scale"]] for r in result["rows"]]}
+        out["resources"] = {k: v for k, v in ray.cluster_resources().items() if "node:" not in k}
+        out["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        out.update(handler.seen)
+        print("PLACEMENT " + json.dumps(out), flush=True)
+        return
     deadline = time.time() + 90
     while sum(n["Alive"] for n in ray.nodes()) < args["nodes"] and time.time() < deadline:
         time.sleep(1)
@@ -339,9 +351,10 @@ RUN = [
 ]
 
 
-def run_driver(tmp_path: Path, overrides: list[str], *, train: bool, score=True, nodes=1, env=None):
+def run_driver(tmp_path: Path, overrides: list[str], *, train: bool, score=True, nodes=1, env=None,
+               flow=None):  # fmt: skip
     args = {"root": str(tmp_path), "overrides": [*RUN, *overrides], "train": train,
-            "score": score, "nodes": nodes}  # fmt: skip
+            "score": score, "nodes": nodes, "flow": flow}  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": "", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(args)],
@@ -356,13 +369,23 @@ def run_driver(tmp_path: Path, overrides: list[str], *, train: bool, score=True,
     return json.loads(lines[-1].removeprefix("PLACEMENT "))
 
 
+# the whole reproduce pipeline at its smallest: every stage runs, on one logical GPU
+PIPELINE = [
+    "data.demo_images_per_class=4", "training.steps=2", "training.classifier_steps=2",
+    "training.upsampler_steps=2", "training.checkpoint_steps=[]", "sampling.num_samples=4",
+    "sampling.classifier_scales=[0.0, 4.0]", "sampling.upsample_respacing=ddim2",
+    "evaluation.checkpoint_samples=0", "evaluation.reference_images=40",
+]  # fmt: skip
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_one_gpu_node_sampling_and_scoring_share_the_gpu(tmp_path):
-    over = ["compute.local_gpus=1", "sampling.workers=2", "sampling.num_samples=4",
-            "evaluation.workers=2"]  # fmt: skip
-    got = run_driver(tmp_path, over, train=False)
+def test_one_gpu_node_runs_the_reproduce_flow_with_sampling_and_scoring_sharing_the_gpu(
+    tmp_path,
+):
+    over = ["compute.local_gpus=1", "sampling.workers=2", "evaluation.workers=2", *PIPELINE]
+    got = run_driver(tmp_path, over, train=True, flow="reproduce")
     # the local Ray as the plan describes it: compute.local_gpus, the machine's CPUs, and an
     # object store with room for large weights (tasks.resources.local_object_store_bytes)
     from tasks.resources import local_object_store_bytes
@@ -373,10 +396,15 @@ def test_one_gpu_node_sampling_and_scoring_share_the_gpu(tmp_path):
     assert got["resources"]["object_store_memory"] == pytest.approx(
         local_object_store_bytes(cfg), rel=0.01
     )
-    assert got["stages"][0] == "sample 4 complete=True" and got["stages"][1].startswith("score")
-    # two sampling actors and two Inception actors, each on half of GPU 0, torch on the CPU
+    # every stage ended: both scales scored, the guided set also upsampled (8 -> 16 px here,
+    # the base model's size, so there is no bilinear pair to score beside it)
+    assert sorted(map(tuple, got["rows"])) == [("base", 0.0), ("base", 4.0), ("upsampler", 4.0)]
+    # two actors at a time, each on half of GPU 0, torch on the CPU: sampling (both scales and
+    # the upsampling) and scoring (the reference and every set)
     for stage in ("sample", "score"):
-        assert [(a["gpu_ids"], a["device"]) for a in got[stage]] == [(["0"], "cpu")] * 2, got
+        assert got[stage] and len(got[stage]) % 2 == 0, got
+    for stage in ("sample", "score", "reference"):
+        assert {(tuple(a["gpu_ids"]), a["device"]) for a in got[stage]} == {(("0",), "cpu")}
     assert {a["node_id"] for a in got["sample"] + got["score"]} == set(got["nodes"])
 
 

@@ -1,9 +1,10 @@
-"""A planted S3 secret never reaches Ray's session directory, MLflow or any output.
+"""Planted secrets never reach Ray's session directory, MLflow or any output.
 
-One process shards, trains, samples and evaluates against the S3 server (moto) with its own
-local Ray (``RAY_TMPDIR`` under the test's directory) and its own MLflow store; afterwards
+One process shards, trains, samples and evaluates against the S3 server (moto), an S3 secret
+key in its environment, and against a tracking server behind basic auth, its password in the
+tracking URI, with its own local Ray (``RAY_TMPDIR`` under the test's directory); afterwards
 every file Ray and MLflow wrote, every object in the bucket and everything the process
-printed is searched for the secret.
+printed is searched for both.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import pytest
 # The two end-to-end checks start Ray and servers (marked one by one); the checks of the
 # masking rule at the end belong to the fast tier.
 
-SECRET = "PLANTEDsecret0f1e2d3c4b5a"
+SECRET = "PLANTEDsecret0f1e2d3c4b5a"  # the S3 secret key, in the environment
+PASSWORD = "PLANTEDpassw0rd9a8b7c"  # the tracking server's, in its URI
 
 STAGES = textwrap.dedent(
     """
-    import sys
+    import os, sys
     from admflow import storage
     from admflow.config import load_config
     from tasks.scoring.evaluate import evaluate_sets
@@ -39,6 +41,7 @@ STAGES = textwrap.dedent(
     storage.ensure_bucket(root, create=True)
     cfg = load_config("tiny", [
         f"storage.root={root}",
+        f"tracking.tracking_uri={os.environ['MLFLOW_TRACKING_URI']}",  # as a --set gives it
         "data.image_size=16", "data.demo_images_per_class=2", "data.shard_rows=10",
         "model.image_size=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[8]",
         "training.steps=2", "training.batch_size=4", "training.checkpoint_every=2",
@@ -77,59 +80,6 @@ def ray_tmp():
     path = Path(tempfile.mkdtemp(prefix="adm-secret-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.services
-@pytest.mark.timeout(900)
-def test_planted_secret_is_nowhere(s3_server, tmp_path, ray_tmp):
-    import s3fs
-
-    work = tmp_path / "work"  # MLflow's default store (.admflow/mlflow.db) goes here
-    work.mkdir()
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "plantedkeyid",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "RAY_TMPDIR": str(ray_tmp),
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    bucket = f"secret-check-{os.getpid()}"
-    proc = subprocess.run(
-        [sys.executable, "-c", STAGES, f"s3://{bucket}/store"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        timeout=840,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output.decode(errors="replace")[-4000:]
-    assert b"metrics" in proc.stdout  # every stage ran
-    assert SECRET.encode() not in output
-    assert list(ray_tmp.rglob("runtime_env*.log")) or list(ray_tmp.rglob("*.log"))
-    assert _hits(ray_tmp, SECRET.encode()) == []
-    assert (work / ".admflow" / "mlflow.db").exists()
-    assert _hits(work, SECRET.encode()) == []
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="plantedkeyid", secret=SECRET)
-    objects = fs.find(bucket)
-    assert any("mlflow-artifacts" in o for o in objects)
-    assert [o for o in objects if SECRET.encode() in fs.cat_file(o)] == []
-
-
-# ------------------------------------------------- a password inside the tracking URI
-
-PASSWORD = "PLANTEDpassw0rd9a8b7c"
-TINY = [
-    "data.image_size=16", "data.demo_images_per_class=2", "data.shard_rows=10",
-    "model.image_size=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[8]",
-    "training.steps=2", "training.batch_size=4", "training.checkpoint_every=2",
-    "training.log_every=1", "compute.num_workers=1",
-    "sampling.num_samples=4", "sampling.batch_size=4", "sampling.shard_size=4",
-    "sampling.timestep_respacing=ddim2", "sampling.workers=1",
-]  # fmt: skip
 
 
 class _BasicAuthProxy:
@@ -213,47 +163,51 @@ def tracking_behind_auth(tmp_path):
 @pytest.mark.ray
 @pytest.mark.services
 @pytest.mark.timeout(900)
-def test_planted_tracking_password_is_nowhere(tmp_path, ray_tmp, tracking_behind_auth):
-    """shard, train and sample against a tracking server behind basic auth, its password in
-    MLFLOW_TRACKING_URI (shard, train) and in a --set (train, sample): every request
-    authenticates (the Ray workers' too), and the password is in no file of the store, of
-    Ray's session, of the MLflow server's store, nor in anything printed."""
-    proxy, server_store = tracking_behind_auth
-    uri = f"http://alice:{PASSWORD}@127.0.0.1:{proxy.port}"
-    root = tmp_path / "store"
-    work = tmp_path / "work"
-    work.mkdir()
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "MLFLOW_TRACKING_URI": uri}
-    env.pop("RAY_ADDRESS", None)
-    admflow = str(Path(sys.executable).parent / "admflow")
-    common = ["--config", "tiny", "--set", f"storage.root={root}"]
-    for key in TINY:
-        common += ["--set", key]
-    commands = [
-        [admflow, "shard", "demo", str(root / "data"), *common],
-        [admflow, "train", "diffusion", "--data", str(root / "data"), "--run-name", "pw",
-         *common, "--set", f"tracking.tracking_uri={uri}"],
-        [admflow, "sample", "--checkpoint", str(root / "runs" / "pw" / "checkpoints" /
-         "step-000002"), "--out", str(root / "samples"), "--no-progress", *common,
-         "--set", f"tracking.tracking_uri={uri}"],
-    ]  # fmt: skip
-    printed = b""
-    for i, argv in enumerate(commands):
-        run_env = env if i < 2 else {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
-        proc = subprocess.run(argv, cwd=work, env=run_env, capture_output=True, timeout=600)
-        printed += proc.stdout + proc.stderr
-        assert proc.returncode == 0, (argv[1], (proc.stdout + proc.stderr)[-3000:])
-    secret = PASSWORD.encode()
-    assert secret not in printed
-    assert proxy.counts["refused"] == 0 and proxy.counts["ok"] > 10, proxy.counts
-    assert list(ray_tmp.rglob("runtime_env*.log"))
-    assert _hits(ray_tmp, secret) == []
-    assert _hits(root, secret) == []
-    assert _hits(work, secret) == []
-    assert _hits(server_store, secret) == []
-    # the runs did log there: params, a checkpoint tag written by the Ray worker
+def test_planted_secrets_are_nowhere(s3_server, tmp_path, ray_tmp, tracking_behind_auth):
+    """shard, train, sample and evaluate with the store on S3 (its secret key in the
+    environment) and MLflow behind basic auth (the password in MLFLOW_TRACKING_URI and in the
+    config's tracking_uri): every request authenticates, the Ray workers' too, and neither
+    secret is in anything printed, in Ray's session, in the working directory, in the
+    tracking server's store or in any object of the bucket."""
     import sqlite3
 
+    import s3fs
+
+    proxy, server_store = tracking_behind_auth
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "plantedkeyid",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "MLFLOW_TRACKING_URI": f"http://alice:{PASSWORD}@127.0.0.1:{proxy.port}",
+        "RAY_TMPDIR": str(ray_tmp),
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    env.pop("RAY_ADDRESS", None)
+    bucket = f"secret-check-{os.getpid()}"
+    proc = subprocess.run(
+        [sys.executable, "-c", STAGES, f"s3://{bucket}/store"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        timeout=840,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output.decode(errors="replace")[-4000:]
+    assert b"metrics" in proc.stdout  # every stage ran
+    assert proxy.counts["refused"] == 0 and proxy.counts["ok"] > 10, proxy.counts
+    assert list(ray_tmp.rglob("runtime_env*.log"))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="plantedkeyid", secret=SECRET)
+    objects = fs.find(bucket)
+    assert any("checkpoints" in o for o in objects) and any("samples" in o for o in objects)
+    for secret in (SECRET.encode(), PASSWORD.encode()):
+        assert secret not in output
+        assert _hits(ray_tmp, secret) == []
+        assert _hits(work, secret) == []
+        assert _hits(server_store, secret) == []
+        assert [o for o in objects if secret in fs.cat_file(o)] == []
+    # the runs did log there: params, a checkpoint tag written by the Ray worker
     with sqlite3.connect(server_store / "mlflow.db") as db:
         tags = {k for (k,) in db.execute("select key from tags")}
         params = dict(db.execute("select key, value from params"))
