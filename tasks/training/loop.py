@@ -234,14 +234,9 @@ class Trainer:
         )
         images, labels = self.stream.read(positions)
         rng = np.random.default_rng(step_seed(self.seed, step, self.session.rank, 1))
-        x = augment(
-            to_model_input(images),
-            rng,
-            flip=self.job.flip,
-            random_crop=self.job.random_crop,
-            crop=self.job.crop,
-            crop_stride=self.job.crop_stride,
-        )
+        job = self.job
+        x = augment(to_model_input(images), rng, flip=job.flip, random_crop=job.random_crop,
+                    crop=job.crop, crop_stride=job.crop_stride)  # fmt: skip
         xt, yt = torch.from_numpy(x), torch.from_numpy(labels)
         if self.device.type == "cuda":
             xt, yt = xt.pin_memory(), yt.pin_memory()
