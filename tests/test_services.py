@@ -4,6 +4,7 @@ in headless Chromium. Everything binds 127.0.0.1."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -341,7 +342,7 @@ _LINK = re.compile(r'<a[^>]*href="#/experiments/(\d+)/runs/([0-9a-f]{32})"[^>]*>
 
 def _links(dom: str) -> dict[str, str]:
     """The run links in a page's description: run id -> the link's text."""
-    return {rid: label for _eid, rid, label in _LINK.findall(dom)}
+    return {rid: html.unescape(label) for _eid, rid, label in _LINK.findall(dom)}
 
 
 def _lineage(client, exp_id: str) -> dict:
