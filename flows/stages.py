@@ -61,6 +61,16 @@ class _QuietCompleted(logging.Filter):
 logging.getLogger("prefect.task_runs").addFilter(_QuietCompleted())
 
 
+def _log() -> Any:
+    """The flow run's logger; this module's outside a run (a stage's ``.fn`` called alone)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
 def _stage_task(name: str, label: Callable[[dict[str, Any]], str] | None = None):
     """A stage as a Prefect task: cached by its key, retried on transient faults, its run
     named by ``label(parameters)`` (``train diffusion``, ``sample s=2``), and its start and
@@ -74,7 +84,7 @@ def _stage_task(name: str, label: Callable[[dict[str, Any]], str] | None = None)
         def logged(*args: Any, **kwargs: Any) -> Any:
             from prefect.runtime import task_run
 
-            log, what = get_run_logger(), task_run.get_name() or name
+            log, what = _log(), task_run.get_name() or name
             log.info("%s: started", what)
             t0 = time.monotonic()
             out = fn(*args, **kwargs)
@@ -120,7 +130,7 @@ def train(cfg: AdmConfig, kind: str, data: dict, cache_key: str, parent_run_id: 
     }[kind]
     from tasks.reporting.lineage import link_training
 
-    log = get_run_logger()  # the progress lines, from the driver's polling thread
+    log = _log()  # the progress lines, from the driver's polling thread
     out = fn(
         cfg, data["uri"], run_name=f"{kind}-{cache_key}", parent_run_id=parent_run_id,
         progress=log.info,

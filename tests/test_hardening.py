@@ -228,7 +228,7 @@ def test_a_diverged_model_fails_naming_the_shard():
         device="cpu",
     )
     sampler = ShardSampler(spec, buf.getvalue(), None)
-    with pytest.raises(NonFiniteSampleError, match=r"shard 3, micro-batch 0, after 2 sampling"):
+    with pytest.raises(NonFiniteSampleError, match=r"shard 3, after 2 sampling"):
         sampler.sample(3, np.full(2, -1))
 
 

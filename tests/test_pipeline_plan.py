@@ -141,7 +141,8 @@ def test_the_flow_draws_and_scores_what_the_plan_says(tmp_path, monkeypatch):
     plan = plan_reproduce(cfg)
     refs = {"base": ({"uri": "ref16"}, "k16"), "up": ({"uri": "ref32"}, "k32")}
     data = {"manifest_uri": "data/manifest.json"}
-    rows = reproduce._sample_and_score(cfg, plan, runs, refs, None, data, "parent")
+    train_data = dict.fromkeys(("diffusion", "classifier", "upsampler"), data)
+    rows = reproduce._sample_and_score(cfg, plan, runs, refs, None, train_data, "parent")
     base_of_128 = next(r["base_samples"] for r in rows if r["reference"] == "ref32")
     assert calls == [
         ("sample", 0.0, True),

@@ -355,7 +355,10 @@ def run_driver(tmp_path: Path, overrides: list[str], *, train: bool, score=True,
                flow=None):  # fmt: skip
     args = {"root": str(tmp_path), "overrides": [*RUN, *overrides], "train": train,
             "score": score, "nodes": nodes, "flow": flow}  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": "", **(env or {})}
+    # as the CLI sets them: a flow called directly starts Prefect's ephemeral server too
+    prefect = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": "", **prefect, **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(args)],
         cwd=REPO,
@@ -384,7 +387,12 @@ PIPELINE = [
 def test_one_gpu_node_runs_the_reproduce_flow_with_sampling_and_scoring_sharing_the_gpu(
     tmp_path,
 ):
-    over = ["compute.local_gpus=1", "sampling.workers=2", "evaluation.workers=2", *PIPELINE]
+    from tests.test_paper import _reference_batch
+
+    ref = tmp_path / "reference.npz"  # a reference batch given: no judge to train (minutes)
+    _reference_batch(ref, size=16)
+    over = ["compute.local_gpus=1", "sampling.workers=2", "evaluation.workers=2", *PIPELINE,
+            f"evaluation.reference={ref}"]  # fmt: skip
     got = run_driver(tmp_path, over, train=True, flow="reproduce")
     # the local Ray as the plan describes it: compute.local_gpus, the machine's CPUs, and an
     # object store with room for large weights (tasks.resources.local_object_store_bytes)
@@ -404,7 +412,7 @@ def test_one_gpu_node_runs_the_reproduce_flow_with_sampling_and_scoring_sharing_
     for stage in ("sample", "score"):
         assert got[stage] and len(got[stage]) % 2 == 0, got
     for stage in ("sample", "score", "reference"):
-        assert {(tuple(a["gpu_ids"]), a["device"]) for a in got[stage]} == {(("0",), "cpu")}
+        assert {(tuple(a["gpu_ids"]), a["device"]) for a in got.get(stage, [])} <= {(("0",), "cpu")}
     assert {a["node_id"] for a in got["sample"] + got["score"]} == set(got["nodes"])
 
 
