@@ -407,10 +407,10 @@ def test_one_gpu_node_runs_the_reproduce_flow_with_sampling_and_scoring_sharing_
     # every stage ended: both scales scored, the guided set also upsampled (8 -> 16 px here,
     # the base model's size, so there is no bilinear pair to score beside it)
     assert sorted(map(tuple, got["rows"])) == [("base", 0.0), ("base", 4.0), ("upsampler", 4.0)]
-    # two actors at a time, each on half of GPU 0, torch on the CPU: sampling (both scales and
-    # the upsampling) and scoring (the reference and every set)
-    for stage in ("sample", "score"):
-        assert got[stage] and len(got[stage]) % 2 == 0, got
+    # every actor on GPU 0 with torch on the CPU: sampling (both scales and the upsampling) and
+    # scoring; a pool's actors all start before it takes work, so a pool of two shares the GPU
+    assert len(got["sample"]) >= 2 and len(got["sample"]) % 2 == 0, got  # two per set
+    assert len(got["score"]) >= 2, got
     for stage in ("sample", "score", "reference"):
         assert {(tuple(a["gpu_ids"]), a["device"]) for a in got.get(stage, [])} <= {(("0",), "cpu")}
     assert {a["node_id"] for a in got["sample"] + got["score"]} == set(got["nodes"])
