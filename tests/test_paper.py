@@ -82,8 +82,8 @@ def test_missing_checkpoint_names_it_and_its_download(tmp_path, capsys):
     assert "VIRTUAL_imagenet64" not in err  # the reference is there
 
 
-def _released_checkpoint(directory, cfg) -> str:
-    """A plain state dict under the released file name (the layout OpenAI published)."""
+def _released_checkpoint(directory, cfg, name: str = "64x64_diffusion.pt") -> str:
+    """A plain state dict under the released file ``name`` (the layout OpenAI published)."""
     from models.build import build_unet
 
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def _released_checkpoint(directory, cfg) -> str:
         for p in net.parameters():
             if p.ndim > 1 and not p.any():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    path = directory / "64x64_diffusion.pt"
+    path = directory / name
     torch.save(net.state_dict(), path)
     return str(path)
 

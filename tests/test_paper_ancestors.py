@@ -10,12 +10,12 @@ import json
 import math
 
 import pytest
-import torch
 
 from admflow.config import load_config
 from admflow.paper import find_row
 from tasks.data.shard import shard_dataset
 from tests.test_cifar_source import write_cifar
+from tests.test_paper import _released_checkpoint
 
 ROW = "iddpm-cifar10-hybrid-ddim50"
 SMALL = [  # the row's network at 32 channels and two levels; its sampler and 50 steps as they are
@@ -44,7 +44,6 @@ def test_few_step_row_runs_against_the_training_sets_shards(ray_session, tmp_pat
 
     from admflow.cli import main
     from admflow.tracking import setup_mlflow
-    from models.build import build_unet
 
     overrides = [*SMALL, f"storage.root={tmp_path / 'store'}"]
     _, row = find_row(ROW)
@@ -56,15 +55,7 @@ def test_few_step_row_runs_against_the_training_sets_shards(ray_session, tmp_pat
 
     released = tmp_path / "released"
     released.mkdir()
-    torch.manual_seed(0)
-    net = build_unet(cfg.model)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # non-zero output layers: images that are not all one colour
-        for p in net.parameters():
-            if p.ndim > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    ckpt = released / "cifar10_uncond_50M_500K.pt"
-    torch.save(net.state_dict(), ckpt)
+    ckpt = _released_checkpoint(released, cfg, "cifar10_uncond_50M_500K.pt")
 
     args = ["paper", "run", ROW, "--checkpoints", str(released), "--reference", train]
     assert main(args + ["--num-samples", str(N)] + [f"--set={o}" for o in overrides]) == 0
