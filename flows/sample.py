@@ -62,5 +62,7 @@ def sample_released(
     summary = report.write_report(cfg, rows, parent_run_id=parent)
     if own_parent:
         lineage.finish_parent_run(parent, summary)
+    else:  # the caller's parent run ends with its own report
+        report.discard_local_files(summary)
     log.info("metrics:\n%s", summary["table"])
     return rows

@@ -22,12 +22,24 @@ from tasks.resources import reference_actors
 if TYPE_CHECKING:
     from tasks.sampling.spec import SampleSetSpec
 
-# The config sections each training reads (plus its data's key).
+# The config sections each training reads (plus its data's key and its training fields).
 TRAIN_SECTIONS = {
-    "diffusion": ("data", "model", "diffusion", "training"),
-    "classifier": ("data", "classifier", "diffusion", "training"),
-    "upsampler": ("data", "upsampler", "training"),
+    "diffusion": ("data", "model", "diffusion"),
+    "classifier": ("data", "classifier", "diffusion"),
+    "upsampler": ("data", "upsampler"),
 }
+# The training fields named for one job; the other jobs never read them.
+_JOB_PREFIXES = ("classifier_", "upsampler_")
+# How often a training logs changes no weight.
+_TRAINING_EXECUTION = {"log_every"}
+
+
+def training_fields(cfg: AdmConfig, kind: str) -> dict[str, Any]:
+    """The ``training`` fields the ``kind`` job reads: the shared ones and its own, so that
+    changing the upsampler's steps does not retrain the diffusion model."""
+    own = f"{kind}_"
+    fields = cfg.training.model_dump(mode="json", exclude=_TRAINING_EXECUTION)
+    return {k: v for k, v in fields.items() if k.startswith(own) or not k.startswith(_JOB_PREFIXES)}
 
 
 def _hash(payload: dict) -> str:
@@ -122,7 +134,8 @@ def _keys(cfg: AdmConfig) -> dict[str, str]:
         keys["up_data"] = chain_key("shard", cfg.upsampler_data(), ("data",))
     for kind, sections in TRAIN_SECTIONS.items():
         data = keys["up_data" if kind == "upsampler" else "data"]
-        keys[f"train.{kind}"] = chain_key("train", cfg, sections, data)
+        training = training_fields(cfg, kind)
+        keys[f"train.{kind}"] = chain_key("train", cfg, sections, data, training=training)
     keys["reference"] = chain_key("reference", cfg, ("evaluation",), keys["data"])
     keys["up_reference"] = keys["reference"]
     if cfg.two_stage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -20,7 +21,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's ephemeral API server needs longer than its 20 s default on a busy 2-core box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 # Keep Prefect's ephemeral database and result cache out of the user's ~/.prefect.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="admflow-prefect-"))
+if "PREFECT_HOME" not in os.environ:
+    _prefect_home = tempfile.mkdtemp(prefix="admflow-prefect-")
+    os.environ["PREFECT_HOME"] = _prefect_home
+    atexit.register(shutil.rmtree, _prefect_home, ignore_errors=True)
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

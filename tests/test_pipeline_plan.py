@@ -65,6 +65,25 @@ def test_sampling_settings_leave_the_upstream_keys_alone():
     assert trained["curve"] != keys["curve"]
 
 
+@pytest.mark.parametrize(
+    "override, retrained",
+    [
+        ("training.upsampler_steps=7", {"upsampler"}),
+        ("training.upsampler_crop=8", {"upsampler"}),
+        ("training.classifier_lr=0.01", {"classifier"}),
+        ("training.classifier_steps=7", {"classifier"}),
+        ("training.lr=0.01", {"diffusion", "classifier", "upsampler"}),
+        ("training.seed=3", {"diffusion", "classifier", "upsampler"}),
+        ("training.log_every=3", set()),
+    ],
+)
+def test_a_training_field_retrains_only_the_jobs_that_read_it(override, retrained):
+    keys = plan_reproduce(load_config("tiny")).keys
+    again = plan_reproduce(load_config("tiny", [override])).keys
+    changed = {k.split(".")[1] for k in keys if k.startswith("train.") and again[k] != keys[k]}
+    assert changed == retrained, override
+
+
 def test_execution_settings_reuse_every_stage_and_content_settings_do_not():
     keys = plan_reproduce(load_config("tiny")).keys
     for override in ("evaluation.workers=6", "evaluation.batch_size=7", "compute.torch_threads=2"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from admflow.config import load_config
-from tasks.reporting.report import write_report
+from tasks.reporting.report import discard_local_files, write_report
 
 
 def _row(scale: float, stage: str, fid: float, precision: float, recall: float) -> dict:
@@ -70,3 +70,5 @@ def test_two_stage_report_keeps_each_reference_with_its_floor(tmp_path):
         "training_curve.png",
     ]
     assert all(os.path.getsize(p) > 1000 for p in out["local_files"][1:])  # plots, not blanks
+    discard_local_files(out)
+    assert not any(os.path.exists(p) for p in out["local_files"])

@@ -3,8 +3,6 @@ and registration of the final EMA models."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 from admflow.config import AdmConfig
 from admflow.tracking import flat_params, setup_mlflow
 from admflow.uris import mask_text
+from tasks.reporting.report import discard_local_files
 
 UPSTREAM = "admflow.upstream."
 
@@ -251,9 +250,7 @@ def finish_parent_run(run_id: str, summary: dict) -> None:
         for path in local:
             client.log_artifact(run_id, path)
     finally:  # the report's temp dir: its files are in the store and now in MLflow
-        for folder in {os.path.dirname(p) for p in local}:
-            if os.path.basename(folder).startswith("admflow-report-"):
-                shutil.rmtree(folder, ignore_errors=True)
+        discard_local_files(summary)
     describe_stages(
         run_id, [r["mlflow_run_id"] for r in summary.get("rows", []) if r.get("mlflow_run_id")]
     )

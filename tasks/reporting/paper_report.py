@@ -87,16 +87,16 @@ def record(
     entries = compare(row, ours)
     table = to_markdown(row, entries, num_samples)
     result = {"row": row.id, "num_samples": num_samples, "metrics": entries, "table": table}
-    tmp = tempfile.mkdtemp(prefix="admflow-paper-")
     local = {"paper.md": table, "paper.json": json.dumps(result, indent=2)}
     uris = []
-    for name, text in local.items():
-        with open(os.path.join(tmp, name), "w") as f:
-            f.write(text)
-        uri = storage.join(cfg.storage.root, "reports", parent, name)
-        storage.write_bytes(uri, text.encode())
-        uris.append(uri)
-    _log_parent(parent, entries, [os.path.join(tmp, n) for n in local])
+    with tempfile.TemporaryDirectory(prefix="admflow-paper-") as tmp:
+        for name, text in local.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+            uri = storage.join(cfg.storage.root, "reports", parent, name)
+            storage.write_bytes(uri, text.encode())
+            uris.append(uri)
+        _log_parent(parent, entries, [os.path.join(tmp, n) for n in local])
     _artifact(row, table)
     return {**result, "report_uris": uris}
 

@@ -4,6 +4,7 @@ precision vs recall), saved to object storage and logged to MLflow and Prefect."
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -42,6 +43,13 @@ def _stage(r: dict) -> str:
 def _resolution(cfg: AdmConfig, stage: str) -> int:
     """The size a stage's sets are scored at: the base model's, or the upsampler's."""
     return cfg.model.image_size if stage == "base" else cfg.upsampler.unet.image_size
+
+
+def discard_local_files(summary: dict) -> None:
+    """Remove the report's temp dir (its files are in the store) when no MLflow run takes them."""
+    for folder in {os.path.dirname(p) for p in summary.get("local_files", [])}:
+        if os.path.basename(folder).startswith("admflow-report-"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def rows_to_markdown(
