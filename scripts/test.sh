@@ -22,12 +22,15 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy models tasks"; mypy models tasks
 echo "== pytest"
+# Two workers (pytest-xdist), each taking whole files: while one runs a long pipeline the
+# other keeps the second core busy (TEST_WORKERS=0 runs everything in this process).
+args=(-q -ra --durations=30 -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
 set +e
 if [ "$(id -u)" = 0 ] && unshare --net --fork true 2>/dev/null; then
-  unshare --net --fork sh -c 'ip link set lo up 2>/dev/null || true; exec pytest "$@"' pytest -q -ra --durations=30 "$@"
+  unshare --net --fork sh -c 'ip link set lo up 2>/dev/null || true; exec pytest "$@"' pytest "${args[@]}" "$@"
 else
   echo "warning: cannot create a loopback-only network namespace; running tests without it" >&2
-  pytest -q -ra --durations=30 "$@"
+  pytest "${args[@]}" "$@"
 fi
 rc=$?
 # pytest exits 5 when it collected nothing: that is a failure here, never hidden.
