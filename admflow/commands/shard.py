@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "shard",
         help="turn images into Parquet shards + manifest.json (local dir or s3://)",
         description=(
-            "SRC: 'demo' (built-in 10-class shapes set), an ImageNet-style folder (one "
+            "SRC: 'demo' (built-in 10-class shapes set; 'demo-heldout': 10 more images per "
+            "class that no model trained on 'demo' has seen, e.g. for `admflow nll`), an "
+            "ImageNet-style folder (one "
             "sub-folder per class; labels in sorted class-name order), a flat folder "
             "(unconditional, LSUN-style), an ADM .npz batch (arr_0 uint8 NHWC, optional "
             "arr_1 labels), or your copy of CIFAR-10's python batches (the cifar-10-batches-py "
@@ -33,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "src", help="'demo', an image folder, an .npz batch, or CIFAR-10's cifar-10-batches-py"
+        "src",
+        help="'demo', 'demo-heldout', an image folder, an .npz batch, or CIFAR-10's "
+        "cifar-10-batches-py",
     )
     p.add_argument("dest", help="output directory: a path, file:// or s3://bucket/prefix")
     add_config_args(p)
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.data.shard import ShardError, shard_dataset
 
     cfg = config_from_args(args, SHARD_FLAGS)
-    src = args.src if args.src == "demo" else local_abs(args.src)
+    src = args.src if args.src in ("demo", "demo-heldout") else local_abs(args.src)
     dest = local_abs(args.dest)
     if os.path.isfile(dest):
         raise StorageError(f"shard destination {dest} is a file; pass a directory")

@@ -36,12 +36,20 @@ CLASS_NAMES = (
     "diamond",
 )
 DEMO_SEED = 0
+# The held-out set ("demo-heldout"): this many images per class after the training set's
+# demo_images_per_class, drawn like them, so no model trained on the demo has seen them.
+HELDOUT_PER_CLASS = 10
 VERSION = 2  # bump when rendering changes: it is part of the source fingerprint
 
 
-def demo_keys(per_class: int) -> list[tuple[str, int]]:
-    """All ``(key, label)`` pairs of the demo set, keys like ``circle/00012``."""
-    return [(f"{name}/{i:05d}", c) for c, name in enumerate(CLASS_NAMES) for i in range(per_class)]
+def demo_keys(per_class: int, start: int = 0) -> list[tuple[str, int]]:
+    """The ``(key, label)`` pairs of images ``start .. start + per_class - 1`` of every class,
+    keys like ``circle/00012``."""
+    return [
+        (f"{name}/{i:05d}", c)
+        for c, name in enumerate(CLASS_NAMES)
+        for i in range(start, start + per_class)
+    ]
 
 
 def parse_key(key: str) -> tuple[int, int]:

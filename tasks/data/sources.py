@@ -46,8 +46,8 @@ class Source:
 
 
 def list_source(cfg: AdmConfig, src: str) -> Source:
-    if src == "demo":
-        return _mixed(_demo_source(cfg))
+    if src in ("demo", "demo-heldout"):
+        return _mixed(_demo_source(cfg, heldout=src == "demo-heldout"))
     if src.endswith(".npz"):
         return _npz_source(cfg, src)
     if cifar.is_cifar(src):
@@ -72,14 +72,20 @@ def _mixed(source: Source) -> Source:
     )
 
 
-def _demo_source(cfg: AdmConfig) -> Source:
-    from tasks.data.demo import CLASS_NAMES, VERSION, demo_keys
+def _demo_source(cfg: AdmConfig, heldout: bool = False) -> Source:
+    """The demo set, or its held-out images: the next HELDOUT_PER_CLASS of every class."""
+    from tasks.data.demo import CLASS_NAMES, HELDOUT_PER_CLASS, VERSION, demo_keys
 
-    pairs = demo_keys(cfg.data.demo_images_per_class)
-    fp = f"demo-v{VERSION}-{cfg.data.demo_images_per_class}"
+    per_class = cfg.data.demo_images_per_class
+    if heldout:
+        pairs = demo_keys(HELDOUT_PER_CLASS, start=per_class)
+        fp = f"demo-v{VERSION}-{per_class}-heldout-{HELDOUT_PER_CLASS}"
+    else:
+        pairs = demo_keys(per_class)
+        fp = f"demo-v{VERSION}-{per_class}"
     return Source(
         "demo",
-        "demo",
+        "demo-heldout" if heldout else "demo",
         [k for k, _ in pairs],
         [lab for _, lab in pairs],
         list(CLASS_NAMES),
