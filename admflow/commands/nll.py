@@ -17,8 +17,9 @@ images are cut into shards computed by Ray actors (--workers 0: in this process)
 finished shard is written to OUT at once, so a rerun with the same OUT computes only the
 missing shards. The result is logged to MLflow (metric nll_bpd) unless --no-mlflow.
 
-DATA is a shard set (`admflow shard` output) or an .npz (arr_0 uint8 NHWC, optional arr_1
-labels); class-conditional networks need the labels. The network comes from the checkpoint's
+DATA is a shard set (`admflow shard` output; for the demo's model, `admflow shard demo-heldout
+DEST` holds images it never saw) or an .npz (arr_0 uint8 NHWC, optional arr_1 labels);
+class-conditional networks need the labels. The network comes from the checkpoint's
 own training config, or for a released .pt from --config (e.g. iddpm-cifar10-vlb).
 """
 
