@@ -92,11 +92,12 @@ def _note(title: str, items: list[tuple[str, str | None, str | None]]) -> str:
     (``#/experiments/E/runs/R``, relative to the UI's own address) and its URI as code."""
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = None  # made only for a run to look up: a client opens (or creates) its store
     lines = [title, ""]
     for label, run_id, uri in items:
         parts = [f"- {label}:"]
         if run_id:
+            client = client or mlflow.MlflowClient()
             info = client.get_run(run_id).info
             name = info.run_name or run_id[:8]
             parts.append(f"[{name}](#/experiments/{info.experiment_id}/runs/{run_id})")
