@@ -62,7 +62,8 @@ def chain_key(stage: str, cfg: AdmConfig, sections: tuple[str, ...], *upstream: 
 
 # Fields that say how a stage runs, not what it produces: left out of its key, so a rerun
 # with more actors or another batch reuses the stage (as a sample set's execution options do).
-EXECUTION_FIELDS = {"evaluation": {"workers", "batch_size"}}
+# Whether a judge is trained changes no reference and no FID either.
+EXECUTION_FIELDS = {"evaluation": {"workers", "batch_size", "judge"}}
 
 
 def _section(cfg: AdmConfig, dotted: str) -> Any:
@@ -160,7 +161,7 @@ def plan_reproduce(cfg: AdmConfig) -> PipelinePlan:
         two_stage=cfg.two_stage,
         trainings=trainings,
         sets=_sets(cfg, trainings),
-        judge=cfg.data.class_cond and not cfg.evaluation.reference,
+        judge=cfg.evaluation.judge and cfg.data.class_cond and not cfg.evaluation.reference,
         floor=cfg.two_stage,
         curve=cfg.evaluation.checkpoint_samples > 0,
         curve_reuses_unguided=cfg.evaluation.checkpoint_samples > 0

@@ -88,6 +88,9 @@ def test_execution_settings_reuse_every_stage_and_content_settings_do_not():
     keys = plan_reproduce(load_config("tiny")).keys
     for override in ("evaluation.workers=6", "evaluation.batch_size=7", "compute.torch_threads=2"):
         assert plan_reproduce(load_config("tiny", [override])).keys == keys, override
+    # no judge: no class-accuracy column, every stage's key the same
+    unjudged = plan_reproduce(load_config("tiny", ["evaluation.judge=false"]))
+    assert not unjudged.judge and unjudged.keys == keys
     images = plan_reproduce(load_config("tiny", ["evaluation.reference_images=100"])).keys
     assert images["reference"] != keys["reference"] and images["data"] == keys["data"]
 

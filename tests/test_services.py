@@ -33,6 +33,7 @@ FAST = [
     "sampling.upsample_respacing=10",
     "evaluation.reference_images=100",
     "evaluation.checkpoint_samples=0",  # FID over training: test_flows (it costs ~45 s here)
+    "evaluation.judge=false",  # class accuracy: test_flows (a minute here)
 ]
 
 
