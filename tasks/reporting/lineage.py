@@ -87,7 +87,7 @@ def evaluation_run(cfg: AdmConfig, sset: dict) -> tuple[str, dict[str, str]]:
 NOTE = "mlflow.note.content"  # the run's description in the MLflow UI, rendered as markdown
 
 
-def _note(title: str, items: list[tuple[str, str | None, str | None]]) -> str:
+def note(title: str, items: list[tuple[str, str | None, str | None]]) -> str:
     """Markdown: ``title``, then one line per upstream item, its run a link the UI follows
     (``#/experiments/E/runs/R``, relative to the UI's own address) and its URI as code."""
     import mlflow
@@ -112,7 +112,7 @@ def describe(run_id: str | None, title: str, items: list[tuple[str, str | None, 
     if run_id:
         import mlflow
 
-        mlflow.MlflowClient().set_tag(run_id, NOTE, _note(title, items))
+        mlflow.MlflowClient().set_tag(run_id, NOTE, note(title, items))
 
 
 def link_training(run: dict, data: dict) -> None:
@@ -194,7 +194,7 @@ def sample_tags(
         ref = ("reference built from", reference_data.get("mlflow_run_id"),
                reference_data["manifest_uri"])  # fmt: skip
         items = [*items, ref]
-    tags[NOTE] = _note(f"Scores of the {up['stage']} samples below against the reference.",
+    tags[NOTE] = note(f"Scores of the {up['stage']} samples below against the reference.",
                        head + items)  # fmt: skip
     return {k: mask_text(v) for k, v in tags.items() if v}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from admflow import storage
 from admflow.config import AdmConfig
+from admflow.uris import mask_text
 from tasks.training.checkpoint import list_checkpoints, read_meta
 
 
@@ -88,9 +89,7 @@ def _sample_and_score(
     out = storage.join(ledger.removesuffix(".json") + "-samples")
     spec = build_spec(cfg, ckpt["uri"], num_samples=num_samples)  # unguided
     sample_set(cfg, spec, out, ExecutionOptions.from_config(cfg))
-    tags = {"admflow.upstream.checkpoint": ckpt["uri"], "admflow.upstream.samples": out}
-    if train_run:
-        tags["admflow.upstream.train_run_id"] = train_run
+    tags = checkpoint_eval_tags(cfg, ckpt["uri"], out, train_run, ckpt["step"], num_samples)
     size = cfg.model.image_size
     metrics = evaluate_sets(
         cfg, reference_uri, out, parent_run_id=train_run, tags=tags, judge=judge,
@@ -99,6 +98,31 @@ def _sample_and_score(
                 "set.classifier_scale": "0.0", "set.image_size": str(size)},
     )  # fmt: skip
     return out, metrics
+
+
+def checkpoint_eval_tags(
+    cfg: AdmConfig, checkpoint: str, samples: str, train_run: str | None, step: int, n: int
+) -> dict[str, str]:
+    """Tags (with a description) for the evaluation of ``n`` unguided samples of one
+    checkpoint, as the sweep's evaluations have: links to the samples, the checkpoint's
+    training run and, through that run's tags, the shards it trained on."""
+    from tasks.reporting.lineage import NOTE, UPSTREAM, note
+
+    tags = {UPSTREAM + "checkpoint": checkpoint, UPSTREAM + "samples": samples}
+    items = [("samples", None, samples), ("diffusion checkpoint", train_run, checkpoint)]
+    if train_run:
+        import mlflow
+
+        from admflow.tracking import setup_mlflow
+
+        setup_mlflow(cfg)  # the note looks the training run up in the configured store
+        trained = mlflow.MlflowClient().get_run(train_run).data.tags
+        tags[UPSTREAM + "train_run_id"] = train_run
+        if manifest := trained.get(UPSTREAM + "data_manifest"):
+            items.append(("shards", trained.get(UPSTREAM + "shard_run_id") or None, manifest))
+    title = f"Scores of {n} unguided samples of the step-{step} checkpoint against the reference."
+    tags[NOTE] = note(title, items)
+    return {k: mask_text(v) for k, v in tags.items()}
 
 
 def _training_run_id(cfg: AdmConfig, run_name: str | None) -> str | None:
