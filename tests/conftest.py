@@ -149,9 +149,9 @@ _MARK_BY_FIXTURE = {
 }
 
 
-# The longest files first (measured on 2 cores): the test script runs two pytest-xdist
-# workers that take whole files, so the demo's pipeline starts at once on one worker while
-# the other works through the rest, and the short files fill in at the end.
+# The longest files first (measured on 2 cores): with pytest-xdist workers taking whole files
+# (TEST_WORKERS=N bash scripts/test.sh) the demo's pipeline starts at once on one worker while
+# the others work through the rest, and the short files fill in at the end.
 _LONGEST_FIRST = (
     "test_flows.py",
     "test_services.py",
