@@ -8,7 +8,6 @@ import html
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+
+from tests import stack_client
 
 # The plumbing on real services, not the learning (tests/test_flows.py shows that).
 FAST = [
@@ -39,10 +40,6 @@ FAST = [
 
 pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.ray, pytest.mark.timeout(2400)]
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
 
 
 @pytest.fixture(scope="module")
@@ -74,64 +71,9 @@ def stack(tmp_path_factory):
         assert not s.ray_temp_dir.exists()
 
 
-# The Jobs API needs the head's dashboard agent; infra.stack gives it its own port, since a
-# local Ray of an earlier test holding the default one made every submission fail.
-def _ray_job(stack: dict, argv: list[str], timeout: int = 1500) -> dict:
-    """`ray job submit --working-dir . -- ARGV` through the head's Jobs API, as the README
-    shows; returns the job's status, logs and the submission's output."""
-    from ray.job_submission import JobSubmissionClient
-
-    api = f"http://127.0.0.1:{stack['stack'].ports['ray-dashboard']}"
-    client = JobSubmissionClient(api)
-    for attempt in range(6):
-        if attempt:  # "No available agent to submit job, please try again later"
-            time.sleep(10)
-        job_id = f"admflow-job-{os.getpid()}-{attempt}"
-        out = subprocess.run(
-            [_bin("ray"), "job", "submit", "--address", api, "--submission-id", job_id,
-             "--working-dir", ".", "--", *argv],
-            env=stack["env"], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
-        if any(j.submission_id == job_id for j in client.list_jobs()):
-            break
-        # the head refused the submission itself (no job agent yet): say why, then ask again
-        print(f"submission {job_id} was not accepted:\n{out.stdout}\n{out.stderr}")
-    else:
-        pytest.fail(f"the Jobs API accepted no submission:\n{out.stdout}\n{out.stderr}")
-    return {
-        "status": client.get_job_status(job_id),
-        "logs": client.get_job_logs(job_id),
-        "output": out.stdout + out.stderr,
-        "returncode": out.returncode,
-    }
-
-
-def _prefect(env, *args, timeout=300) -> str:
-    out = subprocess.run(
-        [_bin("prefect"), "--no-prompt", *args], env=env, cwd=REPO, capture_output=True,
-        text=True, timeout=timeout,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
-
-
-def _run_deployment(env, name: str, params: dict, timeout: int = 1500) -> dict:
-    code = (
-        "import json,sys;from prefect.deployments import run_deployment;"
-        f"fr=run_deployment({name!r},parameters=json.loads(sys.argv[1]),timeout={timeout});"
-        "print(json.dumps({'id':str(fr.id),'state':fr.state.name}))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(params)], env=env, cwd=REPO,
-        capture_output=True, text=True, timeout=timeout + 60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def deployed(stack):
-    out = _prefect(stack["env"], "deploy", "--all")
+    out = stack_client.prefect(stack["env"], "deploy", "--all")
     assert "reproduce" in out
     return stack
 
@@ -170,18 +112,18 @@ def reproduced(deployed):
     for o in OVERRIDES:
         argv += ["--set", o]
     t0 = time.time()
-    job = _ray_job(deployed, argv)
+    job = stack_client.ray_job(deployed, argv)
     first_s = time.time() - t0
     print(f"reproduce as a Ray Job: {first_s:.1f} s")
     assert job["status"] == JobStatus.SUCCEEDED, job["output"][-5000:] + job["logs"][-5000:]
     assert job["returncode"] == 0, job["output"][-5000:]
     found = re.findall(r"runs/flow-run/([0-9a-f-]{36})", job["logs"])
     assert found, job["logs"][-3000:]
-    first = {"id": found[0], "state": _flow_run_state(deployed["env"], found[0])}
+    first = {"id": found[0], "state": stack_client.flow_run_state(deployed["env"], found[0])}
     new_report_dirs = _report_dirs() - before
     t0 = time.time()
     params = {"preset": "tiny", "overrides": OVERRIDES}
-    second = _run_deployment(deployed["env"], "reproduce/reproduce", params)
+    second = stack_client.run_deployment(deployed["env"], "reproduce/reproduce", params)
     return {
         **deployed,
         "job": job,
@@ -191,19 +133,6 @@ def reproduced(deployed):
         "second_s": time.time() - t0,
         "new_report_dirs": new_report_dirs,
     }
-
-
-def _flow_run_state(env, flow_run_id: str) -> str:
-    code = (
-        "import sys;from prefect.client.orchestration import get_client\n"
-        "with get_client(sync_client=True) as c:\n"
-        "  print(c.read_flow_run(sys.argv[1]).state.name)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, flow_run_id], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip().splitlines()[-1]
 
 
 def test_reproduce_as_a_ray_job_then_cached_through_the_deployment(reproduced):
@@ -220,27 +149,12 @@ def test_reproduce_as_a_ray_job_then_cached_through_the_deployment(reproduced):
     assert reproduced["second"]["state"] == "Completed"
     # the job's driver left no report temp dir behind
     assert not reproduced["new_report_dirs"], reproduced["new_report_dirs"]
-    states = _task_runs(reproduced["env"], reproduced["second"]["id"])
+    states = stack_client.task_runs(reproduced["env"], reproduced["second"]["id"])
     stage_states = [
         s for n, s in states if n.split(" ")[0] in {"shard", "train", "sample", "evaluate"}
     ]
     assert stage_states and set(stage_states) == {"Cached"}, states
     assert reproduced["second_s"] < 0.5 * reproduced["first_s"]
-
-
-def _task_runs(env, flow_run_id: str) -> list[list[str]]:
-    code = (
-        "import sys,json;from prefect.client.orchestration import get_client\n"
-        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId\n"
-        "with get_client(sync_client=True) as c:\n"
-        "  trs=c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sys.argv[1]])))\n"
-        "  print(json.dumps([[t.name,t.state.name] for t in trs]))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, flow_run_id], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_flow_run_log_shows_stages_and_training_progress(reproduced):
@@ -317,28 +231,6 @@ def test_artifacts_in_s3_and_runs_in_mlflow_server(reproduced):
         assert version.tags["admflow.data_manifest"] in version.description
 
 
-def _dump_dom(url: str, out_png: Path | None = None) -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not exe:
-        msg = "Debian chromium is not installed (scripts/test.sh installs it)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{msg}: in CI the browser test must run")
-        pytest.skip(msg)
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-        f"--user-data-dir={tempfile.mkdtemp()}", "--window-size=1600,1400", "--virtual-time-budget=25000",
-    ]  # fmt: skip
-    if out_png:
-        subprocess.run(
-            [exe, *flags, f"--screenshot={out_png}", url], capture_output=True, timeout=120
-        )
-    dom = subprocess.run(
-        [exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
-    )
-    return dom.stdout
-
-
 _LINK = re.compile(r'<a[^>]*href="#/experiments/(\d+)/runs/([0-9a-f]{32})"[^>]*>([^<]+)</a>')
 
 
@@ -388,13 +280,13 @@ def test_mlflow_ui_walk_from_the_parent_run_to_an_fids_samples_checkpoints_and_s
     page = lambda rid: f"{base}/#/experiments/{eid}/runs/{rid}"  # noqa: E731
 
     shot = output_dir / "mlflow-ui-parent-run.png"
-    dom = _dump_dom(page(walk["parent"].info.run_id), shot)
+    dom = stack_client.dump_dom(page(walk["parent"].info.run_id), shot)
     assert shot.exists() and shot.stat().st_size > 10_000
     links = _links(dom)  # the parent's description: every stage run, by its name
     assert {by_name[n].info.run_id: n for n in expected}.items() <= links.items(), links
 
     fid = walk["fid"]
-    dom = _dump_dom(page(fid.info.run_id))
+    dom = stack_client.dump_dom(page(fid.info.run_id))
     # the metrics table: a cell naming "fid" (not just sfid or a tag) and the logged value as
     # the UI renders it (JavaScript's Number.toString: shortest repr, no trailing ".0")
     shown = repr(fid.data.metrics["fid"]).removesuffix(".0")
@@ -429,13 +321,13 @@ def test_mlflow_ui_walk_from_the_parent_run_to_an_fids_samples_checkpoints_and_s
     # follow the links: the samples' run shows their grid, the upsampler's training run and
     # the 32px shard run show the one data set name of those shards
     path = urllib.parse.quote("grid.png")
-    dom = _dump_dom(f"{page(tags['sample_run_id'])}/artifacts/{path}")
+    dom = stack_client.dump_dom(f"{page(tags['sample_run_id'])}/artifacts/{path}")
     assert "grid.png" in dom
     (ds,) = {i.dataset.name for i in train["upsampler"].inputs.dataset_inputs}
     assert {i.dataset.name for i in by_name["shard 32px"].inputs.dataset_inputs} == {ds}
-    dom = _dump_dom(page(train["upsampler"].info.run_id))
+    dom = stack_client.dump_dom(page(train["upsampler"].info.run_id))
     assert ds in dom and by_name["shard 32px"].info.run_id in _links(dom)
-    dom = _dump_dom(page(by_name["shard 32px"].info.run_id))
+    dom = stack_client.dump_dom(page(by_name["shard 32px"].info.run_id))
     assert ds in dom
 
 
@@ -445,10 +337,10 @@ def test_prefect_ui_shows_the_flow_run_with_its_task_runs(reproduced, output_dir
     reproduce flow run's page lists its task runs by name."""
     ui = reproduced["env"]["PREFECT_API_URL"].removesuffix("/api")
     flow_run = reproduced["first"]["id"]
-    names = [n for n, _state in _task_runs(reproduced["env"], flow_run)]
+    names = [n for n, _state in stack_client.task_runs(reproduced["env"], flow_run)]
     assert "train upsampler" in names, names
     shot = output_dir / "prefect-ui-flow-run.png"
-    dom = _dump_dom(f"{ui}/runs/flow-run/{flow_run}?tab=Task+Runs", shot)
+    dom = stack_client.dump_dom(f"{ui}/runs/flow-run/{flow_run}?tab=Task+Runs", shot)
     assert shot.exists() and shot.stat().st_size > 10_000
     shown = [n for n in names if n in dom]
     assert {"train diffusion", "train classifier", "train upsampler"} <= set(shown), (
