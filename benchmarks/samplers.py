@@ -177,7 +177,7 @@ class Scorer:
 
     def score(self, images: np.ndarray) -> tuple[float, np.ndarray]:
         """(FID against the reference, the images' Inception pool features)."""
-        from models.metrics import feature_statistics, frechet_distance
+        from models.metrics import frechet_distance_to_features
 
         pool = np.concatenate(
             [
@@ -185,8 +185,8 @@ class Scorer:
                 for i in range(0, len(images), self.batch)
             ]
         )
-        stats = feature_statistics(pool.astype(np.float64))
-        return frechet_distance(*stats, *self.ref_stats, method=self.method), pool
+        fid = frechet_distance_to_features(*self.ref_stats, pool.astype(np.float64), self.method)
+        return fid, pool
 
 
 def demo_judge(

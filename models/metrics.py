@@ -132,6 +132,35 @@ def _finite(*values: np.ndarray | float) -> float:
     return float(np.sum(values[0])) if np.ndim(values[0]) == 0 else 0.0
 
 
+def frechet_distance_to_features(
+    mu1: np.ndarray, sigma1: np.ndarray, acts2: np.ndarray, method: str = "sqrtm"
+) -> float:
+    """:func:`frechet_distance` from N(mu1, sigma1) to the statistics of ``acts2`` [N, D].
+
+    With ``method="eigh"`` and N <= D (a few hundred samples against 2048 Inception features)
+    sigma2 = Fᵀ F for the centred features F / sqrt(N - 1), and s1·s2 = s1·Fᵀ·F has the same
+    non-zero eigenvalues as the N×N matrix F·s1·Fᵀ: the trace needs no D×D decomposition.
+    Otherwise (and always for ``sqrtm``, the evaluator's computation) the statistics of
+    ``acts2`` go through :func:`frechet_distance`."""
+    mu2, sigma2 = feature_statistics(acts2)
+    acts2 = np.asarray(acts2)
+    if method != "eigh" or len(acts2) > acts2.shape[1]:
+        return frechet_distance(mu1, sigma1, mu2, sigma2, method=method)
+    mu1, sigma1 = np.atleast_1d(mu1), np.atleast_2d(sigma1)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise MetricError(
+            f"statistics of different dimension: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+    _finite(0.0, mu1, sigma1, mu2, sigma2)
+    factor = (acts2.astype(np.float64) - acts2.astype(np.float64).mean(0)) / np.sqrt(len(acts2) - 1)
+    gram = factor @ ((sigma1 + sigma1.T) / 2) @ factor.T
+    lam = np.linalg.eigvalsh((gram + gram.T) / 2)
+    trace_sqrt = float(np.sqrt(np.clip(lam, 0, None)).sum())
+    diff = mu1 - mu2
+    return _finite(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
 def _trace_sqrt(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """tr(sqrtm(s1 s2)) for symmetric PSD s1, s2 via symmetric eigendecompositions."""
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)

@@ -71,6 +71,22 @@ def test_fast_frechet_trace_matches_the_evaluators_sqrtm():
         exact = M.frechet_distance(*sa, *sb, method="sqrtm")
         fast = M.frechet_distance(*sa, *sb, method="eigh")
         assert fast == pytest.approx(exact, rel=1e-6, abs=1e-6)
+        # from the features: fewer of them than dimensions take the N×N route
+        assert M.frechet_distance_to_features(*sa, b, "eigh") == pytest.approx(exact, rel=1e-6)
+        assert M.frechet_distance_to_features(*sa, b, "sqrtm") == exact
+
+
+def test_few_samples_need_no_decomposition_of_the_feature_dimension():
+    """100 samples against 2048-d statistics: the same distance as the D×D route, to float64
+    rounding (the speed: benchmarks/evaluate.py)."""
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(300, 2048)) * rng.uniform(0.5, 2.0, 2048)
+    smp = (rng.normal(size=(100, 2048)) * 1.3 + 0.2).astype(np.float32)
+    sr = M.feature_statistics(ref)
+    full = M.frechet_distance(*M.feature_statistics(smp), *sr, method="eigh")
+    assert M.frechet_distance_to_features(*sr, smp, "eigh") == pytest.approx(full, rel=1e-7)
+    with pytest.raises(M.MetricError, match="different dimension"):
+        M.frechet_distance_to_features(*sr, smp[:, :64], "eigh")
 
 
 def test_fid_of_two_gaussians_equals_the_closed_form():

@@ -51,19 +51,26 @@ def compute_metrics(
         inception_score = M.inception_score(np.asarray(sample["softmax"], np.float32))
     else:
         inception_score = None
-    s_pool, r_pool = _stats(sample, "pool", "mu", "sigma"), _stats(ref, "pool", "mu", "sigma")
-    s_sp, r_sp = (
-        _stats(sample, "spatial", "mu_s", "sigma_s"),
-        _stats(ref, "spatial", "mu_s", "sigma_s"),
-    )
+    fid = _distance(ref, sample, "pool", "mu", "sigma", fid_method)
+    sfid = _distance(ref, sample, "spatial", "mu_s", "sigma_s", fid_method)
     precision, recall = M.precision_recall(ref["pool"], sample["pool"])
     return {
         "inception_score": inception_score,
-        "fid": M.frechet_distance(*s_pool, *r_pool, method=fid_method),
-        "sfid": M.frechet_distance(*s_sp, *r_sp, method=fid_method),
+        "fid": fid,
+        "sfid": sfid,
         "precision": precision,
         "recall": recall,
     }
+
+
+def _distance(ref: dict, sample: dict, key: str, mu: str, sigma: str, method: str) -> float:
+    """The Frechet distance of the sample set to the reference, from the samples' own
+    features where there are no precomputed statistics (fewer samples than feature
+    dimensions then skip the D×D decomposition, see models.metrics)."""
+    r_stats = _stats(ref, key, mu, sigma)
+    if mu in sample and sigma in sample or key not in sample:
+        return M.frechet_distance(*_stats(sample, key, mu, sigma), *r_stats, method=method)
+    return M.frechet_distance_to_features(*r_stats, sample[key], method=method)
 
 
 def format_metrics(m: dict[str, Any]) -> str:

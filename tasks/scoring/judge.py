@@ -134,7 +134,7 @@ def reference_floor(cfg: AdmConfig, reference_features: str, num_samples: int) -
     half = min(num_samples, len(pool) // 2)
     order = np.random.default_rng(1).permutation(len(pool))
     a, b = pool[order[:half]], pool[order[half : 2 * half]]
-    fid = M.frechet_distance(*M.feature_statistics(a), *M.feature_statistics(b), method=method)
+    fid = M.frechet_distance_to_features(*M.feature_statistics(a), b, method=method)
     return {"fid_floor": float(fid), "fid_floor_images": int(half)}
 
 
