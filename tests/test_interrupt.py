@@ -41,7 +41,7 @@ OVERRIDES = [
     "sampling.batch_size=10",
     "sampling.timestep_respacing=10",
     "sampling.workers=1",
-    "evaluation.reference_images=50",
+    "evaluation.reference_images=20",
     "evaluation.workers=0",  # Inception in the driver: no actors to start
     "evaluation.checkpoint_samples=0",
 ]

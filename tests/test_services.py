@@ -32,7 +32,7 @@ FAST = [
     "sampling.batch_size=10",
     "sampling.timestep_respacing=10",
     "sampling.upsample_respacing=10",
-    "evaluation.reference_images=100",
+    "evaluation.reference_images=40",
     "evaluation.checkpoint_samples=0",  # FID over training: test_flows (it costs ~45 s here)
     "evaluation.judge=false",  # class accuracy: test_flows (a minute here)
 ]
