@@ -32,10 +32,28 @@ _LOCAL_S3_CREDENTIALS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+class _Reserved:
+    """Ports held bound (not listening) until the service that uses them is spawned: while
+    held, the OS gives them to no one else. Ray's processes take ports of their own from the
+    OS as they start; without this, one of them took the Prefect server's port before the
+    server had bound it, and the server exited ("address already in use")."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.sockets: dict[str, socket.socket] = {}
+        for name in names:
+            sock = socket.socket()
+            sock.bind((HOST, 0))
+            self.sockets[name] = sock
+
+    def ports(self) -> dict[str, int]:
+        return {name: sock.getsockname()[1] for name, sock in self.sockets.items()}
+
+    def release(self, *names: str) -> None:
+        for name in names:
+            self.sockets.pop(name).close()
+
+    def close(self) -> None:
+        self.release(*list(self.sockets))
 
 
 def _bin(name: str) -> str:
@@ -155,7 +173,9 @@ class Stack:
             return True
 
 
-def _wait(check, what: str, timeout: float) -> None:
+def _wait(check, what: str, timeout: float, stack: Stack | None = None, name: str = "") -> None:
+    """Poll ``check`` until it holds; with ``stack`` and ``name``, fail at once when that
+    service's process has exited instead of polling a dead port until the timeout."""
     deadline = time.time() + timeout
     last: Exception | None = None
     while time.time() < deadline:
@@ -164,8 +184,21 @@ def _wait(check, what: str, timeout: float) -> None:
                 return
         except Exception as e:  # not up yet
             last = e
+        if stack is not None and not stack.alive(name):
+            log = stack.state_dir / f"{name}.log"
+            raise RuntimeError(f"{what} exited while starting; see {log}: {_last_line(log)}")
         time.sleep(0.5)
     raise TimeoutError(f"{what} not healthy after {timeout:.0f}s (last error: {last})")
+
+
+def _last_line(log: Path) -> str:
+    """The last error-looking line of a service's log (or its last line)."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["(empty log)"])[0 if errors else -1][:300]
 
 
 def _http_ok(url: str) -> bool:
@@ -197,20 +230,31 @@ def up(state_dir: str | Path, timeout: float = 300.0) -> Stack:
         )
     stack.state_dir.mkdir(parents=True, exist_ok=True)
     names = ("s3", "mlflow", "prefect", "ray", "ray-dashboard", "ray-agent-head", "ray-agent-node")
-    stack.ports = {k: _free_port() for k in names}
-    stack.pids = {}
-    env = stack.env()
-    stack.write_env_file()
-    # Spawn first, then wait: the servers' start-ups (mostly Python imports) overlap.
-    _spawn_s3(stack, env)
-    _spawn_mlflow(stack, env)
-    _spawn_prefect(stack, env)
-    _spawn_ray_head(stack, env)
-    _wait_s3(env, timeout)
-    _wait(lambda: _http_ok(env["MLFLOW_TRACKING_URI"] + "/health"), "MLflow server", timeout)
-    _wait(lambda: _http_ok(env["PREFECT_API_URL"] + "/health"), "Prefect server", timeout)
-    _spawn_prefect_worker(stack, env)
-    _start_ray_node(stack, env, timeout)
+    held = _Reserved(names)
+    try:
+        stack.ports = held.ports()
+        stack.pids = {}
+        env = stack.env()
+        stack.write_env_file()
+        # The servers start together (their start-ups, mostly Python imports, overlap); Ray,
+        # which takes further ports from the OS, once they hold theirs.
+        held.release("s3", "mlflow", "prefect")
+        _spawn_s3(stack, env)
+        _spawn_mlflow(stack, env)
+        _spawn_prefect(stack, env)
+        _wait_s3(stack, env, timeout)
+        mlflow_ok, prefect_ok = (
+            env["MLFLOW_TRACKING_URI"] + "/health",
+            env["PREFECT_API_URL"] + "/health",
+        )
+        _wait(lambda: _http_ok(mlflow_ok), "MLflow server", timeout, stack, "mlflow")
+        _wait(lambda: _http_ok(prefect_ok), "Prefect server", timeout, stack, "prefect")
+        held.release("ray", "ray-dashboard", "ray-agent-head")
+        _spawn_ray_head(stack, env)
+        _spawn_prefect_worker(stack, env)
+        _start_ray_node(stack, env, timeout, held)
+    finally:
+        held.close()
     return stack
 
 
@@ -218,8 +262,9 @@ def _spawn_s3(stack: Stack, env: dict[str, str]) -> None:
     stack._spawn("s3", [_bin("moto_server"), "-H", HOST, "-p", str(stack.ports["s3"])], env)
 
 
-def _wait_s3(env: dict[str, str], timeout: float) -> None:
-    _wait(lambda: _http_ok(env["AWS_ENDPOINT_URL"] + "/moto-api/"), "S3 (moto_server)", timeout)
+def _wait_s3(stack: Stack, env: dict[str, str], timeout: float) -> None:
+    ok = env["AWS_ENDPOINT_URL"] + "/moto-api/"
+    _wait(lambda: _http_ok(ok), "S3 (moto_server)", timeout, stack, "s3")
     import s3fs
 
     fs = s3fs.S3FileSystem(
@@ -297,13 +342,15 @@ def _spawn_ray_head(stack: Stack, env: dict[str, str]) -> None:
     stack._spawn("ray-head", head, _ray_env(env))
 
 
-def _start_ray_node(stack: Stack, env: dict[str, str], timeout: float) -> None:
-    _wait(lambda: _port_open(stack.ports["ray"]), "Ray head (GCS port)", timeout)
+def _start_ray_node(stack: Stack, env: dict[str, str], timeout: float, held: _Reserved) -> None:
+    _wait(lambda: _port_open(stack.ports["ray"]), "Ray head (GCS port)", timeout, stack, "ray-head")
+    held.release("ray-agent-node")
     node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST,
             "--dashboard-agent-listen-port", str(stack.ports["ray-agent-node"]),
             *_ray_common(stack, "ray-node")]  # fmt: skip
     stack._spawn("ray-node", node, _ray_env(env))
-    _wait(lambda: _ray_nodes(env["RAY_ADDRESS"], env) >= 2, "both Ray nodes", timeout)
+    nodes = env["RAY_ADDRESS"]
+    _wait(lambda: _ray_nodes(nodes, env) >= 2, "both Ray nodes", timeout, stack, "ray-node")
 
 
 def _port_open(port: int) -> bool:

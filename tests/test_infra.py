@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,3 +89,42 @@ def test_prefect_yaml_deployments_entrypoints_and_cron():
         assert d["work_pool"]["name"] == "admflow-process"
     cron = deps["evaluate-periodic"]["schedules"][0]["cron"]
     CronSchedule(cron=cron, timezone="UTC")  # raises on an invalid expression
+
+
+def test_stack_ports_are_held_until_their_service_starts():
+    """While reserved, the OS hands a stack's port to no one (Ray's processes take ports of
+    their own as they start); released, the service binds it."""
+    import socket
+
+    from infra.stack import HOST, _Reserved
+
+    held = _Reserved(("prefect", "ray"))
+    port = held.ports()["prefect"]
+    try:
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind((HOST, port))
+        held.release("prefect")
+        with socket.socket() as server:
+            server.bind((HOST, port))
+    finally:
+        held.close()
+    assert not held.sockets
+
+
+def test_a_stack_service_that_exits_while_starting_fails_at_once(tmp_path):
+    """No five-minute poll of a dead port: the wait ends when the process is gone and names
+    its log and the error in it."""
+    import sys
+    import time
+
+    from infra.stack import Stack, _wait
+
+    stack = Stack(tmp_path)
+    code = "print('starting'); print('ERROR: [Errno 98] address already in use'); print('bye')"
+    stack._spawn("prefect", [sys.executable, "-c", code], {})
+    start = time.time()
+    with pytest.raises(RuntimeError, match="Prefect server exited while starting") as err:
+        _wait(lambda: False, "Prefect server", 120, stack, "prefect")
+    assert time.time() - start < 30
+    assert str(tmp_path / "prefect.log") in str(err.value)
+    assert "address already in use" in str(err.value)
