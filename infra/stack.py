@@ -253,6 +253,9 @@ def up(state_dir: str | Path, timeout: float = 300.0) -> Stack:
         _spawn_ray_head(stack, env)
         _spawn_prefect_worker(stack, env)
         _start_ray_node(stack, env, timeout, held)
+    except BaseException:  # a service that did not come up, or Ctrl-C: leave nothing running
+        down(stack.state_dir)
+        raise
     finally:
         held.close()
     return stack

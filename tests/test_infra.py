@@ -128,3 +128,32 @@ def test_a_stack_service_that_exits_while_starting_fails_at_once(tmp_path):
     assert time.time() - start < 30
     assert str(tmp_path / "prefect.log") in str(err.value)
     assert "address already in use" in str(err.value)
+
+
+@pytest.mark.services  # starts moto_server and the MLflow server
+def test_a_stack_that_cannot_come_up_leaves_nothing_running(tmp_path, monkeypatch):
+    """`up` stops what it started when a later service fails (a taken port, Ctrl-C)."""
+    import os
+    import sys
+
+    from infra import stack as stk
+
+    started: dict[str, int] = {}
+    spawn = stk.Stack._spawn
+
+    def recording(self, name, argv, env):
+        spawn(self, name, argv, env)
+        started[name] = self.pids[name]
+
+    def dies(stack, env):
+        stack._spawn("prefect", [sys.executable, "-c", "print('ERROR: port taken')"], {})
+
+    monkeypatch.setattr(stk.Stack, "_spawn", recording)
+    monkeypatch.setattr(stk, "_spawn_prefect", dies)
+    with pytest.raises(RuntimeError, match="Prefect server exited while starting"):
+        stk.up(tmp_path, timeout=120)
+    assert {"s3", "mlflow", "prefect"} <= set(started) and "ray-head" not in started
+    assert stk.Stack.load(tmp_path).pids == {}  # down ran
+    for pid in started.values():  # every process group it had started is gone
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
