@@ -192,7 +192,7 @@ def _wait(check, what: str, timeout: float, stack: Stack | None = None, name: st
 
 
 def _last_line(log: Path) -> str:
-    """The last error-looking line of a service's log (or its last line)."""
+    """The first error-looking line of a service's log (or its last line)."""
     try:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
