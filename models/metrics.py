@@ -91,14 +91,7 @@ def frechet_distance(
     from the eigenvalues of sqrt(s1)·s2·sqrt(s1) (similar to s1·s2, so the same spectrum):
     two symmetric eigendecompositions instead of a Schur-based sqrtm, ~20x faster at 2048-d
     on CPU and well-defined for the rank-deficient covariances of small sample sets."""
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise MetricError(
-            f"statistics of different dimension: mu {mu1.shape} vs {mu2.shape}, "
-            f"sigma {sigma1.shape} vs {sigma2.shape}"
-        )
-    _finite(0.0, mu1, sigma1, mu2, sigma2)  # LAPACK spins for minutes on inf, then fails
+    mu1, sigma1, mu2, sigma2 = _checked_pair(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     if method == "eigh":
         return _finite(
@@ -119,6 +112,19 @@ def frechet_distance(
             raise MetricError(f"sqrtm has an imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return _finite(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _checked_pair(mu1, sigma1, mu2, sigma2) -> tuple[np.ndarray, ...]:
+    """The two statistics as arrays, once they are known to match and be finite."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise MetricError(
+            f"statistics of different dimension: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+    _finite(0.0, mu1, sigma1, mu2, sigma2)  # LAPACK spins for minutes on inf, then fails
+    return mu1, sigma1, mu2, sigma2
 
 
 def _finite(*values: np.ndarray | float) -> float:
@@ -146,13 +152,7 @@ def frechet_distance_to_features(
     acts2 = np.asarray(acts2)
     if method != "eigh" or len(acts2) > acts2.shape[1]:
         return frechet_distance(mu1, sigma1, mu2, sigma2, method=method)
-    mu1, sigma1 = np.atleast_1d(mu1), np.atleast_2d(sigma1)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise MetricError(
-            f"statistics of different dimension: mu {mu1.shape} vs {mu2.shape}, "
-            f"sigma {sigma1.shape} vs {sigma2.shape}"
-        )
-    _finite(0.0, mu1, sigma1, mu2, sigma2)
+    mu1, sigma1, mu2, sigma2 = _checked_pair(mu1, sigma1, mu2, sigma2)
     factor = (acts2.astype(np.float64) - acts2.astype(np.float64).mean(0)) / np.sqrt(len(acts2) - 1)
     gram = factor @ ((sigma1 + sigma1.T) / 2) @ factor.T
     lam = np.linalg.eigvalsh((gram + gram.T) / 2)

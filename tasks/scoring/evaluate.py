@@ -68,7 +68,7 @@ def _distance(ref: dict, sample: dict, key: str, mu: str, sigma: str, method: st
     features where there are no precomputed statistics (fewer samples than feature
     dimensions then skip the D×D decomposition, see models.metrics)."""
     r_stats = _stats(ref, key, mu, sigma)
-    if mu in sample and sigma in sample or key not in sample:
+    if (mu in sample and sigma in sample) or key not in sample:
         return M.frechet_distance(*_stats(sample, key, mu, sigma), *r_stats, method=method)
     return M.frechet_distance_to_features(*r_stats, sample[key], method=method)
 
