@@ -14,46 +14,22 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from infra.readiness import HOST, Reserved, http_ok, port_open, wait_until
+
 BUCKET = "admflow"
 POOL = "admflow-process"
 _LOCAL_S3_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "admflow-local",
     "AWS_SECRET_ACCESS_KEY": "admflow-local",
 }
-
-
-class _Reserved:
-    """Ports held bound (not listening) until the service that uses them is spawned: while
-    held, the OS gives them to no one else. Ray's processes take ports of their own from the
-    OS as they start; without this, one of them took the Prefect server's port before the
-    server had bound it, and the server exited ("address already in use")."""
-
-    def __init__(self, names: tuple[str, ...]):
-        self.sockets: dict[str, socket.socket] = {}
-        for name in names:
-            sock = socket.socket()
-            sock.bind((HOST, 0))
-            self.sockets[name] = sock
-
-    def ports(self) -> dict[str, int]:
-        return {name: sock.getsockname()[1] for name, sock in self.sockets.items()}
-
-    def release(self, *names: str) -> None:
-        for name in names:
-            self.sockets.pop(name).close()
-
-    def close(self) -> None:
-        self.release(*list(self.sockets))
 
 
 def _bin(name: str) -> str:
@@ -158,6 +134,10 @@ class Stack:
         self.pids[name] = proc.pid
         self.save()
 
+    def watch(self, name: str) -> tuple[Callable[[], bool], Path]:
+        """What a wait needs to stop at once when ``name`` dies: its liveness and its log."""
+        return (lambda: self.alive(name)), self.state_dir / f"{name}.log"
+
     def alive(self, name: str) -> bool:
         pid = self.pids.get(name)
         if not pid:
@@ -171,39 +151,6 @@ class Stack:
             return done == 0
         except ChildProcessError:
             return True
-
-
-def _wait(check, what: str, timeout: float, stack: Stack | None = None, name: str = "") -> None:
-    """Poll ``check`` until it holds; with ``stack`` and ``name``, fail at once when that
-    service's process has exited instead of polling a dead port until the timeout."""
-    deadline = time.time() + timeout
-    last: Exception | None = None
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except Exception as e:  # not up yet
-            last = e
-        if stack is not None and not stack.alive(name):
-            log = stack.state_dir / f"{name}.log"
-            raise RuntimeError(f"{what} exited while starting; see {log}: {_last_line(log)}")
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not healthy after {timeout:.0f}s (last error: {last})")
-
-
-def _last_line(log: Path) -> str:
-    """The first error-looking line of a service's log (or its last line)."""
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    return (errors or lines or ["(empty log)"])[0 if errors else -1][:300]
-
-
-def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=3) as r:
-        return 200 <= r.status < 300
 
 
 def _ray_nodes(address: str, env: dict[str, str]) -> int:
@@ -230,7 +177,7 @@ def up(state_dir: str | Path, timeout: float = 300.0) -> Stack:
         )
     stack.state_dir.mkdir(parents=True, exist_ok=True)
     names = ("s3", "mlflow", "prefect", "ray", "ray-dashboard", "ray-agent-head", "ray-agent-node")
-    held = _Reserved(names)
+    held = Reserved(names)
     try:
         stack.ports = held.ports()
         stack.pids = {}
@@ -243,12 +190,11 @@ def up(state_dir: str | Path, timeout: float = 300.0) -> Stack:
         _spawn_mlflow(stack, env)
         _spawn_prefect(stack, env)
         _wait_s3(stack, env, timeout)
-        mlflow_ok, prefect_ok = (
-            env["MLFLOW_TRACKING_URI"] + "/health",
-            env["PREFECT_API_URL"] + "/health",
-        )
-        _wait(lambda: _http_ok(mlflow_ok), "MLflow server", timeout, stack, "mlflow")
-        _wait(lambda: _http_ok(prefect_ok), "Prefect server", timeout, stack, "prefect")
+        for name, what, url in (
+            ("mlflow", "MLflow server", env["MLFLOW_TRACKING_URI"] + "/health"),
+            ("prefect", "Prefect server", env["PREFECT_API_URL"] + "/health"),
+        ):
+            wait_until(lambda u=url: http_ok(u), what, timeout, *stack.watch(name))
         held.release("ray", "ray-dashboard", "ray-agent-head")
         _spawn_ray_head(stack, env)
         _spawn_prefect_worker(stack, env)
@@ -267,7 +213,7 @@ def _spawn_s3(stack: Stack, env: dict[str, str]) -> None:
 
 def _wait_s3(stack: Stack, env: dict[str, str], timeout: float) -> None:
     ok = env["AWS_ENDPOINT_URL"] + "/moto-api/"
-    _wait(lambda: _http_ok(ok), "S3 (moto_server)", timeout, stack, "s3")
+    wait_until(lambda: http_ok(ok), "S3 (moto_server)", timeout, *stack.watch("s3"))
     import s3fs
 
     fs = s3fs.S3FileSystem(
@@ -345,21 +291,22 @@ def _spawn_ray_head(stack: Stack, env: dict[str, str]) -> None:
     stack._spawn("ray-head", head, _ray_env(env))
 
 
-def _start_ray_node(stack: Stack, env: dict[str, str], timeout: float, held: _Reserved) -> None:
-    _wait(lambda: _port_open(stack.ports["ray"]), "Ray head (GCS port)", timeout, stack, "ray-head")
+def _start_ray_node(stack: Stack, env: dict[str, str], timeout: float, held: Reserved) -> None:
+    wait_until(
+        lambda: port_open(stack.ports["ray"]),
+        "Ray head (GCS port)",
+        timeout,
+        *stack.watch("ray-head"),
+    )
     held.release("ray-agent-node")
     node = [_bin("ray"), "start", "--address", env["RAY_ADDRESS"], "--node-ip-address", HOST,
             "--dashboard-agent-listen-port", str(stack.ports["ray-agent-node"]),
             *_ray_common(stack, "ray-node")]  # fmt: skip
     stack._spawn("ray-node", node, _ray_env(env))
     nodes = env["RAY_ADDRESS"]
-    _wait(lambda: _ray_nodes(nodes, env) >= 2, "both Ray nodes", timeout, stack, "ray-node")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1.0)
-        return s.connect_ex((HOST, port)) == 0
+    wait_until(
+        lambda: _ray_nodes(nodes, env) >= 2, "both Ray nodes", timeout, *stack.watch("ray-node")
+    )
 
 
 LOST_ON_DOWN = (

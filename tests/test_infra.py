@@ -96,9 +96,9 @@ def test_stack_ports_are_held_until_their_service_starts():
     their own as they start); released, the service binds it."""
     import socket
 
-    from infra.stack import HOST, _Reserved
+    from infra.readiness import HOST, Reserved
 
-    held = _Reserved(("prefect", "ray"))
+    held = Reserved(("prefect", "ray"))
     port = held.ports()["prefect"]
     try:
         with socket.socket() as other, pytest.raises(OSError):
@@ -117,14 +117,15 @@ def test_a_stack_service_that_exits_while_starting_fails_at_once(tmp_path):
     import sys
     import time
 
-    from infra.stack import Stack, _wait
+    from infra.readiness import wait_until
+    from infra.stack import Stack
 
     stack = Stack(tmp_path)
     code = "print('starting'); print('ERROR: [Errno 98] address already in use'); print('bye')"
     stack._spawn("prefect", [sys.executable, "-c", code], {})
     start = time.time()
     with pytest.raises(RuntimeError, match="Prefect server exited while starting") as err:
-        _wait(lambda: False, "Prefect server", 120, stack, "prefect")
+        wait_until(lambda: False, "Prefect server", 120, *stack.watch("prefect"))
     assert time.time() - start < 30
     assert str(tmp_path / "prefect.log") in str(err.value)
     assert "address already in use" in str(err.value)
