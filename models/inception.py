@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import torch
@@ -178,7 +178,7 @@ class FoldedConv(nn.Module):
     """One ``Conv2dLayer``: relu(conv(x, w) * s + (beta - mean * s)), s = 1/sqrt(var + eps),
     folded in float64 into one conv with a bias."""
 
-    def __init__(self, layer: torch.jit.ScriptModule):
+    def __init__(self, layer: Any):  # a TorchScript Conv2dLayer: its attributes are untyped
         super().__init__()
         scale = torch.rsqrt(layer.var.detach().double() + BN_EPS)
         weight = layer.weight.detach().double() * scale[:, None, None, None]
@@ -199,7 +199,7 @@ class Branches(nn.Module):
     """A mixed block whose branches all read the block's input (InceptionA-D); the output
     concatenates them in the graph's order."""
 
-    def __init__(self, block: torch.jit.ScriptModule):
+    def __init__(self, block: nn.Module):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, fold(child))
@@ -212,18 +212,19 @@ class ExpandedBranches(Branches):
     """InceptionE: two branches split into a 1x3 and a 3x1 conv each."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.tower_conv(x)
-        b = self.tower_1_conv_1(self.tower_1_conv(x))
-        parts = [self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a)]
-        parts += [self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b)]
-        parts.append(self.tower_2_conv(self.tower_2_pool(x)))
+        m = dict(self.named_children())
+        a = m["tower_conv"](x)
+        b = m["tower_1_conv_1"](m["tower_1_conv"](x))
+        parts = [m["conv"](x), m["tower_mixed_conv"](a), m["tower_mixed_conv_1"](a)]
+        parts += [m["tower_1_mixed_conv"](b), m["tower_1_mixed_conv_1"](b)]
+        parts.append(m["tower_2_conv"](m["tower_2_pool"](x)))
         return torch.cat(parts, 1)
 
 
-def fold(module: torch.jit.ScriptModule) -> nn.Module:
+def fold(module: nn.Module) -> nn.Module:
     """The eager, batch-norm-folded equivalent of one module of the TorchScript graph (its
     pooling layers are kept as they are)."""
-    kind = module.original_name
+    kind = getattr(module, "original_name", type(module).__name__)
     if kind == "Conv2dLayer":
         return FoldedConv(module)
     if kind == "Sequential":
