@@ -176,9 +176,9 @@ BN_EPS = 1e-3
 
 class FoldedConv(nn.Module):
     """One ``Conv2dLayer``: relu(conv(x, w) * s + (beta - mean * s)), s = 1/sqrt(var + eps),
-    folded in float64 into one conv with a bias."""
+    folded in float64 into one conv with a bias (``relu=False``: the ReLU left to the caller)."""
 
-    def __init__(self, layer: Any):  # a TorchScript Conv2dLayer: its attributes are untyped
+    def __init__(self, layer: Any, relu: bool = True):  # a TorchScript Conv2dLayer: untyped
         super().__init__()
         scale = torch.rsqrt(layer.var.detach().double() + BN_EPS)
         weight = layer.weight.detach().double() * scale[:, None, None, None]
@@ -188,11 +188,28 @@ class FoldedConv(nn.Module):
         self.stride = int(layer.stride)
         pad = layer.padding
         self.padding = tuple(pad) if isinstance(pad, (list, tuple)) else int(pad)
+        self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = cast(torch.Tensor, self.weight).to(x.dtype)
         b = cast(torch.Tensor, self.bias).to(x.dtype)
-        return torch.relu_(F.conv2d(x, w, b, self.stride, self.padding))
+        y = F.conv2d(x, w, b, self.stride, self.padding)
+        return torch.relu_(y) if self.relu else y
+
+
+# The pooling branch of the mixed blocks: a 3x3 average (stride 1, padded cells not counted)
+# and then a 1x1 conv. The pool's weights sum to one at every pixel, so the two linear maps
+# commute, the conv's bias included: conv first, the pool then runs on its 4-7x fewer channels.
+_BRANCH_AVG_POOL = "torch.avg_pool2d(input, [3, 3], [1, 1], [1, 1], False, False)"
+
+
+def pool_then_conv(pool: nn.Module, conv: Any) -> nn.Module:
+    """relu(conv1x1(avg_pool(x))), computed as relu(avg_pool(conv1x1(x))) where that is exact."""
+    commutes = _BRANCH_AVG_POOL in getattr(pool, "code", "") and getattr(conv, "stride", 0) == 1
+    if commutes and tuple(conv.weight.shape[2:]) == (1, 1):
+        pooled = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        return nn.Sequential(FoldedConv(conv, relu=False), pooled, nn.ReLU(inplace=True))
+    return nn.Sequential(fold(pool), fold(conv))
 
 
 class Branches(nn.Module):
@@ -208,27 +225,37 @@ class Branches(nn.Module):
         return torch.cat([branch(x) for branch in self.children()], 1)
 
 
-class ExpandedBranches(Branches):
+class ExpandedBranches(nn.Module):
     """InceptionE: two branches split into a 1x3 and a 3x1 conv each."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name, child in block.named_children():
+            if not name.startswith("tower_2_"):
+                self.add_module(name, fold(child))
+        named = dict(block.named_children())
+        self.tower_2 = pool_then_conv(named["tower_2_pool"], named["tower_2_conv"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = dict(self.named_children())
         a = m["tower_conv"](x)
         b = m["tower_1_conv_1"](m["tower_1_conv"](x))
         parts = [m["conv"](x), m["tower_mixed_conv"](a), m["tower_mixed_conv_1"](a)]
-        parts += [m["tower_1_mixed_conv"](b), m["tower_1_mixed_conv_1"](b)]
-        parts.append(m["tower_2_conv"](m["tower_2_pool"](x)))
+        parts += [m["tower_1_mixed_conv"](b), m["tower_1_mixed_conv_1"](b), m["tower_2"](x)]
         return torch.cat(parts, 1)
 
 
 def fold(module: nn.Module) -> nn.Module:
     """The eager, batch-norm-folded equivalent of one module of the TorchScript graph (its
-    pooling layers are kept as they are)."""
+    pooling layers are kept as they are, but where a 1x1 conv can go first)."""
     kind = getattr(module, "original_name", type(module).__name__)
     if kind == "Conv2dLayer":
         return FoldedConv(module)
     if kind == "Sequential":
-        return nn.Sequential(*(fold(child) for _, child in module.named_children()))
+        children = [child for _, child in module.named_children()]
+        if len(children) == 2 and getattr(children[0], "original_name", "") == "AvgPool2d":
+            return pool_then_conv(*children)
+        return nn.Sequential(*(fold(child) for child in children))
     if kind in ("InceptionA", "InceptionB", "InceptionC", "InceptionD"):
         return Branches(module)
     if kind == "InceptionE":
