@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from tests.priority import background_while_other_workers_run
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(2400)]
 
 # The demo as `admflow demo` runs it (the tiny preset, no overrides): the test asserts the
@@ -47,7 +49,8 @@ def pipeline(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("store")
     overrides = [f"storage.root={root}"]
     t0 = time.time()
-    state = reproduce(preset="tiny", overrides=overrides, return_state=True)
+    with background_while_other_workers_run():  # it takes the CPU the other worker leaves
+        state = reproduce(preset="tiny", overrides=overrides, return_state=True)
     first = time.time() - t0
     return {"root": root, "overrides": overrides, "state": state, "first_s": first}
 
