@@ -22,10 +22,10 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy models tasks"; mypy models tasks
 echo "== pytest"
-# TEST_WORKERS=N: N pytest-xdist workers, each taking whole files, the longest first. On 2
-# cores the suite is CPU-bound and two workers were no faster (docs/ARCHITECTURE.md), so the
-# default is one process; on a machine with more cores, more workers help.
-args=(-q -ra --durations=30 -n "${TEST_WORKERS:-0}" --dist loadfile --no-loadscope-reorder)
+# TEST_WORKERS=N: N pytest-xdist workers (default 2; 0: one process), each taking whole files,
+# the longest first: one worker runs the demo's pipeline at the lowest priority while the
+# other works through the rest, which leaves a third of the CPU idle (docs/ARCHITECTURE.md).
+args=(-q -ra --durations=30 -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
 set +e
 if [ "$(id -u)" = 0 ] && unshare --net --fork true 2>/dev/null; then
   unshare --net --fork sh -c 'ip link set lo up 2>/dev/null || true; exec pytest "$@"' pytest "${args[@]}" "$@"
