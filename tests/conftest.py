@@ -175,9 +175,3 @@ def pytest_collection_modifyitems(config, items):
             for mark in _MARK_BY_FIXTURE.get(fixture, ()):
                 if mark not in item.keywords:
                     item.add_marker(getattr(pytest.mark, mark))
-
-
-def pytest_configure(config):
-    from tests.priority import own_session
-
-    own_session()  # an xdist worker's processes form their own scheduling group

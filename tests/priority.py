@@ -1,17 +1,17 @@
-"""The demo's pipeline yields the CPU to the other pytest-xdist worker.
+"""The demo's pipeline gives way to the other pytest-xdist worker.
 
-After the demo, most of the suite waits on processes it started (servers, Ray clusters, CLI
-runs): on 2 cores about a third of the CPU sits idle while it runs. The demo's pipeline is the
-opposite, CPU-bound for ~9 minutes. Run beside the rest at the lowest priority, it takes
-only that idle CPU, and the rest runs about as fast as it would alone.
+The demo's pipeline is CPU-bound for ~9 minutes; most of the rest of the suite waits on the
+processes it starts (servers, Ray clusters, CLI runs). With two workers, one runs the demo
+while the other works through the rest, and the demo's worker lowers the nice value of every
+thread of its process tree (a new thread or process takes its creator's), raised back when the
+pipeline is done (raising needs privilege; without it the worker stays low).
 
-Linux schedules a session's processes as one group (autogroup) against other sessions, and a
-nice value counts only inside its group. So each xdist worker starts its own session
-(:func:`own_session`, from ``tests/conftest.py``), which its Ray session and every process it
-starts join, and the demo lowers that whole group (``/proc/self/autogroup``). Without
-autogroups, the nice value of every thread of the worker's process tree does the same (a new
-thread or process takes its creator's). Both are raised back when the pipeline is done; that
-needs privilege, so without it the worker stays low for its remaining tests.
+Linux schedules each session's processes as one group (autogroup) and a nice value counts only
+inside its group, so this is a partial yield: it orders the demo against the other worker's
+own threads, while the processes that tests start in sessions of their own share the CPU
+evenly with it. Measured on 2 cores (docs/ARCHITECTURE.md): 1,716 s for the suite against
+1,833 s in one process. Lowering the demo's whole session instead (its own session per worker,
+``/proc/self/autogroup``) starved it until the rest was done: 1,858 s.
 """
 
 from __future__ import annotations
@@ -19,21 +19,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 LOWEST = 19
-AUTOGROUP = Path("/proc/self/autogroup")
-
-
-def beside_other_workers() -> bool:
-    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
-
-
-def own_session() -> None:
-    """An xdist worker's own session, hence its own scheduling group (see the module)."""
-    if beside_other_workers() and os.environ.get("PYTEST_XDIST_WORKER"):
-        with contextlib.suppress(OSError):  # already a session or group leader
-            os.setsid()
 
 
 def _threads() -> list[int]:
@@ -48,8 +35,6 @@ def _threads() -> list[int]:
 
 
 def _set(niceness: int) -> None:
-    with contextlib.suppress(OSError):  # no autogroups, or raising needs privilege
-        AUTOGROUP.write_text(str(niceness))
     for tid in _threads():
         with contextlib.suppress(OSError):  # gone meanwhile, or raising needs privilege
             os.setpriority(os.PRIO_PROCESS, tid, niceness)
@@ -59,7 +44,7 @@ def _set(niceness: int) -> None:
 def background_while_other_workers_run() -> Iterator[bool]:
     """Lowest priority for this worker's process tree inside the block when pytest-xdist runs
     other workers beside it; yields whether it did."""
-    if not beside_other_workers():
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
         yield False
         return
     before = os.getpriority(os.PRIO_PROCESS, 0)

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "in ./admflow-store. The two-stage pipeline at toy scale: a 16px base model, a "
             "noisy classifier and a 16->32 upsampler; FID over training and a guidance sweep "
             "scored at 16px, the most guided set taken to 32px by the upsampler and "
-            "bilinearly, class accuracy from an independent judge. About 13 minutes on 2 idle "
+            "bilinearly, class accuracy from an independent judge. 9 to 13 minutes on 2 idle "
             "CPU cores (more on slower ones); a rerun is all cache hits. Override any "
             "preset field with --set, e.g. --set training.steps=1500."
         ),
