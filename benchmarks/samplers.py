@@ -292,7 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, help="guidance scale (default: the preset's)")
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--nfes", default="5,10,15,25,50")
-    p.add_argument("--schedule", choices=["time", "logsnr"], default="time")
+    p.add_argument("--schedule", choices=["time", "logsnr", "quadratic"], default="time")
     p.add_argument("--num-samples", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)

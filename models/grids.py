@@ -5,8 +5,9 @@ network only ever sees timesteps it was trained on (respacing maps them to the o
 
 * :func:`respaced_grid`: every timestep of the diffusion, T−1 down to 0 (DDPM, DDIM: the
   respacing of Improved DDPM §4 sets their cost).
-* :func:`solver_grid`: ``steps`` of them for the few-step ODE solvers, uniform in time or in
-  log-SNR λ = log(α/σ) (DPM-Solver++ §5 uses the latter).
+* :func:`solver_grid`: ``steps`` of them for the few-step ODE solvers, uniform in time, in
+  log-SNR λ = log(α/σ) (DPM-Solver++ §5 uses the latter), or in √t ("quadratic" in time,
+  DPM-Solver's grid for discrete-time pixel models: denser near the data).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from models.gaussian_diffusion import GaussianDiffusion
 
-STEP_SCHEDULES = ("time", "logsnr")
+STEP_SCHEDULES = ("time", "logsnr", "quadratic")
 MIN_SOLVER_STEPS = 3
 
 
@@ -44,7 +45,8 @@ def _strictly_decreasing(idx: np.ndarray, top: int) -> np.ndarray:
 def solver_grid(diffusion: GaussianDiffusion, steps: int, schedule: str = "time") -> np.ndarray:
     """``steps`` internal timestep indices, decreasing from the last one to 0.
 
-    "time": evenly spaced indices; "logsnr": evenly spaced λ, each mapped to the index with
+    "time": evenly spaced indices; "quadratic": evenly spaced √index, so the steps shrink
+    towards t = 0; "logsnr": evenly spaced λ, each mapped to the index with
     the nearest λ (so λ is only approximately uniform where the schedule is coarse). On the
     cosine schedule λ plunges over the last few timesteps (β clipped at 0.999), so a log-SNR
     grid spends its first evaluations near pure noise; "time" suits that schedule better.
@@ -57,6 +59,8 @@ def solver_grid(diffusion: GaussianDiffusion, steps: int, schedule: str = "time"
         )
     if schedule == "time":
         idx = np.rint(np.linspace(n_t - 1, 0, steps)).astype(np.int64)
+    elif schedule == "quadratic":
+        idx = np.rint(np.linspace(np.sqrt(n_t - 1), 0, steps) ** 2).astype(np.int64)
     elif schedule == "logsnr":
         lam = log_snr(diffusion)
         targets = np.linspace(lam[-1], lam[0], steps)

@@ -50,7 +50,7 @@ def solver_error(kind: str, steps: int, schedule: str, order: int) -> float:
     "kind,order,expected",
     [("dpm++2m", 1, 1), ("dpm++2m", 2, 2), ("unipc", 1, 2), ("unipc", 2, 3)],
 )
-@pytest.mark.parametrize("schedule", ["time", "logsnr"])
+@pytest.mark.parametrize("schedule", ["time", "logsnr", "quadratic"])
 def test_solvers_converge_with_their_order(kind, order, expected, schedule):
     """Error ratio between 20 and 40 solver steps (21 and 41 evaluations: the last one is x̂_0).
 
@@ -67,7 +67,7 @@ def test_solvers_converge_with_their_order(kind, order, expected, schedule):
         assert measured > 0.8, f"{kind} order {order}: measured {measured:.2f}"
 
 
-@pytest.mark.parametrize("schedule", ["time", "logsnr"])
+@pytest.mark.parametrize("schedule", ["time", "logsnr", "quadratic"])
 @pytest.mark.parametrize("nfe", [11, 21])
 def test_higher_order_solvers_beat_ddim_at_few_steps(schedule, nfe):
     ddim = solver_error("dpm++2m", nfe, schedule, order=1)
@@ -77,7 +77,7 @@ def test_higher_order_solvers_beat_ddim_at_few_steps(schedule, nfe):
 
 def test_solver_grids_are_trained_timesteps_and_respaced_models_see_original_ones():
     d = make_diffusion(steps=1000, schedule="cosine", respacing="100")
-    for schedule in ("time", "logsnr"):
+    for schedule in ("time", "logsnr", "quadratic"):
         for steps in (3, 5, 10, 50, 100):
             grid = solver_grid(d, steps, schedule)
             assert len(grid) == steps and grid[0] == 99 and grid[-1] == 0
@@ -87,6 +87,9 @@ def test_solver_grids_are_trained_timesteps_and_respaced_models_see_original_one
     gaps = np.diff(lam[solver_grid(lin, 10, "logsnr")])
     # uniform in log-SNR, but for the last steps, where 10 respaced indices are too coarse
     np.testing.assert_allclose(gaps[:-2], gaps[:-2].mean(), rtol=0.1)
+    # evenly spaced in sqrt(index): the steps shrink linearly towards t = 0
+    steps = -np.diff(solver_grid(make_diffusion(steps=1000, schedule="cosine"), 10, "quadratic"))
+    assert (np.diff(steps) < 0).all() and steps[0] / steps[-1] > 10
     model = GaussianDataEps(make_diffusion(steps=1000, schedule="cosine").alphas_cumprod)
     make_sample_loop(d, "unipc", steps=5)(model, (2, 1, 2, 2))
     seen = sorted({int(t[0]) for t in model.seen_t})

@@ -50,8 +50,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--step-schedule",
-        choices=["time", "logsnr"],
-        help="dpm++2m/unipc: steps uniform in time or in log-SNR (default: preset)",
+        choices=["time", "logsnr", "quadratic"],
+        help="dpm++2m/unipc: steps uniform in time, in log-SNR or in sqrt(time), denser near "
+        "the data (default: preset)",
     )
     p.add_argument(
         "--steps",

@@ -17,8 +17,8 @@ class SamplingConfig(Section):
     solver_steps: int | None = Field(
         None, ge=3, description="dpm++2m/unipc: evaluations taken from the respaced steps (all)"
     )
-    step_schedule: Literal["time", "logsnr"] = Field(
-        "time", description="dpm++2m/unipc grid: uniform in time or in log-SNR"
+    step_schedule: Literal["time", "logsnr", "quadratic"] = Field(
+        "time", description="dpm++2m/unipc grid: uniform in time, in log-SNR or in sqrt(time)"
     )
     timestep_respacing: str = Field("ddim25", description="'250', 'ddim25' or '10,15,20'")
     upsample_respacing: str | None = Field(

@@ -88,7 +88,7 @@ class SampleSetSpec:
     sampler: str
     respacing: str
     solver_steps: int | None  # dpm++2m/unipc evaluations (None: every respaced step)
-    step_schedule: str  # dpm++2m/unipc grid: "time" or "logsnr"
+    step_schedule: str  # dpm++2m/unipc grid: "time", "logsnr" or "quadratic"
     guidance: Guidance  # "classifier": scale is s; "free": scale is w; "none": scale 0
     scale: float
     eta: float
@@ -173,7 +173,7 @@ class SamplerSpec:
     classifier: dict | None = None  # ClassifierConfig as JSON, when guiding
     classifier_scale: float = 0.0
     solver_steps: int | None = None  # dpm++2m/unipc evaluations (None: every respaced step)
-    step_schedule: str = "time"  # dpm++2m/unipc grid: "time" or "logsnr"
+    step_schedule: str = "time"  # dpm++2m/unipc grid: "time", "logsnr" or "quadratic"
     cfg_scale: float = 0.0  # w of classifier-free guidance (0: the conditional model alone)
     compile: bool = False  # torch.compile the diffusion network (sampling.compile)
 
