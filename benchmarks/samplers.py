@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=2)
     if fids:
         files.append(os.path.join(args.out, "fid_vs_nfe.png"))
-        title = f"{cfg.name}: FID vs network evaluations ({args.num_samples} samples)"
+        title = (f"{cfg.name}: FID vs network evaluations ({args.num_samples} samples, "
+                 f"{args.schedule} grid)")  # fmt: skip
         plot(fids, files[1], title, result["guided_evaluations_per_step"] or 1)
     result["mlflow_run_id"] = log_mlflow(cfg, result, files)
     print(json.dumps(result, indent=2))
