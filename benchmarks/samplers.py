@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from admflow import storage  # noqa: E402
 from admflow.config import AdmConfig, load_config  # noqa: E402
+from models.grids import STEP_SCHEDULES  # noqa: E402
 from models.samplers import make_sample_loop  # noqa: E402
 from models.solvers import SOLVERS  # noqa: E402
 
@@ -292,7 +293,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, help="guidance scale (default: the preset's)")
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--nfes", default="5,10,15,25,50")
-    p.add_argument("--schedule", choices=["time", "logsnr", "quadratic"], default="time")
+    p.add_argument("--schedule", choices=STEP_SCHEDULES, default="time")
     p.add_argument("--num-samples", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)

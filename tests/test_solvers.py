@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import grids
 from models.diffusion_types import ModelVarType
 from models.grids import solver_grid
 from models.guidance import classifier_free, cond_fn_from_classifier, drop_labels
@@ -96,6 +97,9 @@ def test_solver_grids_are_trained_timesteps_and_respaced_models_see_original_one
     assert seen == sorted(int(d.timestep_map[i]) for i in solver_grid(d, 5, "time"))
     with pytest.raises(ValueError, match="steps"):
         solver_grid(d, 2)
+    from admflow.config.sampling import STEP_SCHEDULES
+
+    assert STEP_SCHEDULES == grids.STEP_SCHEDULES  # the config offers every grid, no other
 
 
 @pytest.mark.parametrize("kind", ["dpm++2m", "unipc"])

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from admflow.commands.common import add_config_args, config_from_args, count, local_abs
 from admflow.commands.planning import RunInputs, add_plan_arg, preflight, show_plan
 from admflow.config import AdmConfig, ConfigError
+from admflow.config.sampling import STEP_SCHEDULES
 from admflow.preflight import check_room_for_samples
 from admflow.tracking import check_experiment
 
@@ -50,7 +51,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--step-schedule",
-        choices=["time", "logsnr", "quadratic"],
+        choices=STEP_SCHEDULES,
         help="dpm++2m/unipc: steps uniform in time, in log-SNR or in sqrt(time), denser near "
         "the data (default: preset)",
     )

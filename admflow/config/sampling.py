@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator
 
 from admflow.config.base import ConfigError, Section
+
+# the solvers' step grids (models.grids.solver_grid)
+StepSchedule = Literal["time", "logsnr", "quadratic"]
+STEP_SCHEDULES: tuple[str, ...] = get_args(StepSchedule)
 
 
 class SamplingConfig(Section):
@@ -17,7 +21,7 @@ class SamplingConfig(Section):
     solver_steps: int | None = Field(
         None, ge=3, description="dpm++2m/unipc: evaluations taken from the respaced steps (all)"
     )
-    step_schedule: Literal["time", "logsnr", "quadratic"] = Field(
+    step_schedule: StepSchedule = Field(
         "time", description="dpm++2m/unipc grid: uniform in time, in log-SNR or in sqrt(time)"
     )
     timestep_respacing: str = Field("ddim25", description="'250', 'ddim25' or '10,15,20'")
