@@ -9,9 +9,8 @@ pipeline is done (raising needs privilege; without it the worker stays low).
 Linux schedules each session's processes as one group (autogroup) and a nice value counts only
 inside its group, so this is a partial yield: it orders the demo against the other worker's
 own threads, while the processes that tests start in sessions of their own share the CPU
-evenly with it. Measured on 2 cores (docs/ARCHITECTURE.md): 1,716 s for the suite against
-1,833 s in one process. Lowering the demo's whole session instead (its own session per worker,
-``/proc/self/autogroup``) starved it until the rest was done: 1,858 s.
+evenly with it. Why not lower the demo's whole session, and what each way measured:
+docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
