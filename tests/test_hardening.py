@@ -322,6 +322,10 @@ def _wait_until_blocked_on_fifo(pid: int, timeout: float) -> None:
     raise AssertionError(f"process {pid} never blocked opening the checkpoint")
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_one_line_and_no_traceback(tmp_path):
     fifo = tmp_path / "never-written.pt"
     os.mkfifo(fifo)  # reading the checkpoint blocks until the signal comes
@@ -330,6 +334,9 @@ def test_ctrl_c_prints_one_line_and_no_traceback(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        # as a terminal starts it: a shell's background job (how a test run may have been
+        # started) ignores SIGINT, and a child inherits that, so the signal would never land
+        preexec_fn=_sigint_default,
     )
     _wait_until_blocked_on_fifo(proc.pid, timeout=120)
     proc.send_signal(signal.SIGINT)
