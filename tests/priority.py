@@ -1,4 +1,10 @@
-"""The demo's pipeline gives way to the other pytest-xdist worker.
+"""How pytest-xdist workers share the CPU: threads split between them, the demo giving way.
+
+With several workers, each of them and everything it starts (CLI runs, Ray's workers) runs
+torch on the cores divided between the workers (:func:`threads_per_worker`). Torch's OpenMP
+threads spin while they wait for work, and on a machine with more threads than cores the
+spinning takes the CPU the others need: three processes of two threads each on two cores drew
+one sixth of the network evaluations one process alone did (docs/ARCHITECTURE.md).
 
 The demo's pipeline is CPU-bound for ~9 minutes; most of the rest of the suite waits on the
 processes it starts (servers, Ray clusters, CLI runs). With two workers, one runs the demo
@@ -20,6 +26,15 @@ import os
 from collections.abc import Iterator
 
 LOWEST = 19
+
+
+def threads_per_worker() -> int | None:
+    """Torch threads for each pytest-xdist worker: its share of the cores this process may
+    use, at least one; None when the tests run in one process (torch's own default)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
 def _threads() -> list[int]:

@@ -17,6 +17,7 @@ from models import metrics as M
 from tasks.scoring import evaluate as ev
 from tasks.scoring import features as fe
 from tasks.scoring.inputs import EvaluationInputError, describe, read_npz_rows
+from tests.priority import threads_per_worker
 
 RNG = np.random.default_rng(1234)
 
@@ -32,7 +33,7 @@ def _npz(path, **arrays) -> str:
 
 @pytest.fixture(scope="module")
 def model() -> inc.InceptionV3:
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads_per_worker() or 2)
     return inc.load_inception()
 
 

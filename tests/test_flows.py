@@ -9,7 +9,9 @@ import pytest
 
 from tests.priority import background_while_other_workers_run
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(2400)]
+# The timeout guards against a hang only: beside the rest of the suite on a slower 2-core
+# machine the pipeline has taken 40 minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(3600)]
 
 # The demo as `admflow demo` runs it (the tiny preset, no overrides): the test asserts the
 # direction of its findings, so it must be the model that learns, not a reduced one.

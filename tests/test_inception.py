@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from models import inception as inc
+from tests.priority import threads_per_worker
 from tests.test_evaluate import RNG, _images
 
 
 @pytest.fixture(scope="module")
 def model() -> inc.InceptionV3:
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads_per_worker() or 2)
     return inc.load_inception()
 
 
