@@ -153,8 +153,8 @@ def test_reproduce_as_a_ray_job_then_cached_through_the_deployment(reproduced):
     stage_states = [
         s for n, s in states if n.split(" ")[0] in {"shard", "train", "sample", "evaluate"}
     ]
-    # every stage a cache hit is what "cached" means; its wall time beside the first run's is
-    # printed, not asserted: on a loaded machine the worker's start-up alone varies by minutes
+    # every stage a cache hit is what "cached" means; the wall times are printed, not compared:
+    # beside the demo's pipeline a cached run has taken 175 s against the first run's 246 s
     assert stage_states and set(stage_states) == {"Cached"}, states
     print(f"first run {reproduced['first_s']:.1f} s, cached run {reproduced['second_s']:.1f} s")
 
