@@ -4,7 +4,7 @@ With several workers, each of them and everything it starts (CLI runs, Ray's wor
 torch on the cores divided between the workers (:func:`threads_per_worker`). Torch's OpenMP
 threads spin while they wait for work, and on a machine with more threads than cores the
 spinning takes the CPU the others need: three processes of two threads each on two cores drew
-one sixth of the network evaluations one process alone did (docs/ARCHITECTURE.md).
+a fifth of the network evaluations one process alone did (docs/ARCHITECTURE.md).
 
 The demo's pipeline is CPU-bound for ~9 minutes; most of the rest of the suite waits on the
 processes it starts (servers, Ray clusters, CLI runs). With two workers, one runs the demo
