@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.priority import threads_per_worker
+
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "test-output"
 
-from tests.priority import threads_per_worker  # noqa: E402
-
 # Before torch is imported: each worker's share of the cores, for it and every process it
 # starts (tests/priority.py says why).
-if threads_per_worker():
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker()))
-    os.environ.setdefault("MKL_NUM_THREADS", str(threads_per_worker()))
+_THREADS = threads_per_worker()
+if _THREADS:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_THREADS))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's ephemeral API server needs longer than its 20 s default on a busy 2-core box.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
