@@ -34,7 +34,9 @@ def threads_per_worker() -> int | None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2:
         return None
-    return max(1, len(os.sched_getaffinity(0)) // workers)
+    getaffinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all the cores
+    cores = len(getaffinity(0)) if getaffinity else (os.cpu_count() or 1)
+    return max(1, cores // workers)
 
 
 def _threads() -> list[int]:

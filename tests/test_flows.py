@@ -10,7 +10,7 @@ import pytest
 from tests.priority import background_while_other_workers_run
 
 # The timeout guards against a hang only: beside the rest of the suite on a slower 2-core
-# machine the pipeline has taken 40 minutes.
+# machine the pipeline ran past 40 minutes.
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(3600)]
 
 # The demo as `admflow demo` runs it (the tiny preset, no overrides): the test asserts the
