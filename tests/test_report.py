@@ -55,6 +55,10 @@ def test_two_stage_report_keeps_each_reference_with_its_floor(tmp_path):
         ("upsampler", "0.00", "0.00"),
     ]
     assert [c["class acc"] for c in cells] == ["0.70", "0.96", "0.96", "0.96"]
+    # the upsampled set names the base model's sampler and steps and then the upsampler's
+    assert [(c["sampler"], c["steps"]) for c in cells] == [("ddpm", "50")] * 3 + [
+        ("ddpm + ddim", "50 + 25")
+    ]
     text = out["report"]
     assert "| 16px | 1.00 (120 images) | 0.97 | 61.86 (100) |" in text
     assert "| 32px | - | - | 70.50 (100) |" in text  # no judge at 32px, its floor all the same

@@ -80,6 +80,13 @@ class SamplingConfig(Section):
             return scale == max(scales)
         return self.upsample_sets == "all" or scale in (min(scales), max(scales))
 
+    def upsampler_steps(self) -> tuple[str, str]:
+        """The upsampler's sampler and respacing: its own where set, else the base model's."""
+        return (
+            self.upsample_sampler or self.sampler,
+            self.upsample_respacing or self.timestep_respacing,
+        )
+
     def guided(self, scale: float, has_classifier: bool) -> bool:
         """The one rule for whether a sample set follows a guide: every stage asks here.
         (A new kind of guidance is a new ``guidance`` value and a branch in this method.)"""

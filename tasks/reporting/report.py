@@ -45,6 +45,15 @@ def _resolution(cfg: AdmConfig, stage: str) -> int:
     return cfg.model.image_size if stage == "base" else cfg.upsampler.unet.image_size
 
 
+def _sampler_cells(cfg: AdmConfig, stage: str) -> tuple[str, str]:
+    """The sampler and steps of a stage's sets; an upsampled set names both of its stages."""
+    base = (cfg.sampling.sampler, cfg.sampling.timestep_respacing or str(cfg.diffusion.steps))
+    if stage != "upsampler":
+        return base
+    up = cfg.sampling.upsampler_steps()
+    return f"{base[0]} + {up[0]}", f"{base[1]} + {up[1]}"
+
+
 def discard_local_files(summary: dict) -> None:
     """Remove the report's temp dir (its files are in the store) when no MLflow run takes them."""
     for folder in {os.path.dirname(p) for p in summary.get("local_files", [])}:
@@ -65,8 +74,7 @@ def rows_to_markdown(
             f"{cfg.name}{STAGES.get(stage, ' ' + stage)}",
             stage,
             str(res),
-            cfg.sampling.sampler,
-            cfg.sampling.timestep_respacing or str(cfg.diffusion.steps),
+            *_sampler_cells(cfg, stage),
             _fmt(r.get("classifier_scale"), 1),
             _fmt(r.get("fid")),
             _fmt(r.get("sfid")),

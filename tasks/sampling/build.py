@@ -122,13 +122,14 @@ def build_upsample_spec(
         raise storage.StorageError(f"{base}: no complete sample set to upsample")
     ckpt = resolve_checkpoint(checkpoint, s.use_ema, cfg.training.ema_rate)
     up = (ckpt.config or cfg).upsampler
+    sampler, respacing = s.upsampler_steps()
     return SampleSetSpec(
         kind="upsample",
         model=_identity(ckpt),
         network=up.model_dump(mode="json"),
         diffusion=up.diffusion.model_dump(mode="json"),
-        sampler=s.upsample_sampler or s.sampler,
-        respacing=s.upsample_respacing or s.timestep_respacing,
+        sampler=sampler,
+        respacing=respacing,
         solver_steps=s.solver_steps,
         step_schedule=s.step_schedule,
         guidance="none",
