@@ -23,8 +23,8 @@ echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy models tasks"; mypy models tasks
 echo "== pytest"
 # TEST_WORKERS=N: N pytest-xdist workers (default 2; 0: one process), each taking whole files,
-# the longest first: one worker runs the demo's pipeline at the lowest priority while the
-# other works through the rest, which leaves a third of the CPU idle (docs/ARCHITECTURE.md).
+# the longest first: one worker runs the demo's pipeline while the other works through the
+# rest, each with torch on its share of the cores (docs/ARCHITECTURE.md).
 args=(-q -ra --durations=30 -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
 set +e
 if [ "$(id -u)" = 0 ] && unshare --net --fork true 2>/dev/null; then

@@ -1,4 +1,4 @@
-"""How pytest-xdist workers share the CPU: threads split between them, the demo giving way.
+"""How pytest-xdist workers share the CPU: torch's threads split between them.
 
 With several workers, each of them and everything it starts (CLI runs, Ray's workers) runs
 torch on the cores divided between the workers (:func:`threads_per_worker`). Torch's OpenMP
@@ -6,66 +6,49 @@ threads spin while they wait for work, and on a machine with more threads than c
 spinning takes the CPU the others need: three processes of two threads each on two cores drew
 a fifth of the network evaluations one process alone did (docs/ARCHITECTURE.md).
 
-The demo's pipeline is CPU-bound for ~9 minutes; most of the rest of the suite waits on the
-processes it starts (servers, Ray clusters, CLI runs). With two workers, one runs the demo
-while the other works through the rest, and the demo's worker lowers the nice value of every
-thread of its process tree (a new thread or process takes its creator's), raised back when the
-pipeline is done (raising needs privilege; without it the worker stays low).
-
-Linux schedules each session's processes as one group (autogroup) and a nice value counts only
-inside its group, so this is a partial yield: it orders the demo against the other worker's
-own threads, while the processes that tests start in sessions of their own share the CPU
-evenly with it. Why not lower the demo's whole session, and what each way measured:
-docs/ARCHITECTURE.md.
+No worker changes its scheduling priority: how a lowered nice value weighs depends on the
+kernel's grouping of sessions (autogroup), and where it counts across the whole machine a
+lowered worker starves until the others are done (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
-from collections.abc import Iterator
+from pathlib import Path
 
-LOWEST = 19
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (Linux; elsewhere every core),
+    capped by a cgroup CPU quota where a container sets one."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    cores = len(getaffinity(0)) if getaffinity else (os.cpu_count() or 1)
+    quota = _cgroup_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs granted by the cgroup quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), if any."""
+    for quota_file, period_file in (
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            fields = Path(quota_file).read_text().split()
+            if period_file:
+                fields.append(Path(period_file).read_text().strip())
+        except OSError:
+            continue
+        if fields[0] in ("max", "-1") or len(fields) < 2:
+            return None
+        return int(fields[0]) / int(fields[1])
+    return None
 
 
 def threads_per_worker() -> int | None:
-    """Torch threads for each pytest-xdist worker: its share of the cores this process may
-    use, at least one; None when the tests run in one process (torch's own default)."""
+    """Torch threads for each pytest-xdist worker: its share of the usable cores, at least
+    one; None when the tests run in one process (torch's own default)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2:
         return None
-    getaffinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all the cores
-    cores = len(getaffinity(0)) if getaffinity else (os.cpu_count() or 1)
-    return max(1, cores // workers)
-
-
-def _threads() -> list[int]:
-    import psutil
-
-    me = psutil.Process()
-    ids: list[int] = []
-    for proc in [me, *me.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            ids.extend(t.id for t in proc.threads())
-    return ids
-
-
-def _set(niceness: int) -> None:
-    for tid in _threads():
-        with contextlib.suppress(OSError):  # gone meanwhile, or raising needs privilege
-            os.setpriority(os.PRIO_PROCESS, tid, niceness)
-
-
-@contextlib.contextmanager
-def background_while_other_workers_run() -> Iterator[bool]:
-    """Lowest priority for this worker's process tree inside the block when pytest-xdist runs
-    other workers beside it; yields whether it did."""
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
-        yield False
-        return
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    _set(LOWEST)
-    try:
-        yield True
-    finally:
-        _set(before)
+    return max(1, usable_cores() // workers)
