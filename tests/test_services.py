@@ -38,7 +38,13 @@ FAST = [
 ]
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.ray, pytest.mark.timeout(2400)]
+# A hang guard, by thread as in tests/test_flows.py: a stuck wait prints every thread's stack.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.services,
+    pytest.mark.ray,
+    pytest.mark.timeout(2400, method="thread"),
+]
 REPO = Path(__file__).resolve().parent.parent
 
 
