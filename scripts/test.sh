@@ -25,7 +25,11 @@ echo "== pytest"
 # TEST_WORKERS=N: N pytest-xdist workers (default 2; 0: one process), each taking whole files,
 # the longest first: one worker runs the demo's pipeline while the other works through the
 # rest, each with torch on its share of the cores (docs/ARCHITECTURE.md).
-args=(-q -ra --durations=30 -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
+# --max-worker-restart 0: a worker ended by a hang guard (the "thread" timeouts) is not
+# replaced, since a new worker would run the hung file's fixture again, hang for as long, and
+# again up to xdist's default of eight restarts.
+args=(-q -ra --durations=30 -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder
+  --max-worker-restart 0)
 set +e
 if [ "$(id -u)" = 0 ] && unshare --net --fork true 2>/dev/null; then
   unshare --net --fork sh -c 'ip link set lo up 2>/dev/null || true; exec pytest "$@"' pytest "${args[@]}" "$@"
