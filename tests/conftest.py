@@ -183,3 +183,16 @@ def pytest_collection_modifyitems(config, items):
             for mark in _MARK_BY_FIXTURE.get(fixture, ()):
                 if mark not in item.keywords:
                     item.add_marker(getattr(pytest.mark, mark))
+
+
+def pytest_unconfigure(config):
+    """At exit Prefect stops its ephemeral API server and says so through its console handler,
+    which is bound to a stream pytest has closed by then (a "Logging error" traceback per
+    worker). The tests are over: drop those handlers first."""
+    import logging
+
+    names = ["", *logging.root.manager.loggerDict]
+    for logger in (logging.getLogger(n) for n in names):
+        for handler in list(getattr(logger, "handlers", [])):
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                logger.removeHandler(handler)
