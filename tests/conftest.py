@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +41,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+# SIGUSR1 dumps every thread's stack of this pytest process (master or xdist worker) to
+# test-output/stacks/PID.txt: scripts/watchdog.sh asks for it when a run hangs. faulthandler
+# writes from the signal handler itself, so it answers even when no Python thread can run.
+if hasattr(signal, "SIGUSR1"):
+    (OUTPUT / "stacks").mkdir(parents=True, exist_ok=True)
+    _STACKS = open(OUTPUT / "stacks" / f"{os.getpid()}.txt", "w")  # noqa: SIM115
+    faulthandler.register(signal.SIGUSR1, file=_STACKS, all_threads=True)
 
 
 def free_port() -> int:
@@ -186,11 +196,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
-    """At exit Prefect stops its ephemeral API server and says so through its console handler,
+    """A stack file nobody asked for is removed.
+
+    At exit Prefect stops its ephemeral API server and says so through its console handler,
     which is bound to a stream pytest has closed by then (a "Logging error" traceback per
     worker). The tests are over: drop those handlers first."""
     import logging
 
+    if "_STACKS" in globals() and os.fstat(_STACKS.fileno()).st_size == 0:
+        faulthandler.unregister(signal.SIGUSR1)
+        _STACKS.close()
+        Path(_STACKS.name).unlink(missing_ok=True)
     names = ["", *logging.root.manager.loggerDict]
     for logger in (logging.getLogger(n) for n in names):
         for handler in list(getattr(logger, "handlers", [])):
