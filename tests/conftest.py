@@ -168,8 +168,8 @@ _MARK_BY_FIXTURE = {
 
 
 # The longest files first (measured on 2 cores): with pytest-xdist workers taking whole files
-# (TEST_WORKERS=N bash scripts/test.sh) the demo's pipeline starts at once on one worker while
-# the others work through the rest, and the short files fill in at the end.
+# the short files fill in at the end (scripts/test.sh runs the demo's pipeline, the first,
+# alone before the rest).
 _LONGEST_FIRST = (
     "test_flows.py",
     "test_services.py",

@@ -45,15 +45,25 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, ray_session):
+def pipeline(tmp_path_factory):
+    """The demo as `admflow demo` runs it, on the local Ray the flow starts for itself (this
+    machine's cores, no GPUs), which ends with the module; where a session is already up (one
+    pytest process running other Ray tests first) the flow joins it."""
+    import ray
+    from prefect.logging.configuration import setup_logging
+
     from flows.reproduce import reproduce
 
+    setup_logging()  # on the session's stream, not a test's (see ray_session in conftest.py)
+    started_here = not ray.is_initialized()
     root = tmp_path_factory.mktemp("store")
     overrides = [f"storage.root={root}"]
     t0 = time.time()
     state = reproduce(preset="tiny", overrides=overrides, return_state=True)
     first = time.time() - t0
-    return {"root": root, "overrides": overrides, "state": state, "first_s": first}
+    yield {"root": root, "overrides": overrides, "state": state, "first_s": first}
+    if started_here:
+        ray.shutdown()  # later tests in this process start the suite's own session
 
 
 def test_reproduce_completes_with_metrics(pipeline):
