@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # watchdog.sh SHELL_PID LIMIT_S STOP_FILE NAME REPORT: scripts/test.sh's hang guard.
-# Waits while STOP_FILE exists; once LIMIT_S have passed, writes what every process below
-# SHELL_PID is doing to REPORT, then ends them (TERM, and KILL 20 s later).
+# Waits while STOP_FILE exists and SHELL_PID lives; once LIMIT_S have passed, writes what
+# every process below SHELL_PID is doing to REPORT, then ends them (TERM, and KILL 20 s later).
 set -u
 shell=$1 limit=$2 stop=$3 name=$4 report=$5
 end=$((SECONDS + limit))
 while [ -e "$stop" ]; do
+  kill -0 "$shell" 2>/dev/null || { rm -f "$stop"; exit 0; }  # the run was stopped (Ctrl-C)
   [ $SECONDS -ge $end ] && break
   sleep 5
 done
