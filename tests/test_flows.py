@@ -58,12 +58,14 @@ def pipeline(tmp_path_factory):
     started_here = not ray.is_initialized()
     root = tmp_path_factory.mktemp("store")
     overrides = [f"storage.root={root}"]
-    t0 = time.time()
-    state = reproduce(preset="tiny", overrides=overrides, return_state=True)
-    first = time.time() - t0
-    yield {"root": root, "overrides": overrides, "state": state, "first_s": first}
-    if started_here:
-        ray.shutdown()  # later tests in this process start the suite's own session
+    try:
+        t0 = time.time()
+        state = reproduce(preset="tiny", overrides=overrides, return_state=True)
+        first = time.time() - t0
+        yield {"root": root, "overrides": overrides, "state": state, "first_s": first}
+    finally:  # a failed run too: later tests in this process start the suite's own session
+        if started_here:
+            ray.shutdown()
 
 
 def test_reproduce_completes_with_metrics(pipeline):
