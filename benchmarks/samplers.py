@@ -1,7 +1,7 @@
 """Sampler leaderboard: FID (and a judge's class accuracy) against network evaluations.
 
-For one trained model, every sampler (ddpm, ddim, dpm++2m, unipc) runs at each budget of
-network evaluations (NFE, default 5, 10, 15, 25, 50), unguided and guided (the noisy
+For one trained model, every sampler (ddpm, ddim, dpm++2m, dpm++2m-sde, unipc) runs at each
+budget of network evaluations (NFE, default 5, 10, 15, 25, 50), unguided and guided (the noisy
 classifier at the preset's scale, or classifier-free guidance for a model trained with label
 dropout), all from the same x_T and labels. Classifier-free guidance evaluates the network
 twice a step, so a budget buys it half as many steps (``budget // 2``) and its sets are keyed

@@ -10,7 +10,8 @@ denoiser's (models.denoiser), so a sampler is only the update rule:
 * :func:`sample_ddpm`: ancestral sampling x_{t−1} ~ p_θ(x_{t−1} | x_t) (DDPM Alg. 2) over
   consecutive timesteps (respacing, not the grid, makes it shorter).
 * :func:`sample_ddim`: DDIM (Song et al. 2020 eq. 12) with η, on any grid.
-* ``sample_dpmpp_2m``, ``sample_unipc``: the few-step ODE solvers of models.solvers.
+* ``sample_dpmpp_2m``, ``sample_unipc``: the few-step ODE solvers of models.solvers, and
+  ``sample_dpmpp_2m_sde``, the SDE form of the first (fresh noise at every step).
 
 :data:`SAMPLERS` names them as ``sampling.sampler`` does; :func:`sampler_grid` gives each its
 grid and :func:`make_sample_loop` puts the pieces together for one call.
@@ -29,7 +30,7 @@ from models.gaussian_diffusion import DenoisedFn, GaussianDiffusion, Model, extr
 from models.grids import respaced_grid, solver_grid
 from models.guidance import CondFn
 from models.noise import Generator, randn
-from models.solvers import SOLVERS, Callback, sample_dpmpp_2m, sample_unipc
+from models.solvers import SOLVERS, Callback, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
 
 # sampler(denoiser, x_T, grid, generator=None, *, callback=None, **options) -> x_0
 Sampler = Callable[..., torch.Tensor]
@@ -164,6 +165,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "dpm++2m": sample_dpmpp_2m,
+    "dpm++2m-sde": sample_dpmpp_2m_sde,
     "unipc": sample_unipc,
 }
 

@@ -1,7 +1,8 @@
-"""Few-step ODE solvers for ε-prediction diffusions: DPM-Solver++(2M) and UniPC.
+"""Few-step solvers for ε-prediction diffusions: DPM-Solver++(2M), its SDE form, and UniPC.
 
-Both integrate the probability-flow ODE in its data-prediction form (Lu et al. 2022,
-"DPM-Solver++"; Zhao et al. 2023, "UniPC"). With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ_t = log(α_t/σ_t)
+DPM-Solver++(2M) and UniPC integrate the probability-flow ODE in its data-prediction form
+(Lu et al. 2022, "DPM-Solver++"; Zhao et al. 2023, "UniPC"); SDE-DPM-Solver++(2M) (the same
+paper) integrates the reverse SDE, drawing fresh noise at every step (see :func:`_sde_step`). With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ_t = log(α_t/σ_t)
 and x̂_0 = D(x_t, t) the model's (clipped, guided) data prediction, the exact solution is
 
     x_t = (σ_t/σ_s) x_s + α_t ∫_0^h e^{−(h−u)} D(λ_s + u) du,      h = λ_t − λ_s,
@@ -15,9 +16,10 @@ and the solvers replace D by a polynomial through the values already computed.
 * D is the denoiser's data prediction ``denoiser(x, t)`` (models.denoiser): the guided ε̂ turned
   into x̂_0, then ADM's denoised_fn and the clip. Classifier and classifier-free guidance are
   the denoiser's.
-* The last step, into t = 0, is first order in both solvers (see :meth:`_Grid.order_at`).
+* The last step, into t = 0, is first order in every solver (see :meth:`_Grid.order_at`).
 * With ``order=1`` DPM-Solver++ is DDIM (η = 0) on the same grid (exactly so unless guidance
-  and clipping are both on: DDIM clips before adding the guidance term).
+  and clipping are both on: DDIM clips before adding the guidance term); its SDE form is DDIM
+  with η = 1.
 
 UniPC here uses B(h) = e^{−h} − 1 (the bh2 form); its coefficients are solved from the order
 conditions at every step, so UniP-p has order p and the corrector UniC, which reuses the
@@ -35,10 +37,10 @@ import numpy as np
 import torch
 
 from models.denoiser import Denoiser
-from models.noise import Generator
+from models.noise import Generator, randn
 
-SOLVERS = ("dpm++2m", "unipc")
-MAX_ORDER = {"dpm++2m": 2, "unipc": 3}
+SOLVERS = ("dpm++2m", "dpm++2m-sde", "unipc")
+MAX_ORDER = {"dpm++2m": 2, "dpm++2m-sde": 2, "unipc": 3}
 Callback = Callable[[dict[str, Any]], None]  # gets {"i", "t", "x", "pred_xstart"} per step
 History = list[tuple[float, torch.Tensor]]  # (λ, D) of the latest evaluations, oldest first
 
@@ -192,5 +194,55 @@ def sample_unipc(
         # itself, so correcting x would cost one more evaluation
         x = x_pred if s + 1 == last else _unipc_update(x, g, s, hist, d)
         hist = (hist + [(float(g.lam[s + 1]), d)])[-3:]
+        _report(callback, g, s, x, d)
+    return d
+
+
+# ---------------------------------------------------------------------------- SDE-DPM-Solver++(2M)
+
+
+def _sde_step(
+    x: torch.Tensor, g: _Grid, s: int, hist: History, noise: torch.Tensor
+) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) step s -> s+1 with the standard normal ``noise``.
+
+    The reverse SDE in data-prediction form has the exact solution
+        x_t = (σ_t/σ_s) e^{−h} x_s + 2 α_t ∫_0^h e^{−2(h−u)} D(λ_s + u) du + σ_t √(1 − e^{−2h}) z;
+    with D linear in λ through the last two evaluations (D_s + u·D'), the integral is
+    (1 − e^{−2h}) D_s + (h − (1 − e^{−2h})/2) D'. The first-order step (D' = 0) is DDIM with
+    η = 1 on the same grid.
+    """
+    t = s + 1
+    h = float(g.lam[t] - g.lam[s])
+    lam_s, d_s = hist[-1]
+    one_minus = -math.expm1(-2.0 * h)  # 1 − e^{−2h}
+    x_t = float(g.sigma[t] / g.sigma[s] * math.exp(-h)) * x + float(g.alpha[t] * one_minus) * d_s
+    if g.order_at(s) == 2 and len(hist) > 1:
+        lam_p, d_p = hist[-2]
+        slope = (d_s - d_p) / (lam_s - lam_p)
+        x_t = x_t + float(g.alpha[t] * (h - 0.5 * one_minus)) * slope
+    return x_t + float(g.sigma[t] * math.sqrt(one_minus)) * noise
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    grid: np.ndarray,
+    generator: Generator | None = None,
+    *,
+    callback: Callback | None = None,
+    order: int = 2,
+) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) through ``grid``: each step draws its noise from ``generator``;
+    returns the last evaluation x̂_0. ``order=1`` is DDIM (η = 1) on the same grid."""
+    g = _Grid.of(denoiser, grid, "dpm++2m-sde", order)
+    x = x_T
+    d, hist = _first_step(denoiser, x, g)
+    for s in range(len(grid) - 1):
+        noise = randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+        x = _sde_step(x, g, s, hist, noise)
+        d = denoiser(x, g.t(s + 1, x))
+        hist = (hist + [(float(g.lam[s + 1]), d)])[-2:]
         _report(callback, g, s, x, d)
     return d

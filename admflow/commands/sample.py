@@ -40,19 +40,20 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Options shared by `sample` and `upsample` (defaults come from the preset's sampling)."""
     p.add_argument(
         "--sampler",
-        choices=["ddpm", "ddim", "dpm++2m", "unipc"],
-        help="reverse process: ancestral DDPM, DDIM, or the few-step ODE solvers (default: preset)",
+        choices=["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc"],
+        help="reverse process: ancestral DDPM, DDIM, the few-step ODE solvers or the SDE form of "
+        "DPM-Solver++(2M) (default: preset)",
     )
     p.add_argument(
         "--solver-steps",
         type=int,
         metavar="N",
-        help="dpm++2m/unipc: network evaluations, taken from the --steps timesteps (default: all)",
+        help="the solvers: network evaluations, taken from the --steps timesteps (default: all)",
     )
     p.add_argument(
         "--step-schedule",
         choices=STEP_SCHEDULES,
-        help="dpm++2m/unipc: steps uniform in time, in log-SNR or in sqrt(time), denser near "
+        help="the solvers: steps uniform in time, in log-SNR or in sqrt(time), denser near "
         "the data (default: preset)",
     )
     p.add_argument(

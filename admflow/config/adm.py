@@ -156,7 +156,7 @@ def _check_solver_steps(cfg: AdmConfig) -> None:
     """A multistep solver takes its evaluations from the respaced steps, so no more of them."""
     n = cfg.sampling.solver_steps
     have = respaced_count(cfg.sampling.timestep_respacing, cfg.diffusion.steps)
-    if n is not None and cfg.sampling.sampler in ("dpm++2m", "unipc") and n > have:
+    if n is not None and cfg.sampling.sampler in ("dpm++2m", "dpm++2m-sde", "unipc") and n > have:
         raise ValueError(
             f"sampling.solver_steps: {n} exceeds the {have} steps of "
             f"timestep_respacing {cfg.sampling.timestep_respacing!r}; raise the respacing "

@@ -11,24 +11,28 @@ from admflow.config.base import ConfigError, Section
 # the solvers' step grids (models.grids.solver_grid)
 StepSchedule = Literal["time", "logsnr", "quadratic"]
 STEP_SCHEDULES: tuple[str, ...] = get_args(StepSchedule)
+# the reverse processes (models.samplers.SAMPLERS)
+SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc"]
 
 
 class SamplingConfig(Section):
     num_samples: int = Field(200, gt=0)
     batch_size: int = Field(32, gt=0, description="images per network call (memory, not the set)")
     shard_size: int = Field(32, gt=0, description="images per output shard")
-    sampler: Literal["ddpm", "ddim", "dpm++2m", "unipc"] = "ddim"
+    sampler: SamplerName = "ddim"
     solver_steps: int | None = Field(
-        None, ge=3, description="dpm++2m/unipc: evaluations taken from the respaced steps (all)"
+        None,
+        ge=3,
+        description="dpm++2m(-sde)/unipc: evaluations taken from the respaced steps (all)",
     )
     step_schedule: StepSchedule = Field(
-        "time", description="dpm++2m/unipc grid: uniform in time, in log-SNR or in sqrt(time)"
+        "time", description="dpm++2m(-sde)/unipc grid: uniform in time, in log-SNR or in sqrt(time)"
     )
     timestep_respacing: str = Field("ddim25", description="'250', 'ddim25' or '10,15,20'")
     upsample_respacing: str | None = Field(
         None, description="the upsampler's respacing (default: timestep_respacing)"
     )
-    upsample_sampler: Literal["ddpm", "ddim"] | None = Field(
+    upsample_sampler: SamplerName | None = Field(
         None, description="the upsampler's sampler (default: sampler)"
     )
     upsample_sets: Literal["all", "extremes", "largest"] = Field(

@@ -87,8 +87,8 @@ class SampleSetSpec:
     diffusion: dict  # DiffusionConfig as JSON
     sampler: str
     respacing: str
-    solver_steps: int | None  # dpm++2m/unipc evaluations (None: every respaced step)
-    step_schedule: str  # dpm++2m/unipc grid: "time", "logsnr" or "quadratic"
+    solver_steps: int | None  # the solvers' evaluations (None: every respaced step)
+    step_schedule: str  # the solvers' grid: "time", "logsnr" or "quadratic"
     guidance: Guidance  # "classifier": scale is s; "free": scale is w; "none": scale 0
     scale: float
     eta: float
@@ -172,8 +172,8 @@ class SamplerSpec:
     device: str = "auto"
     classifier: dict | None = None  # ClassifierConfig as JSON, when guiding
     classifier_scale: float = 0.0
-    solver_steps: int | None = None  # dpm++2m/unipc evaluations (None: every respaced step)
-    step_schedule: str = "time"  # dpm++2m/unipc grid: "time", "logsnr" or "quadratic"
+    solver_steps: int | None = None  # the solvers' evaluations (None: every respaced step)
+    step_schedule: str = "time"  # the solvers' grid: "time", "logsnr" or "quadratic"
     cfg_scale: float = 0.0  # w of classifier-free guidance (0: the conditional model alone)
     compile: bool = False  # torch.compile the diffusion network (sampling.compile)
 
