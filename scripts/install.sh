@@ -26,7 +26,10 @@ install_with_uv() {
   for dir in $(.venv/bin/pip config get global.find-links 2>/dev/null || true) ${PIP_FIND_LINKS:-}; do
     links+=(--find-links "$dir")
   done
-  local uv=(.venv/bin/uv pip install -q --python .venv/bin/python "${links[@]}")
+  # --compile-bytecode: pip writes .pyc files at install, uv only when asked; without them
+  # every process compiles its imports anew where PYTHONDONTWRITEBYTECODE is set (2x the
+  # start-up time of each Ray worker and CLI process)
+  local uv=(.venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python "${links[@]}")
   { [ -z "$TORCH" ] || "${uv[@]}" "$TORCH"; } && "${uv[@]}" -c constraints.txt -e ".[$extras]"
 }
 
