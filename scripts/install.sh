@@ -2,7 +2,7 @@
 # Create .venv and install admflow. torch==2.13.0 first (a torch >= 2.4 already in .venv,
 # e.g. a CUDA build, is kept): on these machines it is a CPU build on local disk; an
 # unpinned torch would pull a multi-GB CUDA build.
-# uv installs in seconds what takes pip about two minutes; pip remains the fallback
+# uv installs in about 35 s what takes pip about two minutes; pip remains the fallback
 # (ADMFLOW_INSTALLER=pip forces it). Both read the same pins (constraints.txt, the tested
 # versions, so neither backtracks through the registry) and pip's find-links, where a local
 # torch build may lie.
