@@ -2,8 +2,9 @@
 
 DPM-Solver++(2M) and UniPC integrate the probability-flow ODE in its data-prediction form
 (Lu et al. 2022, "DPM-Solver++"; Zhao et al. 2023, "UniPC"); SDE-DPM-Solver++(2M) (the same
-paper) integrates the reverse SDE, drawing fresh noise at every step (see :func:`_sde_step`). With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ_t = log(α_t/σ_t)
-and x̂_0 = D(x_t, t) the model's (clipped, guided) data prediction, the exact solution is
+paper) integrates the reverse SDE, drawing fresh noise at every step (see :func:`_sde_step`).
+With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ_t = log(α_t/σ_t) and x̂_0 = D(x_t, t) the model's (clipped,
+guided) data prediction, the exact solution of the ODE is
 
     x_t = (σ_t/σ_s) x_s + α_t ∫_0^h e^{−(h−u)} D(λ_s + u) du,      h = λ_t − λ_s,
 
