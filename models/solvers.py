@@ -131,11 +131,25 @@ def sample_dpmpp_2m(
 ) -> torch.Tensor:
     """DPM-Solver++(2M) through ``grid``; returns the last evaluation x̂_0 (deterministic given
     x_T: ``generator`` is unused). ``order=1`` is DDIM (η = 0) on the same grid."""
-    g = _Grid.of(denoiser, grid, "dpm++2m", order)
+    return _multistep_2m(denoiser, x_T, grid, "dpm++2m", order, _dpm_step, callback)
+
+
+def _multistep_2m(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    grid: np.ndarray,
+    kind: str,
+    order: int,
+    step: Callable[[torch.Tensor, _Grid, int, History], torch.Tensor],
+    callback: Callback | None,
+) -> torch.Tensor:
+    """The loop both DPM-Solver++(2M) forms share: ``step`` moves x from grid point s to s+1
+    with the last two evaluations; the last evaluation, x̂_0, is returned."""
+    g = _Grid.of(denoiser, grid, kind, order)
     x = x_T
     d, hist = _first_step(denoiser, x, g)
     for s in range(len(grid) - 1):
-        x = _dpm_step(x, g, s, hist)
+        x = step(x, g, s, hist)
         d = denoiser(x, g.t(s + 1, x))
         hist = (hist + [(float(g.lam[s + 1]), d)])[-2:]
         _report(callback, g, s, x, d)
@@ -237,13 +251,9 @@ def sample_dpmpp_2m_sde(
 ) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) through ``grid``: each step draws its noise from ``generator``;
     returns the last evaluation x̂_0. ``order=1`` is DDIM (η = 1) on the same grid."""
-    g = _Grid.of(denoiser, grid, "dpm++2m-sde", order)
-    x = x_T
-    d, hist = _first_step(denoiser, x, g)
-    for s in range(len(grid) - 1):
+
+    def step(x: torch.Tensor, g: _Grid, s: int, hist: History) -> torch.Tensor:
         noise = randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
-        x = _sde_step(x, g, s, hist, noise)
-        d = denoiser(x, g.t(s + 1, x))
-        hist = (hist + [(float(g.lam[s + 1]), d)])[-2:]
-        _report(callback, g, s, x, d)
-    return d
+        return _sde_step(x, g, s, hist, noise)
+
+    return _multistep_2m(denoiser, x_T, grid, "dpm++2m-sde", order, step, callback)

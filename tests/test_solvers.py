@@ -106,10 +106,11 @@ def test_the_config_offers_every_sampler_for_both_stages():
     from typing import get_args
 
     from admflow.config import load_config
-    from admflow.config.sampling import SamplerName
+    from admflow.config.sampling import SOLVER_NAMES, SamplerName
     from models.samplers import SAMPLERS
+    from models.solvers import SOLVERS
 
-    assert set(get_args(SamplerName)) == set(SAMPLERS)
+    assert set(get_args(SamplerName)) == set(SAMPLERS) and SOLVER_NAMES == SOLVERS
     cfg = load_config("tiny", ["sampling.upsample_sampler=dpm++2m-sde"])
     assert cfg.sampling.upsampler_steps() == ("dpm++2m-sde", "25")
 

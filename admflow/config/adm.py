@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from admflow.config.base import ConfigError, Section
 from admflow.config.networks import ClassifierConfig, UNetConfig, UpsamplerConfig
 from admflow.config.runtime import ComputeConfig, StorageConfig, TrackingConfig
-from admflow.config.sampling import SamplingConfig, respaced_count, respacing_error
+from admflow.config.sampling import SOLVER_NAMES, SamplingConfig, respaced_count, respacing_error
 from admflow.config.sections import (
     DataConfig,
     DiffusionConfig,
@@ -156,7 +156,7 @@ def _check_solver_steps(cfg: AdmConfig) -> None:
     """A multistep solver takes its evaluations from the respaced steps, so no more of them."""
     n = cfg.sampling.solver_steps
     have = respaced_count(cfg.sampling.timestep_respacing, cfg.diffusion.steps)
-    if n is not None and cfg.sampling.sampler in ("dpm++2m", "dpm++2m-sde", "unipc") and n > have:
+    if n is not None and cfg.sampling.sampler in SOLVER_NAMES and n > have:
         raise ValueError(
             f"sampling.solver_steps: {n} exceeds the {have} steps of "
             f"timestep_respacing {cfg.sampling.timestep_respacing!r}; raise the respacing "

@@ -13,6 +13,8 @@ StepSchedule = Literal["time", "logsnr", "quadratic"]
 STEP_SCHEDULES: tuple[str, ...] = get_args(StepSchedule)
 # the reverse processes (models.samplers.SAMPLERS)
 SamplerName = Literal["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc"]
+# those that take sampling.solver_steps of the respaced steps (models.solvers.SOLVERS)
+SOLVER_NAMES: tuple[str, ...] = ("dpm++2m", "dpm++2m-sde", "unipc")
 
 
 class SamplingConfig(Section):
