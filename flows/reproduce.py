@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from admflow.config import AdmConfig, load_config
 from flows import stages
 from flows.hooks import PARENT_RUN_HOOKS
-from tasks.plan import PipelinePlan, bilinear_key, evaluate_key, plan_reproduce, set_key
+from tasks.plan import PipelinePlan, SetPlan, bilinear_key, evaluate_key, plan_reproduce, set_key
 from tasks.resources import checked_plan
 
 
@@ -89,34 +89,53 @@ def _sample_and_score(
     train_data: dict[str, dict],
     parent: str,
 ) -> list[dict]:
-    """Every planned set drawn (keyed by its spec) and scored against its reference;
-    ``train_data``: each training's shards, for the sets' lineage."""
-    from tasks.plan import reproduce_set_spec
+    """Every planned set drawn (keyed by its spec), then each scored against its reference:
+    all drawing first and all scoring after, so one sampling pool serves the base sets and one
+    Inception pool every evaluation (tasks.runtime.warm). ``train_data``: each training's
+    shards, for the sets' lineage."""
     from tasks.reporting import lineage
+    from tasks.runtime.warm import keep_warm
+
+    with keep_warm():
+        drawn = [_draw(cfg, set_plan, runs, refs, parent) for set_plan in plan.sets]
+    rows = []
+    with keep_warm():
+        for base, sets in drawn:
+            for key, sset, (set_ref, ref_key) in sets:
+                shards = set_ref.get("shards")  # what a reference built here was built from
+                tags = lineage.sample_tags(sset, runs, train_data, base, shards)
+                e_key = evaluate_key(cfg, ref_key, key)
+                row = stages.evaluate(cfg, set_ref, sset, e_key, parent, tags, judge=judge)
+                rows.append({**row, "base_samples": base["uri"]})
+    return rows
+
+
+def _draw(
+    cfg: AdmConfig,
+    set_plan: SetPlan,
+    runs: dict[str, dict],
+    refs: dict[str, tuple[dict, str]],
+    parent: str,
+) -> tuple[dict, list[tuple[str, dict, tuple[dict, str]]]]:
+    """One planned base set and what is made of it (its bilinear upscale, its upsampled
+    set), each with its key and the reference it is scored against."""
+    from tasks.plan import reproduce_set_spec
     from tasks.sampling.build import build_upsample_spec
 
     root = cfg.storage.root
-    rows = []
-    for set_plan in plan.sets:
-        spec = reproduce_set_spec(cfg, set_plan, runs)
-        s_key = set_key(spec, root)
-        base = stages.sample(cfg, spec, s_key, parent)
-        sets = [(s_key, base, refs["base"])]
-        if set_plan.bilinear:
-            b_key = bilinear_key(s_key, cfg.upsampler.unet.image_size, root)
-            sets.append((b_key, stages.bilinear(cfg, base, cache_key=b_key), refs["up"]))
-        if set_plan.upsample:
-            up_spec = build_upsample_spec(cfg, base["uri"], runs["upsampler"]["checkpoint"])
-            u_key = set_key(up_spec, root)
-            upsampled = stages.upsample(cfg, up_spec, base, u_key, parent)
-            sets.append((u_key, upsampled, refs["up"]))
-        for key, sset, (set_ref, ref_key) in sets:
-            shards = set_ref.get("shards")  # what a reference built here was built from
-            tags = lineage.sample_tags(sset, runs, train_data, base, shards)
-            e_key = evaluate_key(cfg, ref_key, key)
-            row = stages.evaluate(cfg, set_ref, sset, e_key, parent, tags, judge=judge)
-            rows.append({**row, "base_samples": base["uri"]})
-    return rows
+    spec = reproduce_set_spec(cfg, set_plan, runs)
+    s_key = set_key(spec, root)
+    base = stages.sample(cfg, spec, s_key, parent)
+    sets = [(s_key, base, refs["base"])]
+    if set_plan.bilinear:
+        b_key = bilinear_key(s_key, cfg.upsampler.unet.image_size, root)
+        sets.append((b_key, stages.bilinear(cfg, base, cache_key=b_key), refs["up"]))
+    if set_plan.upsample:
+        up_spec = build_upsample_spec(cfg, base["uri"], runs["upsampler"]["checkpoint"])
+        u_key = set_key(up_spec, root)
+        upsampled = stages.upsample(cfg, up_spec, base, u_key, parent)
+        sets.append((u_key, upsampled, refs["up"]))
+    return base, sets
 
 
 def _final_unguided(diffusion_run: dict, rows: list[dict]) -> dict[str, dict]:

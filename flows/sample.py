@@ -33,6 +33,7 @@ def sample_released(
     (:func:`tasks.sampling.spec.default_scale`)."""
     from tasks.plan import released_set_spec
     from tasks.reporting import lineage, report
+    from tasks.runtime.warm import keep_warm
     from tasks.sampling.build import build_upsample_spec
     from tasks.scoring.inputs import check_reference
 
@@ -55,10 +56,12 @@ def sample_released(
         sets.append((u_key, stages.upsample(cfg, up_spec, base, u_key, parent)))
     ref = {"uri": reference}
     rows = []
-    for key, sset in sets[-1:] if final_only else sets:
-        e_key = evaluate_key(cfg, reference, key)
-        tags = {"admflow.upstream.samples": sset["uri"], "admflow.upstream.checkpoint": checkpoint}
-        rows.append(stages.evaluate(cfg, ref, sset, e_key, parent, tags))
+    with keep_warm():  # one Inception pool scores both stages
+        for key, sset in sets[-1:] if final_only else sets:
+            e_key = evaluate_key(cfg, reference, key)
+            tags = {"admflow.upstream.samples": sset["uri"],
+                    "admflow.upstream.checkpoint": checkpoint}  # fmt: skip
+            rows.append(stages.evaluate(cfg, ref, sset, e_key, parent, tags))
     summary = report.write_report(cfg, rows, parent_run_id=parent)
     if own_parent:
         lineage.finish_parent_run(parent, summary)

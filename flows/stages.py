@@ -220,16 +220,13 @@ def training_curve(
 ) -> list[dict]:
     """Periodic evaluation of every checkpoint of the diffusion run (FID against step);
     ``scored``: checkpoint URI -> its unguided set's metrics, already drawn and scored."""
-    from tasks.scoring.periodic import evaluate_checkpoint
+    from tasks.scoring.periodic import evaluate_checkpoints
     from tasks.training.checkpoint import list_checkpoints
 
+    ckpts = list_checkpoints(diffusion_run["run_uri"])
     judge_uri = judge["uri"] if judge else None
-    known = scored or {}
     n = cfg.evaluation.checkpoint_samples
-    return [
-        evaluate_checkpoint(cfg, c, ref["uri"], n, judge=judge_uri, scored=known.get(c["uri"]))
-        for c in list_checkpoints(diffusion_run["run_uri"])
-    ]
+    return evaluate_checkpoints(cfg, ckpts, ref["uri"], n, judge=judge_uri, scored=scored)
 
 
 @_stage_task("evaluate", lambda p: _evaluation_name(p))

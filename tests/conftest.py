@@ -143,6 +143,9 @@ def ray_session(s3_server):
 
     setup_logging()
     if not ray.is_initialized():
+        from tasks.runtime.ray_session import LOCAL_ONLY_ENV
+
+        os.environ.setdefault(*LOCAL_ONLY_ENV)  # as admflow's own local sessions set it
         ray.init(
             address="local",  # never attach to another Ray cluster found on the machine
             num_cpus=4,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -370,3 +371,20 @@ def test_ray_extraction_equals_local(ray_session, cfg, tmp_path):
     np.testing.assert_allclose(remote["pool"], local["pool"], atol=1e-5)
     np.testing.assert_allclose(remote["spatial"], local["spatial"], atol=1e-5)
     assert storage.exists(str(base / "manifest.json"))
+    # Inside keep_warm a second extraction runs on the first one's Inception actors, with the
+    # same features; a failed one ends the pool, so the next starts its own
+    from tasks.runtime.warm import keep_warm
+
+    with keep_warm() as pools:
+        first, _ = fe.features_for(cfg, str(base), workers=2, use_cache=False)
+        second, _ = fe.features_for(cfg, str(base), workers=2, use_cache=False)
+        assert (pools.started, pools.reused) == (1, 1)
+        shutil.copytree(base, tmp_path / "bad")
+        (tmp_path / "bad" / "shards" / "samples-00001.npz").write_bytes(b"not an npz")
+        with pytest.raises(Exception, match="samples-00001"):
+            fe.features_for(cfg, str(tmp_path / "bad"), workers=2, use_cache=False)
+        fe.features_for(cfg, str(base), workers=2, use_cache=False)
+        assert (pools.started, pools.reused) == (2, 2)
+    for feats in (first, second):
+        np.testing.assert_array_equal(feats["pool"], remote["pool"])
+        np.testing.assert_array_equal(feats["spatial"], remote["spatial"])

@@ -42,7 +42,7 @@ class ActorSlots:
         self.what = what
         self.name = f"{name}-{uuid.uuid4().hex[:8]}" if name else None
         self.restarts = 0
-        self.max_restarts = max_restarts
+        self.max_restarts = self._budget = max_restarts
         self.actors = [self._new(slot) for slot in range(workers)]
         # Fail fast (and clearly) on weights that do not fit, before any work is sent.
         self.info: list[dict[str, Any]] = ray.get([a.info.remote() for a in self.actors])
@@ -63,6 +63,15 @@ class ActorSlots:
                     type(err).__name__)  # fmt: skip
         self.ray.kill(self.actors[slot], no_restart=True)
         self.actors[slot] = self._new(slot)
+
+    def reload(self, args: tuple, method: str = "load") -> None:
+        """Hand the actors new constructor ``args`` (a pool kept warm for another stage, see
+        :mod:`tasks.runtime.warm`): each runs ``method(*args)``, which returns its info;
+        replacements from now on start with ``args``, and the new stage has its own budget
+        of replacements."""
+        self.args = args
+        self.max_restarts = self.restarts + self._budget
+        self.info = self.ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
     def shutdown(self) -> None:
         for a in self.actors:

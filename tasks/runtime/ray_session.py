@@ -22,6 +22,8 @@ from tasks import resources
 
 # Ray Train reports block until the controller polls; the default 2 s makes short runs crawl.
 _WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONWARNINGS": "ignore"}
+# Set for a local session only; read by Ray Train's driver side when a training starts.
+LOCAL_ONLY_ENV = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Flow stages run in threads (e.g. three trainings at once): only one may call ray.init.
 _INIT_LOCK = threading.Lock()
 
@@ -66,6 +68,9 @@ def _init(ray: Any, cfg: AdmConfig) -> None:
             address=cfg.compute.ray_address, runtime_env=runtime_env, logging_level=logging.ERROR
         )
     else:
+        # Ray Train's preemption watcher (an actor per training, polling for node drains)
+        # guards cluster nodes; this machine is the whole local cluster.
+        os.environ.setdefault(LOCAL_ONLY_ENV[0], LOCAL_ONLY_ENV[1])
         (node,) = resources.Cluster.local_for(cfg).nodes
         ray.init(
             address="local",

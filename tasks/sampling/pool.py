@@ -1,6 +1,7 @@
 """The sampling actors: a pool of Ray actors (one model replica each) whose dead members are
 replaced (tasks.runtime.actor_pool), with resources capped so the pool can always be
-scheduled."""
+scheduled. Inside :func:`tasks.runtime.warm.keep_warm` a pool of the same stage, size and
+resources is handed from set to set, each loading its own spec and weights."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from admflow import storage
 from admflow.config import AdmConfig
+from tasks.runtime import warm
 from tasks.runtime.actor_pool import ActorSlots
 from tasks.sampling.spec import SamplerSpec
 
@@ -41,27 +43,51 @@ class _PlacedSampler:
 
         return {**self.sampler.info(), **placement()}
 
+    def load(self, *args: Any) -> dict[str, Any]:
+        """Another set's spec and weights, in place of the ones it started with."""
+        from tasks.sampling.worker import ShardSampler
+
+        self.sampler = None  # the old networks go before the new ones are built
+        self.sampler = ShardSampler(*args)
+        return self.info()
+
     def sample(self, *args: Any) -> Any:
         return self.sampler.sample(*args)
 
 
 def sampling_pool(
     spec: SamplerSpec, weights: dict[str, str | None], cfg: AdmConfig, workers: int, stage: str
-) -> ActorSlots:
-    """``workers`` sampling actors of ``stage``, placed by the resource plan; each dead one is
-    replaced, at most 2 x workers + 2 times. The weights are read once by the driver and
-    shared with every (replacement) actor through the object store."""
+) -> warm.Lease[ActorSlots]:
+    """``workers`` sampling actors of ``stage``, placed by the resource plan, holding ``spec``
+    and ``weights``: started, or handed on inside :func:`tasks.runtime.warm.keep_warm`. Each
+    dead actor is replaced, at most 2 x workers + 2 times. The weights are read once by the
+    driver and shared with every (replacement) actor through the object store. The caller
+    releases the lease."""
     import ray
 
     refs = {k: ray.put(storage.read_bytes(v)) if v else None for k, v in weights.items()}
-    pool = ActorSlots(
-        _PlacedSampler,
-        (spec, refs["model"], refs.get("classifier")),
-        actor_options(cfg, workers, stage),
-        workers,
-        max_restarts=2 * workers + 2,
-        what="sampling",
-        name=ACTOR_PREFIX,
-    )
-    log.info("sampling actors %s", pool.info)  # device, node and GPU ids of each
-    return pool
+    args = (spec, refs["model"], refs.get("classifier"))
+    options = actor_options(cfg, workers, stage)
+    key = ("sampling", stage, workers, repr(sorted(options.items())))
+
+    def start() -> ActorSlots:
+        pool = ActorSlots(
+            _PlacedSampler,
+            args,
+            options,
+            workers,
+            max_restarts=2 * workers + 2,
+            what="sampling",
+            name=ACTOR_PREFIX,
+        )
+        log.info("sampling actors %s", pool.info)  # device, node and GPU ids of each
+        return pool
+
+    held = warm.lease(key, start, ActorSlots.shutdown)
+    if not held.fresh:
+        try:
+            held.pool.reload(args)
+        except Exception:  # an actor lost while it was kept: start the pool afresh
+            held.pool.shutdown()
+            held = warm.Lease(key, start(), True, ActorSlots.shutdown)
+    return held

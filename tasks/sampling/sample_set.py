@@ -65,7 +65,8 @@ def run_job(cfg: AdmConfig, job: ShardJob, options: ExecutionOptions) -> dict[st
     stage = "upsample" if spec.kind == "upsample" else "sample"
     ensure_ray(cfg, stage)
     workers = max(1, min(options.workers, len(todo)))
-    pool = sampling_pool(sampler_spec(spec, options), job.weights(), cfg, workers, stage)
+    held = sampling_pool(sampler_spec(spec, options), job.weights(), cfg, workers, stage)
+    pool, restarts_before, ok = held.pool, held.pool.restarts, False
     bar = tqdm(
         total=spec.num_samples,
         initial=sum(s["rows"] for s in manifest["shards"]),
@@ -84,13 +85,14 @@ def run_job(cfg: AdmConfig, job: ShardJob, options: ExecutionOptions) -> dict[st
             record_shard(job.out, spec, manifest, index, images, labels)
             stats["shards_sampled"] += 1
             bar.update(len(images))
+        ok = True
     except NonFiniteSampleError as err:  # Ray's error wraps it; raise the cause alone
         raise NonFiniteSampleError(str(getattr(err, "cause", err))) from None
     finally:
         bar.close()
-        pool.shutdown()
+        held.release(ok)  # a pool that failed is never handed on
     stats["sampling_seconds"] = time.perf_counter() - start
-    stats["actor_restarts"] = pool.restarts
+    stats["actor_restarts"] = pool.restarts - restarts_before
     stats["actors"] = pool.info
     manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
     sample_io.write_manifest(job.out, manifest)

@@ -151,20 +151,32 @@ def stream_features(
     from ray.util import ActorPool
 
     from tasks.resources import Cluster, actors
+    from tasks.runtime import warm
     from tasks.runtime.ray_session import ensure_ray
 
     ray = ensure_ray(cfg, stage)
     n = max(1, min(workers, len(units)))
-    placed = actors(cfg, Cluster.from_ray(ray, cfg), stage, n)
-    actor_cls = ray.remote(**placed.ray_options())(FeatureWorker)
-    pool_actors = [actor_cls.remote(*args) for _ in range(n)]
-    try:
-        log.info("%s: Inception actors %s", stage, ray.get([a.info.remote() for a in pool_actors]))
-        pool = ActorPool(pool_actors)
-        yield from pool.map_unordered(lambda a, v: a.run.remote(*v), work)
-    finally:
-        for a in pool_actors:
+    options = actors(cfg, Cluster.from_ray(ray, cfg), stage, n).ray_options()
+
+    def start() -> list[Any]:
+        actor_cls = ray.remote(**options)(FeatureWorker)
+        started = [actor_cls.remote(*args) for _ in range(n)]
+        log.info("%s: Inception actors %s", stage, ray.get([a.info.remote() for a in started]))
+        return started
+
+    def end(started: list[Any]) -> None:
+        for a in started:
             ray.kill(a)
+
+    # inside tasks.runtime.warm.keep_warm the same Inceptions score set after set
+    key = ("inception", stage, n, repr(sorted(options.items())), args)
+    held = warm.lease(key, start, end)
+    ok = False
+    try:
+        yield from ActorPool(held.pool).map_unordered(lambda a, v: a.run.remote(*v), work)
+        ok = True
+    finally:
+        held.release(ok)
 
 
 def _gather(cfg: AdmConfig, info: dict, workers: int, inception: str | None) -> dict[str, Any]:

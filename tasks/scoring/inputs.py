@@ -60,6 +60,13 @@ def npz_header(uri: str, name: str) -> tuple[tuple[int, ...], np.dtype]:
 def read_npz_rows(uri: str, name: str, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of a C-ordered array in an ``.npz``, reading only those bytes
     (``np.savez`` stores members uncompressed, so the seek is cheap)."""
+    try:
+        return _read_npz_rows(uri, name, start, stop)
+    except zipfile.BadZipFile as e:  # a shard cut short or overwritten since it was listed
+        raise EvaluationInputError(f"{uri}: not a readable .npz ({e}); redraw the set") from None
+
+
+def _read_npz_rows(uri: str, name: str, start: int, stop: int) -> np.ndarray:
     with storage.open_read(uri) as f, zipfile.ZipFile(f) as zf, zf.open(f"{name}.npy") as a:
         shape, fortran, dtype = _read_header(a)
         if fortran or dtype.hasobject:

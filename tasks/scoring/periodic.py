@@ -33,6 +33,38 @@ def unevaluated_checkpoints(cfg: AdmConfig, run_uri: str) -> list[dict]:
     return [c for c in list_checkpoints(run_uri) if not storage.exists(_ledger(c["uri"]))]
 
 
+def evaluate_checkpoints(
+    cfg: AdmConfig,
+    ckpts: list[dict],
+    reference_uri: str,
+    num_samples: int,
+    judge: str | None = None,
+    scored: dict[str, dict] | None = None,
+) -> list[dict]:
+    """:func:`evaluate_checkpoint` for each of ``ckpts``, the sets all drawn first and scored
+    after, so one sampling pool and one Inception pool serve every checkpoint
+    (tasks.runtime.warm). ``scored``: checkpoint URI -> its set's metrics, as there."""
+    from tasks.runtime.warm import keep_warm
+
+    known = scored or {}
+    todo = [c for c in ckpts if c["uri"] not in known and not storage.exists(_ledger(c["uri"]))]
+    with keep_warm():
+        drawn = {c["uri"]: _draw(cfg, c, num_samples) for c in todo}
+    with keep_warm():
+        return [
+            evaluate_checkpoint(
+                cfg,
+                c,
+                reference_uri,
+                num_samples,
+                judge,
+                known.get(c["uri"]),
+                drawn=drawn.get(c["uri"]),
+            )  # fmt: skip
+            for c in ckpts
+        ]
+
+
 def evaluate_checkpoint(
     cfg: AdmConfig,
     ckpt: dict,
@@ -40,6 +72,7 @@ def evaluate_checkpoint(
     num_samples: int,
     judge: str | None = None,
     scored: dict | None = None,
+    drawn: str | None = None,
 ) -> dict:
     """Sample ``num_samples`` images from one checkpoint, score them, log FID at its step.
 
@@ -47,16 +80,16 @@ def evaluate_checkpoint(
     at its own size, not upscaled). ``scored``: the metrics (with their
     ``samples`` URI) of this checkpoint's unguided set drawn and scored elsewhere with the
     same sampler and sample count (the reproduce flow's scale-0 set of the final
-    checkpoint): recorded as this checkpoint's evaluation instead of drawing the set again."""
+    checkpoint): recorded as this checkpoint's evaluation instead of drawing the set again.
+    ``drawn``: where its set was already drawn (by :func:`evaluate_checkpoints`)."""
     ledger = _ledger(ckpt["uri"])
     if storage.exists(ledger):  # evaluated by an earlier or concurrent run
         return storage.read_json(ledger)
     meta = read_meta(ckpt["uri"])
     train_run = meta.get("mlflow_run_id") or _training_run_id(cfg, meta.get("run_name"))
     if scored is None:
-        out, metrics = _sample_and_score(
-            cfg, ckpt, ledger, reference_uri, num_samples, judge, train_run
-        )
+        out = drawn or _draw(cfg, ckpt, num_samples)
+        metrics = _score(cfg, ckpt, out, reference_uri, num_samples, judge, train_run)
     else:
         out, metrics = scored["samples"], scored
     if train_run:
@@ -72,32 +105,37 @@ def evaluate_checkpoint(
     return record
 
 
-def _sample_and_score(
+def _draw(cfg: AdmConfig, ckpt: dict, num_samples: int) -> str:
+    """The checkpoint's unguided set, beside its ledger; returns where."""
+    from tasks.sampling.build import build_spec
+    from tasks.sampling.sample_set import sample_set
+    from tasks.sampling.spec import ExecutionOptions
+
+    out = storage.join(_ledger(ckpt["uri"]).removesuffix(".json") + "-samples")
+    spec = build_spec(cfg, ckpt["uri"], num_samples=num_samples)  # unguided
+    sample_set(cfg, spec, out, ExecutionOptions.from_config(cfg))
+    return out
+
+
+def _score(
     cfg: AdmConfig,
     ckpt: dict,
-    ledger: str,
+    out: str,
     reference_uri: str,
     num_samples: int,
     judge: str | None,
     train_run: str | None,
-) -> tuple[str, dict]:
-    from tasks.sampling.build import build_spec
-    from tasks.sampling.sample_set import sample_set
-    from tasks.sampling.spec import ExecutionOptions
+) -> dict:
     from tasks.scoring.evaluate import evaluate_sets
 
-    out = storage.join(ledger.removesuffix(".json") + "-samples")
-    spec = build_spec(cfg, ckpt["uri"], num_samples=num_samples)  # unguided
-    sample_set(cfg, spec, out, ExecutionOptions.from_config(cfg))
     tags = checkpoint_eval_tags(cfg, ckpt["uri"], out, train_run, ckpt["step"], num_samples)
     size = cfg.model.image_size
-    metrics = evaluate_sets(
+    return evaluate_sets(
         cfg, reference_uri, out, parent_run_id=train_run, tags=tags, judge=judge,
         run_name=f"evaluate step {ckpt['step']} {size}px",
         params={"set.stage": "checkpoint", "set.step": str(ckpt["step"]),
                 "set.classifier_scale": "0.0", "set.image_size": str(size)},
     )  # fmt: skip
-    return out, metrics
 
 
 def checkpoint_eval_tags(
