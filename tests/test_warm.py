@@ -95,3 +95,13 @@ def test_blocks_do_not_share_pools_and_threads_started_outside_see_none():
         assert stage(p, "a") == (1, False)
     assert seen == [(2, True)]
     assert sorted(p.ended) == [1, 2, 3]
+
+
+def test_a_pool_that_cannot_be_ended_does_not_hide_the_error_under_way(caplog):
+    def end(pool: int) -> None:
+        raise RuntimeError("Ray is gone")
+
+    with pytest.raises(KeyboardInterrupt), keep_warm():
+        lease("a", lambda: 1, end).release(True)
+        raise KeyboardInterrupt  # the block's end fails to end the kept pool: logged only
+    assert "Ray is gone" in caplog.text

@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")
 
 
+def _end(end: Callable[[Any], None], pool: Any) -> None:
+    """End a pool; a failure to (Ray already gone on a stop) is logged, never raised over
+    the error that is on its way out."""
+    try:
+        end(pool)
+    except Exception as e:
+        log.warning("ending an actor pool failed: %s", e)
+
+
 class WarmPools:
     """The pool kept by one :func:`keep_warm` block, with its key and how to end it."""
 
@@ -42,20 +51,20 @@ class WarmPools:
         if kept[0] == key:
             self.reused += 1
             return kept[1]
-        kept[2](kept[1])
+        _end(kept[2], kept[1])
         return None
 
     def keep(self, key: Hashable, pool: Any, end: Callable[[Any], None]) -> None:
         with self._lock:
             old, self._kept = self._kept, (key, pool, end)
         if old is not None:  # two stages at once in one block: keep the newer pool only
-            old[2](old[1])
+            _end(old[2], old[1])
 
     def close(self) -> None:
         with self._lock:
             kept, self._kept = self._kept, None
         if kept is not None:
-            kept[2](kept[1])
+            _end(kept[2], kept[1])
 
 
 _current: ContextVar[WarmPools | None] = ContextVar("admflow_warm_pools", default=None)
@@ -89,7 +98,7 @@ class Lease(Generic[P]):
         if ok and self._pools is not None:
             self._pools.keep(self.key, self.pool, self._end)
         else:
-            self._end(self.pool)
+            _end(self._end, self.pool)
 
 
 def lease(key: Hashable, start: Callable[[], P], end: Callable[[P], None]) -> Lease[P]:
