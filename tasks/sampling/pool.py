@@ -88,6 +88,6 @@ def sampling_pool(
         try:
             held.pool.reload(args)
         except Exception:  # an actor lost while it was kept: start the pool afresh
-            held.pool.shutdown()
-            held = warm.Lease(key, start(), True, ActorSlots.shutdown)
+            held.release(ok=False)
+            held = warm.lease(key, start, ActorSlots.shutdown)
     return held
