@@ -136,17 +136,16 @@ class _BasicAuthProxy:
 
 @pytest.fixture
 def tracking_behind_auth(tmp_path):
+    from infra.stack import MLFLOW_SERVER_ENV, mlflow_server_argv
     from tests.conftest import free_port, stop_process, wait_for_port
 
     store = tmp_path / "mlflow-server"
     store.mkdir()
     port = free_port()
+    argv = mlflow_server_argv(port, f"sqlite:///{store / 'mlflow.db'}", str(store / "artifacts"))
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--artifacts-destination", str(store / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=store,
+        argv, env={**os.environ, **MLFLOW_SERVER_ENV}, cwd=store,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     proxy = None
     try:

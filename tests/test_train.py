@@ -10,7 +10,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -511,6 +510,7 @@ def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
     import mlflow
     import s3fs
 
+    from infra.stack import MLFLOW_SERVER_ENV, mlflow_server_argv
     from tasks.training.launch import train_classifier
     from tests.conftest import free_port, stop_process, wait_for_port
 
@@ -520,22 +520,12 @@ def test_mlflow_server_and_s3_storage(ray_session, s3_server, tmp_path):
             fs.mkdir(bucket)
     data = build_shards("s3://train-store/data", per_class=10, easy=True)
     port = free_port()
+    argv = mlflow_server_argv(
+        port, f"sqlite:///{tmp_path}/mlflow.db", "s3://train-mlflow/artifacts"
+    )
     server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/mlflow.db",
-            "--artifacts-destination",
-            "s3://train-mlflow/artifacts",
-        ],
-        env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server},
+        argv,
+        env={**os.environ, **MLFLOW_SERVER_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_server},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
