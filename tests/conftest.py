@@ -152,8 +152,7 @@ def ray_session(s3_server):
             num_gpus=1,  # logical: the paper flow's tests place on it with torch on the CPU
             include_dashboard=False,
             object_store_memory=400 * 1024 * 1024,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}},
+            log_to_driver=False,  # no runtime env: the workers inherit this environment
         )
     yield ray
     ray.shutdown()

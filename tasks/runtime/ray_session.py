@@ -20,6 +20,7 @@ from typing import Any
 from admflow.config import AdmConfig
 from tasks import resources
 
+# A cluster's workers get these through the runtime env (a local session's inherit them).
 # Ray Train reports block until the controller polls; the default 2 s makes short runs crawl.
 _WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PYTHONWARNINGS": "ignore"}
 # Set for a local session only; read by Ray Train's driver side when a training starts.
@@ -61,16 +62,21 @@ def _init(ray: Any, cfg: AdmConfig) -> None:
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", _WORKER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     )
     env_vars = {k: os.environ.get(k, v) for k, v in _WORKER_ENV.items()}
-    env_vars.update(_store_locations(cfg))
-    runtime_env = {"env_vars": env_vars}
+    env_vars.update(_store_locations(cfg))  # also moves MLflow's credentials out of its URI
     if cfg.compute.ray_address:
         ray.init(
-            address=cfg.compute.ray_address, runtime_env=runtime_env, logging_level=logging.ERROR
+            address=cfg.compute.ray_address,
+            runtime_env={"env_vars": env_vars},
+            logging_level=logging.ERROR,
         )
     else:
         # Ray Train's preemption watcher (an actor per training, polling for node drains)
         # guards cluster nodes; this machine is the whole local cluster.
         os.environ.setdefault(LOCAL_ONLY_ENV[0], LOCAL_ONLY_ENV[1])
+        # No runtime env: the local workers inherit this process's environment (the stores,
+        # the health-check interval) through the raylet. A runtime env, even of env_vars
+        # only, starts every worker through Ray's setup_worker, a second Python start-up
+        # (~0.5 CPU-s per actor, docs/ARCHITECTURE.md); worker output stays in Ray's logs.
         (node,) = resources.Cluster.local_for(cfg).nodes
         ray.init(
             address="local",
@@ -78,7 +84,6 @@ def _init(ray: Any, cfg: AdmConfig) -> None:
             num_gpus=int(node.gpus),
             include_dashboard=False,
             object_store_memory=resources.local_object_store_bytes(cfg),
-            runtime_env=runtime_env,
             logging_level=logging.ERROR,
             log_to_driver=False,
         )
