@@ -99,6 +99,17 @@ def test_periodic_deployment_has_its_cron_schedule(deployed):
     assert "0 */6 * * *" in out.stdout, out.stderr
 
 
+def test_tracking_server_runs_without_mlflows_job_runner(stack):
+    """admflow logs runs, metrics and artifacts only: the stack's MLflow server starts none
+    of the huey consumers of MLflow's job runner (infra.stack.MLFLOW_SERVER_ENV)."""
+    import psutil
+
+    server = psutil.Process(stack["stack"].pids["mlflow"])
+    cmdlines = [" ".join(p.cmdline()) for p in (server, *server.children(recursive=True))]
+    assert any("uvicorn" in c for c in cmdlines), cmdlines  # the tracking server itself
+    assert not [c for c in cmdlines if "huey" in c], cmdlines
+
+
 OVERRIDES = [*FAST, "sampling.classifier_scales=[2.0]"]
 
 
