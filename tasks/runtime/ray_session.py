@@ -61,12 +61,12 @@ def _init(ray: Any, cfg: AdmConfig) -> None:
     os.environ.setdefault(
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", _WORKER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     )
-    env_vars = {k: os.environ.get(k, v) for k, v in _WORKER_ENV.items()}
-    env_vars.update(_store_locations(cfg))  # also moves MLflow's credentials out of its URI
+    stores = _store_locations(cfg)  # also moves MLflow's credentials out of its URI
     if cfg.compute.ray_address:
+        env_vars = {k: os.environ.get(k, v) for k, v in _WORKER_ENV.items()}
         ray.init(
             address=cfg.compute.ray_address,
-            runtime_env={"env_vars": env_vars},
+            runtime_env={"env_vars": {**env_vars, **stores}},
             logging_level=logging.ERROR,
         )
     else:
