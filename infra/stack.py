@@ -329,22 +329,27 @@ LOST_ON_DOWN = (
     "list those runs; rerun `admflow reproduce` to fill it again"
 )
 
-# Stop order: worker before server (stack notes), Ray node before head.
-_STOP_ORDER = ("prefect-worker", "ray-node", "ray-head", "prefect", "mlflow", "s3")
+# Stop order: the Prefect worker before its server (stack notes), so it goes with the Ray
+# cluster (both of its nodes are signalled together) before the servers. The services of one
+# phase stop side by side, so a phase takes as long as its slowest service.
+_STOP_PHASES = (("prefect-worker", "ray-node", "ray-head"), ("prefect", "mlflow", "s3"))
 
 
 def down(state_dir: str | Path, timeout: float = 30.0) -> list[str]:
     """Stop every recorded service by its process group; returns the names stopped."""
     stack = Stack.load(state_dir)
     stopped = []
-    for name in _STOP_ORDER:
-        pid = stack.pids.get(name)
-        if not pid:
-            continue
-        sig = signal.SIGINT if name == "prefect-worker" else signal.SIGTERM
-        # `ray start --block` lingers ~30 s after SIGTERM; Ray keeps nothing we need on disk.
-        _kill_group(pid, sig, min(timeout, 5.0) if name.startswith("ray") else timeout)
-        stopped.append(name)
+    for phase in _STOP_PHASES:
+        groups = []
+        for name in phase:
+            pid = stack.pids.get(name)
+            if not pid:
+                continue
+            sig = signal.SIGINT if name == "prefect-worker" else signal.SIGTERM
+            # A Ray node lingers ~30 s after SIGTERM and keeps nothing we need on disk.
+            groups.append((pid, sig, min(timeout, 2.0) if name.startswith("ray") else timeout))
+            stopped.append(name)
+        _kill_groups(groups)
     stack.pids = {}
     stack.save()
     # Ray's sessions (logs, a Ray Job's unpacked files, `ray_current_cluster` naming the
@@ -353,30 +358,43 @@ def down(state_dir: str | Path, timeout: float = 30.0) -> list[str]:
     return stopped
 
 
-def _kill_group(pid: int, sig: int, timeout: float) -> None:
-    """Signal a service's process group, escalate to SIGKILL after ``timeout``, and return
-    only when no process of the group is left (reaping our own child)."""
-    for signum, wait in ((sig, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pid, signum)
-        except ProcessLookupError:
-            return
-        if _group_gone(pid, wait):
-            return
+def _kill_groups(groups: list[tuple[int, int, float]]) -> None:
+    """Signal each (process group, signal, grace seconds) at once, SIGKILL each group still
+    there after its grace, and return only when no process of any group is left (reaping
+    our own children)."""
+    start = time.time()
+    for pid, sig, _grace in groups:
+        _signal_group(pid, sig)
+    left = {pid: grace for pid, _sig, grace in groups}
+    killed: set[int] = set()
+    while left:
+        waited = time.time() - start
+        for pid, grace in list(left.items()):
+            if _group_gone(pid) or waited > grace + 10.0:  # past that: nothing we can end
+                del left[pid]
+            elif waited > grace and pid not in killed:
+                _signal_group(pid, signal.SIGKILL)
+                killed.add(pid)
+        if left:
+            time.sleep(0.2)
 
 
-def _group_gone(pid: int, wait: float) -> bool:
-    deadline = time.time() + wait
-    while time.time() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_gone(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
     return False
 
 
