@@ -20,18 +20,7 @@ if ! have_chromium; then
 fi
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check . && ruff format --check .
-# mypy takes one core for ~30 s: it runs beside the first pytest step at the lowest priority,
-# in the time that step's start-up leaves a core idle; its output and verdict follow the step.
-mkdir -p test-output
-MYPY_LOG=test-output/mypy.txt
-nice -n 19 mypy models tasks > "$MYPY_LOG" 2>&1 &
-MYPY_PID=$!
-mypy_verdict() {
-  local rc=0
-  wait "$MYPY_PID" || rc=$?
-  echo "== mypy models tasks"; cat "$MYPY_LOG"
-  return $rc
-}
+echo "== mypy models tasks"; mypy models tasks
 
 NETNS=0
 if [ "$(id -u)" = 0 ] && unshare --net --fork true 2>/dev/null; then
@@ -40,7 +29,7 @@ else
   echo "warning: cannot create a loopback-only network namespace; running tests without it" >&2
 fi
 REPORT=test-output/hang-report.txt
-rm -rf "$REPORT" test-output/stacks
+mkdir -p test-output && rm -rf "$REPORT" test-output/stacks
 
 # run_pytest NAME LIMIT_S ARGS...: pytest in the foreground (Ctrl-C reaches it), with a
 # watchdog beside it. Past LIMIT_S the watchdog writes what every process was doing (each
@@ -69,7 +58,6 @@ if [ $# -gt 0 ]; then
   echo "== pytest $*"
   run_pytest "pytest $*" 4500 "${common[@]}" -n "${TEST_WORKERS:-2}" --dist loadfile \
     --max-worker-restart 0 "$@" || rc=$?
-  if ! mypy_verdict && [ $rc -eq 0 ]; then rc=1; fi
 else
   # The demo's pipeline first, alone in one process: it is one chain of stages (three
   # trainings at once, then sampling and scoring) that uses both cores by itself. Then the
@@ -79,7 +67,6 @@ else
   # replaced, since a new worker would run the hung file's fixture again.
   echo "== pytest: the demo's pipeline (tests/test_flows.py)"
   run_pytest "the demo's pipeline" 1800 "${common[@]}" tests/test_flows.py || rc=$?
-  if ! mypy_verdict && [ $rc -eq 0 ]; then rc=1; fi
   echo "== pytest: the rest"
   rest_rc=0
   run_pytest "the rest" 2700 "${common[@]}" -n "${TEST_WORKERS:-2}" --dist loadfile \
