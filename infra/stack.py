@@ -17,11 +17,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.process_groups import stop_groups
 from infra.readiness import HOST, Reserved, http_ok, port_open, wait_until
 
 BUCKET = "admflow"
@@ -349,53 +349,13 @@ def down(state_dir: str | Path, timeout: float = 30.0) -> list[str]:
             # A Ray node lingers ~30 s after SIGTERM and keeps nothing we need on disk.
             groups.append((pid, sig, min(timeout, 2.0) if name.startswith("ray") else timeout))
             stopped.append(name)
-        _kill_groups(groups)
+        stop_groups(groups)
     stack.pids = {}
     stack.save()
     # Ray's sessions (logs, a Ray Job's unpacked files, `ray_current_cluster` naming the
     # dead head) are of no use to the next `up`, which starts a new cluster.
     shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
     return stopped
-
-
-def _kill_groups(groups: list[tuple[int, int, float]]) -> None:
-    """Signal each (process group, signal, grace seconds) at once, SIGKILL each group still
-    there after its grace, and return only when no process of any group is left (reaping
-    our own children)."""
-    start = time.time()
-    for pid, sig, _grace in groups:
-        _signal_group(pid, sig)
-    left = {pid: grace for pid, _sig, grace in groups}
-    killed: set[int] = set()
-    while left:
-        waited = time.time() - start
-        for pid, grace in list(left.items()):
-            if _group_gone(pid) or waited > grace + 10.0:  # past that: nothing we can end
-                del left[pid]
-            elif waited > grace and pid not in killed:
-                _signal_group(pid, signal.SIGKILL)
-                killed.add(pid)
-        if left:
-            time.sleep(0.2)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _group_gone(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def status(state_dir: str | Path) -> dict[str, dict]:
